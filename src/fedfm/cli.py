@@ -1,0 +1,251 @@
+"""``fedfm`` command line: run, configs, report, export."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import FedfmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="fedfm: federated fine-tuning of foundation models.")
+console = Console(highlight=False)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
+    raise typer.Exit(code=getattr(err, "exit_code", 2))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class RichDisplay:
+    """Progress bars (rounds, and clients inside a round), one line per round, tables at start and end."""
+
+    def __init__(self, total_rounds: int):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.rounds = self.progress.add_task("rounds ", total=total_rounds)
+        self.clients = self.progress.add_task("clients", total=1, visible=False)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def partition(self, desc: dict) -> None:
+        names = desc.get("label_names")
+        t = Table(title=f"partition: {desc['method']}, {desc['num_clients']} clients, test set {desc.get('test_size')}")
+        t.add_column("client")
+        t.add_column("train", justify="right")
+        t.add_column("test", justify="right")
+        if names:
+            for n in names:
+                t.add_column(str(n)[:12], justify="right")
+        for c in desc["clients"][:50]:
+            cells = [c["name"], str(c["n_train"]), str(c["n_test"])]
+            if names and c.get("label_counts"):
+                cells += [str(x) for x in c["label_counts"]]
+            t.add_row(*cells)
+        if len(desc["clients"]) > 50:
+            t.caption = f"… {len(desc['clients']) - 50} more clients in partition.json"
+        console.print(t)
+
+    def model(self, info: dict) -> None:
+        console.print(f"model ready in {info['seconds']:.1f}s: {info['method']} trains and shares "
+                      f"{info['trainable']:,} of {info['total']:,} parameters "
+                      f"({100 * info['trainable'] / max(info['total'], 1):.2f}%)")
+
+    def round_start(self, rnd: int, total: int, n_clients: int) -> None:
+        self.progress.reset(self.clients, total=n_clients, visible=True, description=f"round {rnd} clients")
+
+    def client_done(self, result) -> None:
+        self.progress.advance(self.clients)
+
+    def round_end(self, row: dict) -> None:
+        parts = [f"round {row['round']:>3}"]
+        for key, label in (("eval_accuracy", "acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl"),
+                           ("train_loss", "train loss"), ("client_acc_worst10", "worst-10% client acc")):
+            if row.get(key) is not None:
+                parts.append(f"{label} {row[key]:.4f}")
+        if "bytes_up" in row:
+            parts.append(f"up {_fmt_bytes(row['bytes_up'])} down {_fmt_bytes(row['bytes_down'])}")
+        parts.append(f"{row.get('wall_s', 0):.1f}s")
+        if row.get("dropped"):
+            parts.append(f"[yellow]dropped {len(row['dropped'])}[/yellow]")
+        self.progress.console.print(" | ".join(parts))
+        if row["round"] > 0:
+            self.progress.advance(self.rounds)
+        self.progress.update(self.clients, visible=False)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}[/yellow]")
+
+
+def _summary_table(rows: list[dict[str, Any]], total_s: float) -> Table:
+    t = Table(title="summary")
+    t.add_column("metric")
+    t.add_column("final", justify="right")
+    t.add_column("best", justify="right")
+    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+    keys = sorted({k for r in evals for k, v in r.items() if k.startswith(("eval_", "client_")) and isinstance(v, float)})
+    for k in keys:
+        vals = [r[k] for r in evals if isinstance(r.get(k), float)]
+        best = min(vals) if ("loss" in k or "perplexity" in k) else max(vals)
+        t.add_row(k, f"{vals[-1]:.4f}", f"{best:.4f}")
+    train = [r for r in rows if r["round"] > 0]
+    t.add_row("rounds", str(len(train)), "")
+    t.add_row("bytes up (total)", _fmt_bytes(sum(r.get("bytes_up", 0) for r in train)), "")
+    t.add_row("bytes down (total)", _fmt_bytes(sum(r.get("bytes_down", 0) for r in train)), "")
+    t.add_row("dropped client updates", str(sum(len(r.get("dropped", [])) for r in train)), "")
+    t.add_row("wall time", f"{total_s:.1f} s", "")
+    return t
+
+
+@app.command("run")
+def run_cmd(
+    config: str = typer.Argument("bbc-lora", help="a built-in config name (see `fedfm configs`) or a YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this run directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run directory"),
+) -> None:
+    """Run a federated fine-tuning job (default: the built-in `bbc-lora`)."""
+    from .config import load_config
+
+    overrides = list(overrides or [])
+    try:
+        if resume is not None:
+            if config != "bbc-lora" and "=" in config:
+                overrides.insert(0, config)
+            cfg_path = resume / "config.yaml"
+            if not cfg_path.exists():
+                raise FedfmError(f"--resume: {resume} is not a run directory (no config.yaml)")
+            cfg = load_config(str(cfg_path), overrides + [f"output.dir={resume}"])
+        else:
+            if "=" in config and not Path(config).exists():  # `fedfm run key=value` means the default config
+                overrides.insert(0, config)
+                config = "bbc-lora"
+            cfg = load_config(config, overrides)
+    except FedfmError as e:
+        _fail(e)
+        return
+    if print_config:
+        console.print(cfg.to_yaml(), end="", markup=False)
+        return
+    _run(cfg, resume=resume is not None, overwrite=overwrite)
+
+
+def _run(cfg, resume: bool, overwrite: bool) -> None:
+    from .tracking import RunDir
+
+    t0 = time.perf_counter()
+    run_dir = RunDir(cfg.output_dir())
+    try:
+        from .server import Server, prepare
+
+        prepared = prepare(cfg)  # data + config checks, before any model loads
+        if resume:
+            if not run_dir.path.exists():
+                raise FedfmError(f"--resume: run directory {run_dir.path} does not exist")
+        else:
+            run_dir.create(overwrite=overwrite)
+            run_dir.write_config(cfg.to_yaml())
+        desc = prepared.data.describe()
+        run_dir.write_json("partition.json", desc)
+        display = RichDisplay(cfg.federation.rounds)
+        console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
+        display.partition(desc)
+        server = Server(prepared, run_dir, display)
+        if resume:
+            ck = run_dir.load_last_checkpoint()
+            if ck is not None:
+                server.load_checkpoint_state(ck)
+                run_dir.truncate_metrics(ck["round"])
+                console.print(f"resuming after round {ck['round']}")
+            else:
+                run_dir.truncate_metrics(0)
+        with display:
+            display.progress.update(display.rounds, completed=server.start_round - 1)
+            server.run()
+        rows = run_dir.read_metrics()
+    except FedfmError as e:
+        _fail(e)
+        return
+    console.print(_summary_table(rows, time.perf_counter() - t0))
+    try:
+        from .tracking.report import make_report
+
+        make_report(run_dir.path)
+    except Exception as e:  # a plot failing must not hide a finished run
+        console.print(f"[yellow]report not drawn: {e}[/yellow]")
+    console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")
+
+
+@app.command("configs")
+def configs_cmd() -> None:
+    """List the built-in configs."""
+    import yaml
+
+    from .config import builtin_configs
+
+    t = Table(title="built-in configs")
+    t.add_column("name")
+    t.add_column("description")
+    for name, path in sorted(builtin_configs().items()):
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        t.add_row(name, first.lstrip("# ").strip())
+    console.print(t)
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
+    """Draw PNG plots of a run into RUN_DIR/report/."""
+    from .tracking.report import make_report
+
+    try:
+        paths = make_report(run_dir)
+    except FedfmError as e:
+        _fail(e)
+        return
+    for p in paths:
+        console.print(str(p))
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    out: Path = typer.Option(..., "--out", help="where to write the adapter or the merged model"),
+    merge: bool = typer.Option(False, "--merge", help="merge the adapter into the base and write a plain model"),
+) -> None:
+    """Write the run's adapter, or (--merge) a merged model that plain transformers loads."""
+    from .export import export_run
+
+    try:
+        path = export_run(run_dir, out, merge=merge)
+    except FedfmError as e:
+        _fail(e)
+        return
+    console.print(f"exported to {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

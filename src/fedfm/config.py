@@ -1,0 +1,288 @@
+"""`RunConfig`: one validated description of a run, loaded from YAML and overridden by ``key.sub=value``."""
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: Optional[str] = "minilm"
+    from_config: Optional[dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+
+
+class AdapterConfig(Section):
+    method: str = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Optional[list[str]] = None
+    num_virtual_tokens: int = Field(10, ge=1)
+
+
+class TaskConfig(Section):
+    name: str = "classification"
+    max_length: int = Field(64, ge=2)
+
+
+class DataConfig(Section):
+    source: str = "bbc-news"
+    text_column: str = "text"
+    label_column: Optional[str] = "label"
+    client_column: Optional[str] = None
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_examples: Optional[int] = Field(None, ge=2)
+
+
+class PartitionConfig(Section):
+    method: str = "dirichlet"
+    num_clients: int = Field(10, ge=1)
+    alpha: float = 0.5
+    shards_per_client: int = Field(2, ge=1)
+    power: float = 1.5
+    min_size: int = Field(2, ge=1)
+    local_test_fraction: float = Field(0.2, ge=0, lt=1)
+
+
+class FederationConfig(Section):
+    rounds: int = Field(10, ge=1)
+    clients_per_round: Optional[int] = Field(5, ge=1)
+    fraction: Optional[float] = None
+    min_clients: int = Field(1, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fraction(self) -> "FederationConfig":
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        return self
+
+
+class ClientConfig(Section):
+    algorithm: str = "local"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    epochs: Optional[int] = Field(1, ge=1)
+    steps: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+
+
+class ServerConfig(Section):
+    aggregator: str = "fedavg"
+    optimizer: str = "fedavg"
+    lr: float = Field(1.0, gt=0)
+
+
+class CodecConfig(Section):
+    name: str = "fp32"
+
+
+class RuntimeConfig(Section):
+    name: str = "local"
+    state_dir: Optional[str] = None
+    cache_clients: int = Field(1000, ge=1)
+    threads: Optional[int] = Field(None, ge=1)
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=0)
+    batch_size: int = Field(64, ge=1)
+    per_client: bool = True
+    initial: bool = False
+
+
+class OutputConfig(Section):
+    dir: Optional[str] = None
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    federation: FederationConfig = FederationConfig()
+    client: ClientConfig = ClientConfig()
+    server: ServerConfig = ServerConfig()
+    codec: CodecConfig = CodecConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.partition.alpha <= 0:
+            raise ValueError(f"partition.alpha must be > 0, got {self.partition.alpha}")
+        if self.partition.power <= 0:
+            raise ValueError(f"partition.power must be > 0, got {self.partition.power}")
+        if self.model.name_or_path is None and self.model.from_config is None:
+            raise ValueError("model: give model.name_or_path or model.from_config")
+        fed = self.federation
+        if fed.fraction is not None:
+            fed.clients_per_round = None
+        if fed.clients_per_round is None and fed.fraction is None:
+            raise ValueError("federation: give federation.clients_per_round or federation.fraction")
+        if self.partition.method != "by_column":
+            n = self.partition.num_clients
+            if fed.clients_per_round is not None and fed.clients_per_round > n:
+                raise ValueError(
+                    f"federation.clients_per_round ({fed.clients_per_round}) is more than "
+                    f"partition.num_clients ({n})"
+                )
+            if fed.min_clients > n:
+                raise ValueError(f"federation.min_clients ({fed.min_clients}) is more than partition.num_clients ({n})")
+        if self.client.epochs is None and self.client.steps is None:
+            raise ValueError("client: give client.epochs or client.steps")
+        _check_registered(self)
+        return self
+
+    def output_dir(self, cwd: Path | None = None) -> Path:
+        base = Path(cwd) if cwd else Path.cwd()
+        return Path(self.output.dir) if self.output.dir else base / "runs" / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_registered(cfg: RunConfig) -> None:
+    """Names that pick a registered algorithm must exist (checked here, before anything loads)."""
+    from . import registries
+
+    for field, reg, value in registries.fields_of(cfg):
+        if value not in reg:
+            raise ValueError(f"{field}: {reg.unknown_message(value)}")
+
+
+# ---------------------------------------------------------------- loading
+
+CONFIG_PACKAGE = "fedfm.configs"
+
+
+def builtin_configs() -> dict[str, Path]:
+    root = resources.files(CONFIG_PACKAGE)
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def resolve_config_source(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    builtins = builtin_configs()
+    if name_or_path in builtins:
+        return builtins[name_or_path]
+    msg = f"no built-in config or file named {name_or_path!r}; built-in configs: {', '.join(sorted(builtins))}"
+    close = difflib.get_close_matches(name_or_path, list(builtins), n=1)
+    if close:
+        msg += f" (did you mean {close[0]!r}?)"
+    raise ConfigError(msg)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = [k for k in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((parts, value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for parts, value in parse_overrides(overrides):
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {'.'.join(parts)}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _known_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    names = []
+    for name, f in model.model_fields.items():
+        names.append(prefix + name)
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            names.extend(_known_fields(ann, prefix + name + "."))
+    return names
+
+
+def format_validation_error(err: ValidationError) -> str:
+    known = _known_fields(RunConfig)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {loc!r}"
+            close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+            lines.append(msg)
+        elif e["type"] in ("value_error", "assertion_error"):
+            text = str(e.get("ctx", {}).get("error", e["msg"]))
+            lines.append(f"{loc}: {text}" if loc else text)
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f", got {got!r}"
+            lines.append(f"{loc}: {e['msg'].lower()}{got_s}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(name_or_path: str = "bbc-lora", overrides: list[str] | None = None) -> RunConfig:
+    """Read a built-in config or a YAML file, apply ``key.sub=value`` overrides, validate."""
+    path = resolve_config_source(name_or_path)
+    data = _read_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

@@ -1,0 +1,86 @@
+"""Federated data: the held-out test set, the clients' partition, and each client's local train/test split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .partition import PartitionSpec, label_counts, partition
+from .sources import Examples, load_examples
+
+
+@dataclass
+class ClientData:
+    id: int
+    name: str
+    train: np.ndarray  # global example indices
+    test: np.ndarray
+
+
+@dataclass
+class FederatedData:
+    examples: Examples
+    test: np.ndarray  # the global held-out test set
+    clients: list[ClientData]
+    method: str
+
+    def describe(self) -> dict:
+        """What ``partition.json`` holds: per-client sizes and label counts."""
+        ex = self.examples
+        counts = None
+        if ex.labels is not None:
+            counts = label_counts([c.train for c in self.clients], ex.labels, ex.num_classes)
+        return {
+            "method": self.method,
+            "num_clients": len(self.clients),
+            "label_names": ex.label_names,
+            "test_size": int(len(self.test)),
+            "clients": [
+                {"id": c.id, "name": c.name, "n_train": int(len(c.train)), "n_test": int(len(c.test)),
+                 "label_counts": counts[i] if counts else None}
+                for i, c in enumerate(self.clients)
+            ],
+        }
+
+
+def stratified_split(n: int, labels: np.ndarray | None, fraction: float, rng: np.random.Generator):
+    """Split range(n) into (rest, held_out) with ``fraction`` of each class held out."""
+    if labels is None:
+        perm = rng.permutation(n)
+        k = int(round(fraction * n))
+        return np.sort(perm[k:]), np.sort(perm[:k])
+    held = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        held.append(idx[: int(round(fraction * len(idx)))])
+    held = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    rest = np.setdiff1d(np.arange(n), held)
+    return rest, held
+
+
+def build_federated_data(cfg, examples: Examples) -> FederatedData:
+    """Hold out the test set (stratified), partition the rest into clients, split each client train/test."""
+    rng = np.random.default_rng([cfg.federation.seed, 1])
+    n = len(examples)
+    if examples.is_test is not None:
+        pool, test = np.flatnonzero(~examples.is_test), np.flatnonzero(examples.is_test)
+    else:
+        pool, test = stratified_split(n, examples.labels, cfg.data.test_fraction, rng)
+    p = cfg.partition
+    spec = PartitionSpec(num_clients=p.num_clients, alpha=p.alpha, shards_per_client=p.shards_per_client,
+                         power=p.power, min_size=p.min_size)
+    labels = examples.labels[pool] if examples.labels is not None else None
+    groups = examples.groups[pool] if examples.groups is not None else None
+    parts = partition(p.method, labels, groups, spec, seed=cfg.federation.seed, n=len(pool))
+    names = (sorted(set(groups.tolist())) if p.method == "by_column" and groups is not None
+             else [str(i) for i in range(len(parts))])
+    clients = []
+    for cid, local in enumerate(parts):
+        idx = pool[local]
+        crng = np.random.default_rng([cfg.federation.seed, 2, cid])
+        perm = crng.permutation(idx)
+        k = int(np.floor(p.local_test_fraction * len(idx)))
+        if len(idx) - k < 1:
+            k = 0
+        clients.append(ClientData(id=cid, name=names[cid], train=np.sort(perm[k:]), test=np.sort(perm[:k])))
+    return FederatedData(examples=examples, test=test, clients=clients, method=p.method)

@@ -1,0 +1,23 @@
+"""Errors a user can act on. The CLI prints them in one line and exits with status 2."""
+
+
+class FedfmError(Exception):
+    """Bad input: names the field or file and what was expected."""
+
+    exit_code = 2
+
+
+class ConfigError(FedfmError):
+    """A run config that cannot be run (caught before any model loads)."""
+
+
+class DataError(FedfmError):
+    """A data source that is missing, malformed or unusable."""
+
+
+class ModelError(FedfmError):
+    """A model that cannot be resolved or loaded."""
+
+
+class UpdateRejected(Exception):
+    """A client update that failed validation; the client drops out of the round."""

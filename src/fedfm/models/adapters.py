@@ -1,0 +1,123 @@
+"""Adaptation methods: what is trained and shared. Built on peft wherever peft has the method."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..registry import Registry
+
+# name -> fn(model, adapter_cfg, task_type: str, head_names: list[str]) -> model with exactly the shared params trainable
+METHODS: Registry[Callable[..., Any]] = Registry("adaptation method")
+
+PEFT_METHODS = {"lora", "prompt", "prefix", "ia3"}
+
+
+def _peft_wrap(model, peft_config):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def _freeze_all(model) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _unfreeze_heads(model, head_names: list[str]) -> None:
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in head_names:
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+
+@METHODS.register("lora")
+def lora(model, cfg, task_type: str, head_names: list[str]):
+    """LoRA (Hu et al. 2021): low-rank updates B·A on the target projections; the task head is trained and shared."""
+    from peft import LoraConfig
+
+    return _peft_wrap(model, LoraConfig(
+        task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules, modules_to_save=head_names or None,
+    ))
+
+
+@METHODS.register("prompt")
+def prompt(model, cfg, task_type: str, head_names: list[str]):
+    """Prompt tuning (Lester et al. 2021): trainable soft tokens prepended to the input embeddings."""
+    from peft import PromptTuningConfig
+
+    return _peft_wrap(model, PromptTuningConfig(
+        task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=head_names or None))
+
+
+@METHODS.register("prefix")
+def prefix(model, cfg, task_type: str, head_names: list[str]):
+    """Prefix tuning (Li & Liang 2021): trainable key/value prefixes in every attention layer."""
+    from peft import PrefixTuningConfig
+
+    return _peft_wrap(model, PrefixTuningConfig(
+        task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=head_names or None))
+
+
+@METHODS.register("ia3")
+def ia3(model, cfg, task_type: str, head_names: list[str]):
+    """IA3 (Liu et al. 2022): learned rescaling vectors on keys, values and feed-forward activations."""
+    from peft import IA3Config
+
+    kwargs: dict[str, Any] = {}
+    if cfg.target_modules:
+        kwargs.update(target_modules=cfg.target_modules, feedforward_modules=[])
+    return _peft_wrap(model, IA3Config(task_type=task_type, modules_to_save=head_names or None, **kwargs))
+
+
+@METHODS.register("bitfit")
+def bitfit(model, cfg, task_type: str, head_names: list[str]):
+    """BitFit (Ben Zaken et al. 2022): train only the bias terms (and the task head)."""
+    _freeze_all(model)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            p.requires_grad_(True)
+    _unfreeze_heads(model, head_names)
+    return model
+
+
+@METHODS.register("head")
+def head(model, cfg, task_type: str, head_names: list[str]):
+    """Linear probing: train only the task head on the frozen base."""
+    _freeze_all(model)
+    _unfreeze_heads(model, head_names)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"adapter.method 'head': the model has no head module named one of {head_names}")
+    return model
+
+
+@METHODS.register("full")
+def full(model, cfg, task_type: str, head_names: list[str]):
+    """Full fine-tuning: every parameter is trained and shared."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def apply_adapter(model, cfg, task_type: str, head_names: list[str]):
+    """Wrap/freeze ``model`` so exactly the shared parameters require grad."""
+    model = METHODS.get(cfg.method)(model, cfg, task_type, head_names)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"adapter.method {cfg.method!r} left no trainable parameter")
+    return model
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+@torch.no_grad()
+def count_params(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

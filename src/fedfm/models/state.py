@@ -1,0 +1,45 @@
+"""`TrainableState`: the ordered ``name -> tensor`` of exactly the shared parameters; the only model data that moves."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+TrainableState = "OrderedDict[str, torch.Tensor]"
+
+
+class StateSpec:
+    """Names, shapes and the flat layout of a model's trainable parameters (computed once per run)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params: "OrderedDict[str, torch.nn.Parameter]" = OrderedDict(
+            (n, p) for n, p in model.named_parameters() if p.requires_grad
+        )
+        self.names = list(self.params)
+        self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        self.numels = [p.numel() for p in self.params.values()]
+        self.numel = sum(self.numels)
+
+    def get(self) -> "OrderedDict[str, torch.Tensor]":
+        """A detached copy of the current trainable values."""
+        return OrderedDict((n, p.detach().clone()) for n, p in self.params.items())
+
+    @torch.no_grad()
+    def load(self, state: "OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]") -> None:
+        """Copy ``state`` into the model in place (no new model, no new parameters)."""
+        for n, p in self.params.items():
+            p.copy_(state[n])
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params.values()]).float()
+
+    @torch.no_grad()
+    def load_flat(self, flat: torch.Tensor) -> None:
+        torch._foreach_copy_(list(self.params.values()), list(self.unflatten(flat).values()))
+
+    def flatten(self, state) -> torch.Tensor:
+        return torch.cat([state[n].reshape(-1).float() for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        parts = torch.split(flat, self.numels)
+        return OrderedDict((n, t.view(self.shapes[n])) for n, t in zip(self.names, parts))

@@ -1,0 +1,29 @@
+"""Which config field picks from which registry (used to validate a config before anything loads)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
+def fields_of(cfg: "RunConfig"):
+    from .aggregation import AGGREGATORS
+    from .aggregation.server_opt import SERVER_OPTIMIZERS
+    from .client import CLIENT_ALGORITHMS
+    from .compression import CODECS
+    from .data.partition import PARTITIONERS
+    from .models.adapters import METHODS
+    from .runtime import RUNTIMES
+    from .tasks import TASKS
+
+    return [
+        ("adapter.method", METHODS, cfg.adapter.method),
+        ("task.name", TASKS, cfg.task.name),
+        ("partition.method", PARTITIONERS, cfg.partition.method),
+        ("client.algorithm", CLIENT_ALGORITHMS, cfg.client.algorithm),
+        ("server.aggregator", AGGREGATORS, cfg.server.aggregator),
+        ("server.optimizer", SERVER_OPTIMIZERS, cfg.server.optimizer),
+        ("codec.name", CODECS, cfg.codec.name),
+        ("runtime.name", RUNTIMES, cfg.runtime.name),
+    ]

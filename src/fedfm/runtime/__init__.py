@@ -1,0 +1,34 @@
+"""Runtimes: where client work runs. ``Runtime.run(tasks) -> results``; the round loop never looks inside."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from ..client import ClientResult, ClientTask
+from ..registry import Registry
+
+RUNTIMES: Registry[Callable[..., "Runtime"]] = Registry("runtime")
+
+Progress = Optional[Callable[[ClientResult], None]]
+
+
+class Runtime:
+    """Runs a round's client tasks and returns one result per task (an error result if a client failed)."""
+
+    def run(self, tasks: list[ClientTask], on_result: Progress = None) -> list[ClientResult]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def make_runtime(cfg, client_fn: Callable[[ClientTask], ClientResult]) -> Runtime:
+    from . import local  # noqa: F401  (registers "local")
+
+    return RUNTIMES.get(cfg.runtime.name)(cfg, client_fn)
+
+
+def _register_builtin() -> None:
+    from . import local  # noqa: F401
+
+
+_register_builtin()

@@ -1,0 +1,136 @@
+"""Tasks: how examples become batches, the loss and the metrics. One registry, keyed by ``task.name``."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..registry import Registry
+
+TASKS: Registry[type] = Registry("task")
+
+
+class Task:
+    """Base of a task. Subclasses set the transformers auto class, the peft task type and the head names."""
+
+    auto_class = ""
+    peft_task_type = ""
+    head_names: list[str] = []
+    needs_labels = False
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    def model_kwargs(self, examples) -> dict[str, Any]:
+        return {}
+
+    def encode(self, examples) -> dict[str, torch.Tensor]:
+        """Tokenize every example once per run: a dict of tensors with N rows."""
+        raise NotImplementedError
+
+    def batches(self, enc: dict[str, torch.Tensor], indices: np.ndarray, batch_size: int,
+                generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Mini-batches over ``indices`` (shuffled with ``generator`` when given), trimmed to their longest row."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        if generator is not None:
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+        for i in range(0, len(idx), batch_size):
+            sel = idx[i:i + batch_size]
+            width = int(enc["lengths"][sel].max())
+            yield {k: (v[sel, :width] if v.ndim == 2 else v[sel]) for k, v in enc.items() if k != "lengths"}
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def _pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 1
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return ids, mask, lengths
+
+
+@TASKS.register("classification")
+class Classification(Task):
+    """Sequence classification: cross-entropy on the label; accuracy."""
+
+    auto_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+    head_names = ["classifier", "score"]
+    needs_labels = True
+
+    def model_kwargs(self, examples) -> dict[str, Any]:
+        names = examples.label_names
+        return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                "label2id": {n: i for i, n in enumerate(names)}}
+
+    def encode(self, examples) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer(list(examples.texts), truncation=True, max_length=self.cfg.task.max_length)
+        ids, mask, lengths = _pad_rows(tok["input_ids"], self.tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(examples.labels, dtype=torch.long),
+                "lengths": lengths}
+
+    @torch.no_grad()
+    def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total_loss, correct, n = 0.0, 0, 0
+        for batch in self.batches(enc, indices, batch_size):
+            out = model(**batch)
+            k = len(batch["labels"])
+            total_loss += float(out.loss) * k
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            n += k
+        model.train(was_training)
+        if n == 0:
+            return {}
+        return {"loss": total_loss / n, "accuracy": correct / n}
+
+
+@TASKS.register("lm")
+class LanguageModeling(Task):
+    """Causal language modelling on raw text or pre-tokenized ``input_ids`` rows; loss and perplexity."""
+
+    auto_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    head_names: list[str] = []
+
+    def encode(self, examples) -> dict[str, torch.Tensor]:
+        L = self.cfg.task.max_length
+        if examples.input_ids is not None:
+            rows = [list(r)[:L] for r in examples.input_ids]
+        else:
+            rows = self.tokenizer(list(examples.texts), truncation=True, max_length=L)["input_ids"]
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        ids, mask, lengths = _pad_rows(rows, pad if pad is not None else 0)
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "lengths": lengths}
+
+    @torch.no_grad()
+    def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        for batch in self.batches(enc, indices, batch_size):
+            out = model(**batch)
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(out.loss) * k
+            tokens += k
+        model.train(was_training)
+        if tokens == 0:
+            return {}
+        loss = total / tokens
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def make_task(cfg, tokenizer) -> Task:
+    return TASKS.get(cfg.task.name)(cfg, tokenizer)
