@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,7 +78,9 @@ def _hub_error(name: str, err: Exception) -> ModelError:
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
-    name = model_cfg.tokenizer or model_cfg.name_or_path or "minilm"
+    if model_cfg.from_config is not None and model_cfg.tokenizer is None:
+        return None  # pre-tokenized data only
+    name = model_cfg.tokenizer or model_cfg.name_or_path
     path = resolve_name_or_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision)
@@ -94,6 +97,8 @@ def quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # peft reads the deprecated `is_gradient_checkpointing` property on every wrap; nothing for a user to do
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def load_base(model_cfg, auto_class: str, **kwargs) -> Any:

@@ -6,6 +6,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 TASKS: Registry[type] = Registry("task")
@@ -49,6 +50,12 @@ class Task:
         raise NotImplementedError
 
 
+def _need_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise ConfigError("model.tokenizer: a model built from model.from_config needs model.tokenizer to read text "
+                          "(or data with a pre-tokenized input_ids column)")
+
+
 def _pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     width = int(lengths.max()) if len(rows) else 1
@@ -74,6 +81,7 @@ class Classification(Task):
                 "label2id": {n: i for i, n in enumerate(names)}}
 
     def encode(self, examples) -> dict[str, torch.Tensor]:
+        _need_tokenizer(self.tokenizer)
         tok = self.tokenizer(list(examples.texts), truncation=True, max_length=self.cfg.task.max_length)
         ids, mask, lengths = _pad_rows(tok["input_ids"], self.tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(examples.labels, dtype=torch.long),
@@ -109,6 +117,7 @@ class LanguageModeling(Task):
         if examples.input_ids is not None:
             rows = [list(r)[:L] for r in examples.input_ids]
         else:
+            _need_tokenizer(self.tokenizer)
             rows = self.tokenizer(list(examples.texts), truncation=True, max_length=L)["input_ids"]
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         ids, mask, lengths = _pad_rows(rows, pad if pad is not None else 0)

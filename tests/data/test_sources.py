@@ -1,0 +1,272 @@
+"""``data.source``: files, folders, saved datasets, the built-in BBC News; column mapping and clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedfm.data import build_federated_data
+from fedfm.data.sources import load_examples
+from fedfm.errors import DataError
+
+TINY_NAMES = ["money", "music", "sport", "tech"]
+
+
+@pytest.fixture
+def rows_df(tiny_csv):
+    """The tiny data set (read with the csv module, not the code under test) as a DataFrame."""
+    import csv
+
+    with open(tiny_csv, newline="") as f:
+        return pd.DataFrame(list(csv.DictReader(f)))
+
+
+def _load(tiny_config, source, needs_labels=True, **extra):
+    cfg = tiny_config(**{"data.source": str(source), **extra})
+    return load_examples(cfg.data, needs_labels=needs_labels)
+
+
+def _check_tiny(ex, df):
+    assert len(ex) == len(df) == 240
+    assert ex.texts == df["text"].tolist()
+    assert ex.label_names == TINY_NAMES
+    assert ex.num_classes == 4
+    assert ex.labels.dtype == np.int64
+    # label ids map back to the original strings, row by row
+    assert [ex.label_names[i] for i in ex.labels] == df["label"].tolist()
+    assert ex.is_test is None
+    assert ex.groups is None  # no client_column set
+
+
+# ------------------------------------------------------------------ formats
+
+def test_csv(tiny_config, tiny_csv, rows_df):
+    _check_tiny(_load(tiny_config, tiny_csv), rows_df)
+
+
+def test_json_records(tiny_config, tmp_path, rows_df):
+    path = tmp_path / "d.json"
+    rows_df.to_json(path, orient="records")
+    assert path.read_text().lstrip().startswith("[")
+    _check_tiny(_load(tiny_config, path), rows_df)
+
+
+def test_jsonl(tiny_config, tmp_path, rows_df):
+    path = tmp_path / "d.jsonl"
+    rows_df.to_json(path, orient="records", lines=True)
+    assert len(path.read_text().splitlines()) == 240
+    _check_tiny(_load(tiny_config, path), rows_df)
+
+
+def test_json_file_holding_lines(tiny_config, tmp_path, rows_df):
+    path = tmp_path / "d.json"  # JSON-lines content under a .json suffix
+    rows_df.to_json(path, orient="records", lines=True)
+    _check_tiny(_load(tiny_config, path), rows_df)
+
+
+def test_parquet(tiny_config, tmp_path, rows_df):
+    path = tmp_path / "d.parquet"
+    rows_df.to_parquet(path)
+    _check_tiny(_load(tiny_config, path), rows_df)
+
+
+def test_folder_of_files_is_concatenated(tiny_config, tmp_path, rows_df):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    rows_df.iloc[:80].to_csv(folder / "a.csv", index=False)
+    rows_df.iloc[80:150].to_json(folder / "b.jsonl", orient="records", lines=True)
+    rows_df.iloc[150:200].to_json(folder / "c.json", orient="records")
+    rows_df.iloc[200:].to_parquet(folder / "sub" / "d.parquet")
+    (folder / "README.txt").write_text("not data")
+    _check_tiny(_load(tiny_config, folder), rows_df)
+
+
+def test_saved_dataset(tiny_config, tmp_path, rows_df):
+    import datasets
+
+    path = tmp_path / "saved"
+    datasets.Dataset.from_pandas(rows_df).save_to_disk(str(path))
+    _check_tiny(_load(tiny_config, path), rows_df)
+
+
+def test_saved_dataset_dict_test_split_is_held_out(tiny_config, tmp_path, rows_df):
+    import datasets
+
+    path = tmp_path / "saved_dict"
+    train, test = rows_df.iloc[:200].reset_index(drop=True), rows_df.iloc[200:].reset_index(drop=True)
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(train),
+                          "test": datasets.Dataset.from_pandas(test)}).save_to_disk(str(path))
+    cfg = tiny_config(**{"data.source": str(path)})
+    ex = load_examples(cfg.data, needs_labels=True)
+    assert len(ex) == 240
+    assert ex.is_test is not None
+    assert ex.is_test.sum() == 40
+    test_texts = sorted(t for t, flag in zip(ex.texts, ex.is_test) if flag)
+    assert test_texts == sorted(test["text"])
+    assert ex.label_names == TINY_NAMES
+
+    fed = build_federated_data(cfg, ex)
+    assert sorted(fed.test.tolist()) == np.flatnonzero(ex.is_test).tolist()
+    client_idx = np.concatenate([np.concatenate([c.train, c.test]) for c in fed.clients])
+    assert sorted(client_idx.tolist()) == np.flatnonzero(~ex.is_test).tolist()
+
+
+def test_saved_dataset_dict_without_test_split(tiny_config, tmp_path, rows_df):
+    import datasets
+
+    path = tmp_path / "saved_train_only"
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(rows_df)}).save_to_disk(str(path))
+    ex = _load(tiny_config, path)
+    assert len(ex) == 240
+    assert ex.is_test is None  # the held-out set is then drawn with data.test_fraction
+
+
+# ------------------------------------------------------------------ column mapping
+
+def test_string_and_int_labels_give_same_classes(tiny_config, tmp_path, rows_df):
+    as_int = rows_df.copy()
+    as_int["label"] = as_int["label"].map({n: 10 * (i + 1) for i, n in enumerate(TINY_NAMES)})
+    p_str, p_int = tmp_path / "s.csv", tmp_path / "i.csv"
+    rows_df.to_csv(p_str, index=False)
+    as_int.to_csv(p_int, index=False)
+    ex_s, ex_i = _load(tiny_config, p_str), _load(tiny_config, p_int)
+    assert ex_s.num_classes == ex_i.num_classes == 4
+    assert ex_s.label_names == TINY_NAMES
+    assert ex_i.label_names == ["10", "20", "30", "40"]  # names come from the data
+    np.testing.assert_array_equal(ex_s.labels, ex_i.labels)
+
+
+def test_renamed_columns(tiny_config, tmp_path, rows_df):
+    path = tmp_path / "renamed.csv"
+    rows_df.rename(columns={"text": "body", "label": "topic"}).to_csv(path, index=False)
+    ex = _load(tiny_config, path, **{"data.text_column": "body", "data.label_column": "topic"})
+    assert ex.texts == rows_df["text"].tolist()
+    assert ex.label_names == TINY_NAMES
+
+
+def test_rows_missing_text_or_label_are_dropped(tiny_config, tmp_path, rows_df):
+    df = rows_df.copy()
+    df.loc[3, "text"] = None
+    df.loc[7, "label"] = None
+    path = tmp_path / "holes.csv"
+    df.to_csv(path, index=False)
+    ex = _load(tiny_config, path)
+    assert len(ex) == 238
+    assert rows_df.loc[3, "text"] not in ex.texts
+    assert rows_df.loc[7, "text"] not in ex.texts
+
+
+def test_max_examples_subsamples(tiny_config, tiny_csv):
+    ex = _load(tiny_config, tiny_csv, **{"data.max_examples": 50})
+    assert len(ex) == 50
+    assert len(ex.labels) == 50
+    assert set(ex.texts) <= set(pd.read_csv(tiny_csv)["text"])
+
+
+def test_client_column_gives_groups(tiny_config, tiny_csv, rows_df):
+    ex = _load(tiny_config, tiny_csv, **{"data.client_column": "site"})
+    assert ex.groups is not None
+    assert ex.groups.tolist() == rows_df["site"].tolist()
+
+
+def test_by_column_partition_one_client_per_value(tiny_config, tiny_csv):
+    cfg = tiny_config(**{"data.client_column": "site", "partition.method": "by_column"})
+    ex = load_examples(cfg.data, needs_labels=True)
+    fed = build_federated_data(cfg, ex)
+    assert len(fed.clients) == 4
+    assert sorted(c.name for c in fed.clients) == ["site0", "site1", "site2", "site3"]
+    for c in fed.clients:
+        idx = np.concatenate([c.train, c.test])
+        assert len(idx) > 0
+        assert set(ex.groups[idx].tolist()) == {c.name}
+    # every non-test example belongs to exactly one client
+    all_idx = np.concatenate([np.concatenate([c.train, c.test]) for c in fed.clients])
+    assert len(all_idx) == len(set(all_idx.tolist())) == len(ex) - len(fed.test)
+
+
+def test_builtin_bbc_news(tiny_config):
+    ex = _load(tiny_config, "bbc-news")
+    assert len(ex) == 2225
+    assert ex.num_classes == 5
+    assert ex.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert np.bincount(ex.labels).tolist() == [510, 386, 417, 511, 401]
+    assert all(isinstance(t, str) and t for t in ex.texts)
+
+
+# ------------------------------------------------------------------ errors
+
+def _data_error(tiny_config, source, **extra) -> str:
+    with pytest.raises(DataError) as info:
+        _load(tiny_config, source, **extra)
+    return str(info.value)
+
+
+def test_missing_text_column(tiny_config, tiny_csv):
+    msg = _data_error(tiny_config, tiny_csv, **{"data.text_column": "nope"})
+    assert "data.text_column" in msg
+    assert "'nope'" in msg
+    assert "columns are: text, label, site" in msg
+
+
+def test_missing_label_column(tiny_config, tiny_csv):
+    msg = _data_error(tiny_config, tiny_csv, **{"data.label_column": "category"})
+    assert "data.label_column" in msg and "'category'" in msg
+    assert "text, label, site" in msg
+
+
+def test_missing_client_column(tiny_config, tiny_csv):
+    msg = _data_error(tiny_config, tiny_csv, **{"data.client_column": "user"})
+    assert "data.client_column" in msg and "'user'" in msg
+
+
+def test_one_class_label_column(tiny_config, tmp_path, rows_df):
+    df = rows_df.copy()
+    df["label"] = "same"
+    path = tmp_path / "one.csv"
+    df.to_csv(path, index=False)
+    msg = _data_error(tiny_config, path)
+    assert "data.label_column" in msg
+    assert "only one class" in msg and "same" in msg
+
+
+def test_nonexistent_path(tiny_config, tmp_path):
+    missing = tmp_path / "nope.csv"
+    msg = _data_error(tiny_config, missing)
+    assert "data.source" in msg
+    assert str(missing) in msg and "does not exist" in msg
+    assert "bbc-news" in msg  # lists the built-in datasets
+
+
+def test_folder_without_data_files(tiny_config, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    msg = _data_error(tiny_config, folder)
+    assert "data.source" in msg
+    assert str(folder) in msg and "no " in msg
+
+
+@pytest.mark.parametrize("name, content", [
+    ("broken.parquet", b"this is not parquet"),
+    ("broken.json", b"{not json at all"),
+])
+def test_unreadable_file(tiny_config, tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    msg = _data_error(tiny_config, path)
+    assert "data.source" in msg
+    assert "could not read" in msg and str(path) in msg
+
+
+def test_unsupported_suffix(tiny_config, tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("text,label\na,b\n")
+    msg = _data_error(tiny_config, path)
+    assert "data.source" in msg and "'.txt'" in msg
+
+
+def test_empty_csv(tiny_config, tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\n")
+    msg = _data_error(tiny_config, path)
+    assert "data.source" in msg and "no rows" in msg

@@ -1,0 +1,315 @@
+"""The ``fedfm`` command line: exit codes, one clear error before any model loads, a tiny run, report, export."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import fedfm.cli as cli
+from fedfm.cli import app
+
+from tests.conftest import make_rows, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Rich wraps at 80 columns when not on a terminal; keep paths and messages on one line."""
+    monkeypatch.setattr(cli.console, "_width", 1000)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------ configs / --print-config
+
+def test_configs_lists_bbc_lora():
+    res = invoke("configs")
+    assert res.exit_code == 0, res.output
+    assert "bbc-lora" in res.output
+    assert "MiniLM" in res.output  # the description from the YAML's first line
+
+
+def test_print_config_with_override():
+    res = invoke("run", "bbc-lora", "--print-config", "federation.rounds=3")
+    assert res.exit_code == 0, res.output
+    data = yaml.safe_load(res.output)
+    assert data["federation"]["rounds"] == 3
+    assert "rounds: 3" in res.output
+    assert data["name"] == "bbc-lora"
+    assert data["adapter"]["method"] == "lora"
+
+
+def test_print_config_default_config_when_first_arg_is_override():
+    res = invoke("run", "federation.rounds=4", "adapter.r=2", "--print-config")
+    assert res.exit_code == 0, res.output
+    data = yaml.safe_load(res.output)
+    assert data["name"] == "bbc-lora"
+    assert data["federation"]["rounds"] == 4
+    assert data["adapter"]["r"] == 2
+
+
+# ------------------------------------------------------------------ bad input: exit 2, before any model loads
+
+def _model_loaded(*args, **kwargs):
+    raise AssertionError("model loaded")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import fedfm.models
+    import fedfm.models.loader
+
+    for mod, name in [(fedfm.models.loader, "load_base"), (fedfm.models.loader, "load_tokenizer"),
+                      (fedfm.models, "load_base"), (fedfm.models, "load_tokenizer"), (fedfm.models, "build_model")]:
+        monkeypatch.setattr(mod, name, _model_loaded)
+
+
+def _assert_clean_failure(res, *needles: str):
+    assert not isinstance(res.exception, AssertionError), "a model was loaded before the input was checked"
+    assert res.exit_code == 2, res.output
+    out = one_line(res.output)
+    assert out.count("error:") == 1, res.output
+    for needle in needles:
+        assert needle in out, res.output
+    assert "Traceback" not in res.output
+
+
+def test_model_guard_works(no_model, tiny_csv, tmp_path):
+    """Sanity check of the guard: a valid tiny config does reach the (patched) model load."""
+    res = invoke("run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path))
+    assert isinstance(res.exception, AssertionError)
+    assert "model loaded" in str(res.exception)
+
+
+@pytest.fixture
+def one_class_csv(tmp_path):
+    path = tmp_path / "one_class.csv"
+    rows = make_rows(40)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "label": "only"} for r in rows])
+    return path
+
+
+BAD_INPUT = [
+    # (id, extra overrides, strings the message must contain)
+    ("unknown-key", {"federation.roundz": 3}, ["federation.roundz", "did you mean 'federation.rounds'"]),
+    ("wrong-type", {"federation.rounds": "abc"}, ["federation.rounds", "abc"]),
+    ("alpha-zero", {"partition.alpha": 0}, ["partition.alpha", "> 0"]),
+    ("alpha-negative", {"partition.alpha": -1}, ["partition.alpha", "> 0"]),
+    ("too-many-per-round", {"federation.clients_per_round": 5}, ["federation.clients_per_round", "partition.num_clients"]),
+    ("fraction-zero", {"federation.fraction": 0}, ["federation.fraction", "(0, 1]"]),
+    ("fraction-above-one", {"federation.fraction": 1.5}, ["federation.fraction", "(0, 1]"]),
+    ("missing-file", {"data.source": "/nonexistent.csv"}, ["data.source", "/nonexistent.csv", "does not exist"]),
+    ("missing-column", {"data.text_column": "nope"}, ["data.text_column", "'nope'", "text, label, site"]),
+    ("one-class", "ONE_CLASS", ["data.label_column", "only one class"]),
+    ("no-model", {"model.from_config": None, "model.name_or_path": "/no/such/model"},
+     ["model.name_or_path", "/no/such/model", "does not exist"]),
+    ("unknown-method", {"adapter.method": "lorra"}, ["adapter.method", "did you mean 'lora'"]),
+]
+
+
+@pytest.mark.parametrize("extra, needles", [b[1:] for b in BAD_INPUT], ids=[b[0] for b in BAD_INPUT])
+def test_bad_input_exits_2_before_model_loads(no_model, tiny_csv, one_class_csv, tmp_path, extra, needles):
+    if extra == "ONE_CLASS":
+        extra = {"data.source": str(one_class_csv)}
+    overrides = tiny_overrides(tiny_csv, tmp_path, **extra)
+    assert overrides[-1] != ""  # tiny run has 4 clients; clients_per_round 5 is one too many
+    res = invoke("run", "bbc-lora", *overrides)
+    _assert_clean_failure(res, *needles)
+    assert not (tmp_path / "run").exists(), "the run directory was created for an invalid run"
+
+
+def test_unknown_config_name_exits_2(no_model):
+    res = invoke("run", "bbc-lorra")
+    _assert_clean_failure(res, "bbc-lorra", "did you mean 'bbc-lora'")
+
+
+def test_missing_yaml_file_exits_2(no_model, tmp_path):
+    res = invoke("run", str(tmp_path / "missing.yaml"))
+    _assert_clean_failure(res, "missing.yaml", "does not exist")
+
+
+def test_resume_of_non_run_dir_exits_2(no_model, tmp_path):
+    res = invoke("run", "--resume", str(tmp_path))
+    _assert_clean_failure(res, "--resume", "no config.yaml")
+
+
+def test_report_of_missing_dir_exits_2(tmp_path):
+    res = invoke("report", str(tmp_path / "nope"))
+    _assert_clean_failure(res, "nope")
+
+
+def test_export_of_non_run_dir_exits_2(tmp_path):
+    res = invoke("export", str(tmp_path), "--out", str(tmp_path / "out"))
+    _assert_clean_failure(res, "not a run directory")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ a full tiny run
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny federated run through the CLI, shared by the tests below (they do not modify it)."""
+    tmp = tmp_path_factory.mktemp("cli_run")
+    data = tmp / "tiny.csv"
+    rows = make_rows()
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    overrides = tiny_overrides(data, tmp)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli.console, "_width", 1000)
+        res = CliRunner().invoke(app, ["run", "bbc-lora", *overrides])
+    return {"result": res, "overrides": overrides, "run_dir": tmp / "run", "tmp": tmp}
+
+
+def test_tiny_run_writes_run_dir(tiny_run):
+    res, run_dir = tiny_run["result"], tiny_run["run_dir"]
+    assert res.exit_code == 0, res.output
+    assert f"run directory: {run_dir}" in res.output
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["name"] == "tiny" and cfg["federation"]["rounds"] == 2
+    assert cfg["output"]["dir"] == str(run_dir)
+
+    part = json.loads((run_dir / "partition.json").read_text())
+    assert part["num_clients"] == 4
+    assert part["label_names"] == ["money", "music", "sport", "tech"]
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    rows = [json.loads(line) for line in lines]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)
+
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0001.pt", "round_0002.pt"]
+    adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    pngs = sorted(p.name for p in (run_dir / "report").glob("*.png"))
+    assert {"accuracy.png", "loss.png", "partition.png"} <= set(pngs)
+    for name in pngs:
+        assert (run_dir / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_without_overwrite_exits_2_and_keeps_run(tiny_run, no_model):
+    run_dir = tiny_run["run_dir"]
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    res = invoke("run", "bbc-lora", *tiny_run["overrides"])
+    _assert_clean_failure(res, "output.dir", str(run_dir), "--overwrite")
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_rerun_with_overwrite_succeeds(tiny_run, tmp_path):
+    # work on a copy so the shared run stays as it was for the other tests
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    (copy / "stale.txt").write_text("from before")
+    overrides = tiny_run["overrides"] + [f"output.dir={copy}", "federation.rounds=1"]
+    res = invoke("run", "bbc-lora", *overrides)
+    assert res.exit_code == 2, res.output
+    assert (copy / "stale.txt").exists()
+
+    res = invoke("run", "bbc-lora", *overrides, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert f"run directory: {copy}" in res.output
+    assert not (copy / "stale.txt").exists()
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 1
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["round_0001.pt"]
+    assert (copy / "adapter" / "adapter_config.json").exists()
+
+
+def test_overwrite_refuses_non_run_dir(tiny_run, tmp_path, no_model):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    res = invoke("run", "bbc-lora", *tiny_run["overrides"], f"output.dir={target}", "--overwrite")
+    _assert_clean_failure(res, "output.dir", "not a fedfm run directory")
+    assert (target / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ report / export
+
+def test_report_redraws_plots(tiny_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    shutil.rmtree(copy / "report")
+    res = invoke("report", str(copy))
+    assert res.exit_code == 0, res.output
+    pngs = sorted((copy / "report").glob("*.png"))
+    assert {"accuracy.png", "loss.png", "partition.png"} <= {p.name for p in pngs}
+    for p in pngs:
+        assert str(p) in res.output
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_adapter(tiny_run, tmp_path):
+    out = tmp_path / "adapter_out"
+    res = invoke("export", str(tiny_run["run_dir"]), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert f"exported to {out}" in one_line(res.output)
+    src = tiny_run["run_dir"] / "adapter"
+    assert (out / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+
+
+def test_export_merge_matches_peft_model(tiny_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedfm.config import load_config
+    from fedfm.models.loader import load_base, load_tokenizer
+
+    run_dir = tiny_run["run_dir"]
+    out = tmp_path / "merged"
+    torch.manual_seed(12345)  # export must not depend on the global RNG state it finds
+    res = invoke("export", str(run_dir), "--out", str(out), "--merge")
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").exists()
+    assert not (out / "adapter_config.json").exists()  # a plain transformers model, not an adapter
+
+    merged = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert merged.config.id2label == {0: "money", 1: "music", 2: "sport", 3: "tech"}
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    names = json.loads((run_dir / "partition.json").read_text())["label_names"]
+    tok = load_tokenizer(cfg.model)
+    torch.manual_seed(cfg.federation.seed)
+    base = load_base(cfg.model, "AutoModelForSequenceClassification", num_labels=len(names),
+                     id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+
+    batch = tok(["the team scored a late goal in the league match"], return_tensors="pt",
+                truncation=True, max_length=cfg.task.max_length)
+    with torch.no_grad():
+        a = merged(**batch).logits
+        b = peft_model(**batch).logits
+    assert a.shape == (1, 4)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+    # the tokenizer travels with the merged model
+    tok2 = __import__("transformers").AutoTokenizer.from_pretrained(str(out))
+    assert tok2("hello world")["input_ids"] == tok("hello world")["input_ids"]
+
+
+def test_export_to_non_empty_dir_exits_2(tiny_run, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = invoke("export", str(tiny_run["run_dir"]), "--out", str(out), "--merge")
+    _assert_clean_failure(res, "export --out", str(out), "not empty")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -1,0 +1,178 @@
+"""RunConfig: built-in configs, typed ``key.sub=value`` overrides, YAML round trip, and clear errors."""
+from __future__ import annotations
+
+import yaml
+import pytest
+
+from fedfm.config import RunConfig, builtin_configs, load_config, validate_config
+from fedfm.errors import ConfigError
+
+
+def test_builtin_bbc_lora_loads():
+    assert "bbc-lora" in builtin_configs()
+    cfg = load_config("bbc-lora")
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == "bbc-lora"
+    assert cfg.model.name_or_path == "minilm"
+    assert cfg.adapter.method == "lora"
+    assert cfg.adapter.target_modules == ["query", "value"]
+    assert cfg.data.source == "bbc-news"
+    assert cfg.partition.method == "dirichlet"
+    assert cfg.partition.num_clients == 10
+    assert cfg.federation.rounds == 10
+    assert cfg.federation.clients_per_round == 5
+
+
+def test_overrides_are_typed():
+    cfg = load_config("bbc-lora", ["federation.rounds=3", "adapter.r=16", "client.lr=0.05",
+                                   "eval.per_client=false", "adapter.target_modules=[query]"])
+    assert cfg.federation.rounds == 3 and type(cfg.federation.rounds) is int
+    assert cfg.adapter.r == 16 and type(cfg.adapter.r) is int
+    assert cfg.client.lr == pytest.approx(0.05) and type(cfg.client.lr) is float
+    assert cfg.eval.per_client is False
+    assert cfg.adapter.target_modules == ["query"]
+    # untouched fields keep the built-in values
+    assert cfg.partition.num_clients == 10
+    assert cfg.adapter.alpha == 16
+
+
+def test_override_null_and_nested_mapping():
+    cfg = load_config("bbc-lora", ["model.name_or_path=null",
+                                   'model.from_config={"model_type": "bert", "hidden_size": 32}'])
+    assert cfg.model.name_or_path is None
+    assert cfg.model.from_config == {"model_type": "bert", "hidden_size": 32}
+
+
+def test_yaml_file_config_and_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nfederation:\n  rounds: 4\n  clients_per_round: 2\n")
+    cfg = load_config(str(path), ["federation.rounds=6"])
+    assert cfg.name == "mine"
+    assert cfg.federation.rounds == 6
+    assert cfg.federation.clients_per_round == 2
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["federation.rounds=3", "adapter.r=16"],
+    ["federation.fraction=0.3"],
+    ["model.name_or_path=null", 'model.from_config={"model_type": "bert", "hidden_size": 32}'],
+])
+def test_to_yaml_round_trips(overrides):
+    cfg = load_config("bbc-lora", overrides)
+    text = cfg.to_yaml()
+    again = validate_config(yaml.safe_load(text))
+    assert again == cfg
+    assert again.to_yaml() == text
+
+
+def test_to_yaml_shows_overridden_values():
+    text = load_config("bbc-lora", ["federation.rounds=3"]).to_yaml()
+    data = yaml.safe_load(text)
+    assert data["federation"]["rounds"] == 3
+    assert "rounds: 3" in text
+
+
+def test_fraction_replaces_clients_per_round():
+    base = load_config("bbc-lora")
+    assert base.federation.fraction is None and base.federation.clients_per_round == 5
+    cfg = load_config("bbc-lora", ["federation.fraction=0.5"])
+    assert cfg.federation.fraction == pytest.approx(0.5)
+    assert cfg.federation.clients_per_round is None
+    # fraction 1.0 is allowed (every client every round)
+    assert load_config("bbc-lora", ["federation.fraction=1"]).federation.fraction == 1.0
+
+
+def _error(name="bbc-lora", overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(name, list(overrides))
+    return str(info.value)
+
+
+def test_unknown_key_did_you_mean():
+    msg = _error(overrides=["federation.roundz=3"])
+    assert "federation.roundz" in msg
+    assert "did you mean" in msg and "federation.rounds" in msg
+
+
+def test_unknown_top_level_key_did_you_mean():
+    msg = _error(overrides=["federaton.rounds=3"])
+    assert "federaton" in msg
+    assert "did you mean 'federation'" in msg
+
+
+def test_unknown_section_without_close_match():
+    msg = _error(overrides=["zzzqqq.x=1"])
+    assert "unknown key" in msg and "zzzqqq" in msg
+
+
+def test_wrong_type():
+    msg = _error(overrides=["federation.rounds=abc"])
+    assert "federation.rounds" in msg
+    assert "abc" in msg
+
+
+def test_wrong_type_fractional_int():
+    msg = _error(overrides=["adapter.r=1.5"])
+    assert "adapter.r" in msg
+
+
+@pytest.mark.parametrize("alpha", ["0", "-1"])
+def test_partition_alpha_must_be_positive(alpha):
+    msg = _error(overrides=[f"partition.alpha={alpha}"])
+    assert "partition.alpha" in msg
+    assert "> 0" in msg
+
+
+def test_clients_per_round_more_than_num_clients():
+    msg = _error(overrides=["federation.clients_per_round=11"])
+    assert "federation.clients_per_round" in msg
+    assert "11" in msg and "partition.num_clients" in msg and "10" in msg
+    # exactly as many as there are clients is fine
+    assert load_config("bbc-lora", ["federation.clients_per_round=10"]).federation.clients_per_round == 10
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_fraction_outside_unit_interval(value):
+    msg = _error(overrides=[f"federation.fraction={value}"])
+    assert "federation.fraction" in msg
+    assert "(0, 1]" in msg
+
+
+def test_unknown_adapter_method_did_you_mean():
+    msg = _error(overrides=["adapter.method=lorra"])
+    assert "adapter.method" in msg
+    assert "lorra" in msg
+    assert "did you mean 'lora'" in msg
+
+
+def test_unknown_builtin_config_name():
+    msg = _error(name="bbc-lorra")
+    assert "bbc-lorra" in msg
+    assert "bbc-lora" in msg  # lists / suggests the built-in configs
+
+
+def test_missing_yaml_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    msg = _error(name=str(missing))
+    assert str(missing) in msg
+    assert "does not exist" in msg
+
+
+def test_invalid_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: [unclosed\n")
+    msg = _error(name=str(bad))
+    assert str(bad) in msg and "YAML" in msg
+
+
+def test_override_without_equals():
+    msg = _error(overrides=["federation.rounds"])
+    assert "federation.rounds" in msg and "key.sub=value" in msg
+
+
+def test_validate_config_rejects_unknown_key_directly():
+    data = yaml.safe_load(load_config("bbc-lora").to_yaml())
+    data["adapter"]["rr"] = 4
+    with pytest.raises(ConfigError, match="adapter.rr"):
+        validate_config(data)

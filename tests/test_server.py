@@ -1,0 +1,128 @@
+"""The round loop: sampling, FedAvg, drop-outs, evaluation, checkpoints and bit-for-bit resume."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedfm.client import ClientResult
+from fedfm.server import Server, prepare, sample_clients, worst_fraction_mean
+from fedfm.tracking import RunDir
+
+
+def _run(cfg, run_dir=None):
+    rd = None
+    if run_dir is not None:
+        rd = RunDir(run_dir)
+        rd.create(overwrite=False)
+        rd.write_config(cfg.to_yaml())
+    server = Server(prepare(cfg), rd)
+    rows = server.run()
+    return server, rows
+
+
+def test_sampling_is_seeded_and_sized(tiny_config):
+    fed = tiny_config().federation
+    a = [sample_clients(fed, 10, r).tolist() for r in range(1, 6)]
+    b = [sample_clients(fed, 10, r).tolist() for r in range(1, 6)]
+    assert a == b and all(len(s) == 2 and len(set(s)) == 2 for s in a)
+    assert len({tuple(s) for s in a}) > 1  # rounds differ
+    frac = tiny_config(**{"federation.fraction": 0.25, "federation.min_clients": 3}).federation
+    assert len(sample_clients(frac, 8, 1)) == 3  # max(min_clients, ceil(0.25 * 8))
+
+
+def test_worst_fraction():
+    assert worst_fraction_mean([0.9, 0.1, 0.5, 0.7]) == pytest.approx(0.1)
+    assert worst_fraction_mean([1.0, 2.0, 3.0], higher_is_better=False) == pytest.approx(3.0)
+
+
+def test_training_improves_and_logs_bytes(tiny_config, tmp_path):
+    cfg = tiny_config(**{"federation.rounds": 4, "federation.clients_per_round": 4, "eval.initial": True,
+                         "client.epochs": 2})
+    server, rows = _run(cfg, tmp_path / "r")
+    first, last = rows[0], rows[-1]
+    assert first["round"] == 0 and last["round"] == 4
+    assert last["eval_loss"] < first["eval_loss"]
+    assert last["eval_accuracy"] > first["eval_accuracy"]
+    payload = server.codec.encode(server.spec.unflatten(server.global_flat))
+    assert last["bytes_down"] == len(payload) * 4
+    assert last["bytes_up"] == len(payload) * 4  # fp32 deltas have the same layout as the state
+    assert set(last["client_acc"]) == {"0", "1", "2", "3"}
+    assert min(last["client_acc"].values()) == pytest.approx(last["client_acc_worst10"])
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1, 2, 3, 4]
+
+
+def test_fp16_codec_halves_bytes(tiny_config):
+    _, rows32 = _run(tiny_config(**{"federation.rounds": 1}))
+    _, rows16 = _run(tiny_config(**{"federation.rounds": 1, "codec.name": "fp16"}))
+    assert rows16[0]["bytes_up"] < 0.6 * rows32[0]["bytes_up"]
+
+
+def test_failing_client_is_dropped_and_round_goes_on(tiny_config, monkeypatch):
+    cfg = tiny_config(**{"federation.rounds": 1, "federation.clients_per_round": 3, "federation.min_clients": 2})
+    server = Server(prepare(cfg))
+    real = server.runtime.client_fn
+    victim = int(sample_clients(cfg.federation, 4, 1)[0])
+
+    def flaky(task):
+        if task.client_id == victim:
+            raise RuntimeError("disk on fire")
+        return real(task)
+
+    server.runtime.client_fn = flaky
+    before = server.global_flat.clone()
+    row = server.run_round(1)
+    assert row["aggregated"] is True
+    assert [d["id"] for d in row["dropped"]] == [victim]
+    assert "disk on fire" in row["dropped"][0]["error"]
+    assert victim not in [c for c in row["clients"] if c not in [victim]]
+    assert not torch.equal(server.global_flat, before)
+
+
+def test_too_few_clients_leaves_global_unchanged(tiny_config):
+    cfg = tiny_config(**{"federation.rounds": 1, "federation.clients_per_round": 2, "federation.min_clients": 2})
+    server = Server(prepare(cfg))
+    real = server.runtime.client_fn
+    server.runtime.client_fn = lambda t: ClientResult(client_id=t.client_id, update=b"garbage", num_examples=5) \
+        if t.client_id == int(sample_clients(cfg.federation, 4, 1)[0]) else real(t)
+    before = server.global_flat.clone()
+    row = server.run_round(1)
+    assert row["aggregated"] is False and row["dropped"][0]["error"].startswith("rejected")
+    assert torch.equal(server.global_flat, before)
+
+
+def test_resume_is_bit_for_bit(tiny_config, tmp_path):
+    """A run interrupted after round 2 and resumed ends with the same global state as an uninterrupted one."""
+    over = {"federation.rounds": 4, "adapter.dropout": 0.1, "model.from_config.hidden_dropout_prob": 0.1}
+    full, _ = _run(tiny_config(**{**over, "output.dir": str(tmp_path / "full")}), tmp_path / "full")
+
+    part_dir = tmp_path / "part"
+    _run(tiny_config(**{**over, "federation.rounds": 2, "output.dir": str(part_dir)}), part_dir)
+    rd = RunDir(part_dir)
+    resumed = Server(prepare(tiny_config(**{**over, "output.dir": str(part_dir)})), rd)
+    ck = rd.load_last_checkpoint()
+    assert ck["round"] == 2
+    resumed.load_checkpoint_state(ck)
+    rows = resumed.run()
+    assert [r["round"] for r in rows] == [3, 4]
+    assert torch.equal(resumed.global_flat, full.global_flat)
+    assert len(rd.list_checkpoints()) == 2  # keep_checkpoints
+
+
+def test_final_adapter_is_a_peft_directory(tiny_config, tmp_path):
+    from peft import PeftModel
+
+    from fedfm.models.loader import load_base
+
+    server, _ = _run(tiny_config(**{"federation.rounds": 1}), tmp_path / "r")
+    adapter = tmp_path / "r" / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+    cfg = server.cfg
+    torch.manual_seed(123)
+    base = load_base(cfg.model, "AutoModelForSequenceClassification", num_labels=4)
+    loaded = PeftModel.from_pretrained(base, str(adapter))
+    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    want = server.spec.unflatten(server.global_flat)
+    for n, t in want.items():
+        assert torch.equal(got[n].detach(), t), n
