@@ -103,12 +103,15 @@ def one_class_csv(tmp_path):
 
 
 BAD_INPUT = [
-    # (id, extra overrides, strings the message must contain)
+    # (id, extra overrides on the tiny run with its 4 clients, strings the message must contain)
     ("unknown-key", {"federation.roundz": 3}, ["federation.roundz", "did you mean 'federation.rounds'"]),
     ("wrong-type", {"federation.rounds": "abc"}, ["federation.rounds", "abc"]),
     ("alpha-zero", {"partition.alpha": 0}, ["partition.alpha", "> 0"]),
     ("alpha-negative", {"partition.alpha": -1}, ["partition.alpha", "> 0"]),
     ("too-many-per-round", {"federation.clients_per_round": 5}, ["federation.clients_per_round", "partition.num_clients"]),
+    ("too-many-per-round-by-column",  # only known once the data is read: 4 distinct sites
+     {"partition.method": "by_column", "data.client_column": "site", "federation.clients_per_round": 5},
+     ["federation.clients_per_round", "4 clients in the data"]),
     ("fraction-zero", {"federation.fraction": 0}, ["federation.fraction", "(0, 1]"]),
     ("fraction-above-one", {"federation.fraction": 1.5}, ["federation.fraction", "(0, 1]"]),
     ("missing-file", {"data.source": "/nonexistent.csv"}, ["data.source", "/nonexistent.csv", "does not exist"]),
@@ -125,7 +128,6 @@ def test_bad_input_exits_2_before_model_loads(no_model, tiny_csv, one_class_csv,
     if extra == "ONE_CLASS":
         extra = {"data.source": str(one_class_csv)}
     overrides = tiny_overrides(tiny_csv, tmp_path, **extra)
-    assert overrides[-1] != ""  # tiny run has 4 clients; clients_per_round 5 is one too many
     res = invoke("run", "bbc-lora", *overrides)
     _assert_clean_failure(res, *needles)
     assert not (tmp_path / "run").exists(), "the run directory was created for an invalid run"
@@ -269,10 +271,12 @@ def test_export_adapter(tiny_run, tmp_path):
 def test_export_merge_matches_peft_model(tiny_run, tmp_path):
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fedfm.config import load_config
     from fedfm.models.loader import load_base, load_tokenizer
+    from fedfm.server import prepare
+    from fedfm.tasks import make_task
 
     run_dir = tiny_run["run_dir"]
     out = tmp_path / "merged"
@@ -288,9 +292,10 @@ def test_export_merge_matches_peft_model(tiny_run, tmp_path):
     cfg = load_config(str(run_dir / "config.yaml"))
     names = json.loads((run_dir / "partition.json").read_text())["label_names"]
     tok = load_tokenizer(cfg.model)
-    torch.manual_seed(cfg.federation.seed)
+    torch.manual_seed(cfg.federation.seed)  # as build_model does before building the base
     base = load_base(cfg.model, "AutoModelForSequenceClassification", num_labels=len(names),
-                     id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+                     id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                     pad_token_id=tok.pad_token_id)
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
 
     batch = tok(["the team scored a late goal in the league match"], return_tensors="pt",
@@ -302,8 +307,17 @@ def test_export_merge_matches_peft_model(tiny_run, tmp_path):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
     # the tokenizer travels with the merged model
-    tok2 = __import__("transformers").AutoTokenizer.from_pretrained(str(out))
+    tok2 = AutoTokenizer.from_pretrained(str(out))
     assert tok2("hello world")["input_ids"] == tok("hello world")["input_ids"]
+
+    # and the merged model is the trained one: its held-out loss is the last round's eval_loss
+    prepared = prepare(cfg)
+    task = make_task(cfg, tok)
+    enc = task.encode(prepared.data.examples)
+    got = task.evaluate(merged, enc, prepared.data.test, cfg.eval.batch_size)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert got["loss"] == pytest.approx(last["eval_loss"], abs=1e-4)
+    assert got["accuracy"] == pytest.approx(last["eval_accuracy"], abs=1e-9)
 
 
 def test_export_to_non_empty_dir_exits_2(tiny_run, tmp_path):

@@ -14,7 +14,7 @@ def test_minilm_bbc_news_learns(tmp_path):
         f"output.dir={tmp_path / 'run'}",
     ])
     prepared = prepare(cfg)
-    assert prepared.data.examples.label_names == ["business", "entertainment", "politics", "sport", "tech"]
+    assert prepared.data.examples.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     rd = RunDir(cfg.output_dir())
     rd.create(overwrite=False)
     rows = Server(prepared, rd).run()

@@ -27,6 +27,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     if full.exists() or not merge:
         shutil.copytree(full if full.exists() else adapter, tmp)
     else:
+        import torch
         from peft import PeftModel
 
         cfg = load_config(str(run_dir / "config.yaml"))
@@ -35,6 +36,9 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
         tokenizer = load_tokenizer(cfg.model)
         task = task_cls(cfg, tokenizer)
         kwargs = task.model_kwargs(SimpleNamespace(label_names=names)) if task_cls.needs_labels else {}
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        torch.manual_seed(cfg.federation.seed)  # as build_model: a base built from model.from_config is the trained one
         base = load_base(cfg.model, task.auto_class, **kwargs)
         model = PeftModel.from_pretrained(base, str(adapter))
         if not hasattr(model, "merge_and_unload") or cfg.adapter.method in ("prompt", "prefix"):
@@ -42,7 +46,8 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
                              "export without --merge and load it with PeftModel.from_pretrained")
         merged = model.merge_and_unload()
         merged.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.rmdir()
