@@ -67,8 +67,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
 
 
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _finish(side: str, t_import: float, t_setup: float, t_train: float, extra: dict) -> None:
-    out = {"side": side, "wall_s": time.perf_counter() - _T0, "rss_mb": _peak_rss_mb(),
+    out = {"side": side, "wall_s": time.perf_counter() - _T0, "cpu_s": _cpu_s(), "rss_mb": _peak_rss_mb(),
            "import_s": t_import - _T0, "setup_s": t_setup - t_import, "train_s": t_train - t_setup, **extra}
     print(json.dumps(out), flush=True)
 
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         for k in range(args.repeats):
             for side in ("fedfm", "plain"):
                 res = run_child(side, data, work, k)
-                print(f"[{side} #{k}] wall {res['wall_s']:.2f}s (import {res['import_s']:.2f}, setup "
+                print(f"[{side} #{k}] wall {res['wall_s']:.2f}s cpu {res['cpu_s']:.2f}s (import {res['import_s']:.2f}, setup "
                       f"{res['setup_s']:.2f}, train {res['train_s']:.2f}) rss {res['rss_mb']:.1f} MB", file=sys.stderr)
                 runs.append(res)
 
@@ -291,6 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
         "fedfm_wall_min_s": round(min(side("fedfm", "wall_s")), 3),
         "plain_wall_min_s": round(min(side("plain", "wall_s")), 3),
         "wall_ratio_min": round(min(side("fedfm", "wall_s")) / min(side("plain", "wall_s")), 4),
+        # CPU time (user + sys) is much less sensitive than wall time to other load on a shared machine
+        "fedfm_cpu_s": round(statistics.median(side("fedfm", "cpu_s")), 3),
+        "plain_cpu_s": round(statistics.median(side("plain", "cpu_s")), 3),
+        "cpu_ratio": round(statistics.median(side("fedfm", "cpu_s")) / statistics.median(side("plain", "cpu_s")), 4),
         "fedfm_train_s": round(statistics.median(side("fedfm", "train_s")), 3),
         "plain_train_s": round(statistics.median(side("plain", "train_s")), 3),
         "params": f_runs[0]["params"], "trainable": f_runs[0]["trainable"],
