@@ -9,8 +9,9 @@ from fedfm.tracking import RunDir
 @pytest.mark.e2e
 def test_minilm_bbc_news_learns(tmp_path):
     cfg = load_config("bbc-lora", [
-        "federation.rounds=2", "client.steps=6", "client.epochs=null", "task.max_length=32",
-        "eval.initial=true", "eval.per_client=false", "data.max_examples=600", "runtime.threads=2",
+        "federation.rounds=2", "federation.clients_per_round=3", "client.steps=8", "client.epochs=null",
+        "client.lr=0.01", "task.max_length=32", "eval.initial=true", "eval.per_client=false",
+        "data.max_examples=500", "runtime.threads=2",
         f"output.dir={tmp_path / 'run'}",
     ])
     prepared = prepare(cfg)

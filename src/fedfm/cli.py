@@ -1,8 +1,7 @@
 """``fedfm`` command line: run, configs, report, export."""
 from __future__ import annotations
 
-import os
-import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -170,7 +169,12 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
         display = RichDisplay(cfg.federation.rounds)
         console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
         display.partition(desc)
-        server = Server(prepared, run_dir, display)
+        try:
+            server = Server(prepared, run_dir, display)
+        except FedfmError:
+            if not resume:  # nothing was trained: leave no half-made run directory behind
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+            raise
         if resume:
             ck = run_dir.load_last_checkpoint()
             if ck is not None:

@@ -67,6 +67,12 @@ def check_model_config(model_cfg) -> None:
     resolve_name_or_path(model_cfg.name_or_path)
 
 
+def _hub_kwargs(path: str) -> dict:
+    """Offline (HF_HUB_OFFLINE=1, read at call time), a hub id is looked up in the local cache only: no network wait."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    return {"local_files_only": True} if offline and not Path(path).is_dir() else {}
+
+
 def _hub_error(name: str, err: Exception) -> ModelError:
     return ModelError(
         f"model.name_or_path: could not load {name!r} from the Hugging Face Hub and it is not in the local cache "
@@ -83,7 +89,7 @@ def load_tokenizer(model_cfg):
     name = model_cfg.tokenizer or model_cfg.name_or_path
     path = resolve_name_or_path(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision)
+        tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision, **_hub_kwargs(path))
     except OSError as e:
         raise _hub_error(path, e) from None
     if tok.pad_token is None:
@@ -114,7 +120,7 @@ def load_base(model_cfg, auto_class: str, **kwargs) -> Any:
     else:
         path = resolve_name_or_path(model_cfg.name_or_path)
         try:
-            model = cls.from_pretrained(path, revision=model_cfg.revision, **kwargs)
+            model = cls.from_pretrained(path, revision=model_cfg.revision, **_hub_kwargs(path), **kwargs)
         except OSError as e:
             raise _hub_error(path, e) from None
     model.eval()
