@@ -203,16 +203,14 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
 @app.command("configs")
 def configs_cmd() -> None:
     """List the built-in configs."""
-    import yaml
-
     from .config import builtin_configs
 
     t = Table(title="built-in configs")
     t.add_column("name")
     t.add_column("description")
     for name, path in sorted(builtin_configs().items()):
-        first = path.read_text().splitlines()[0] if path.read_text() else ""
-        t.add_row(name, first.lstrip("# ").strip())
+        lines = path.read_text().splitlines()
+        t.add_row(name, lines[0].lstrip("# ").strip() if lines else "")
     console.print(t)
 
 

@@ -160,7 +160,6 @@ class Server:
         cfg = self.cfg
         t0 = time.perf_counter()
         ids = sample_clients(cfg.federation, len(self.data.clients), rnd)
-        self.spec.load_flat(self.global_flat)
         payload = self.codec.encode(self.spec.unflatten(self.global_flat))
         tasks = [ClientTask(client_id=int(c), round=rnd, payload=payload, seed=derive_seed(cfg.federation.seed, 4, rnd, c))
                  for c in ids]

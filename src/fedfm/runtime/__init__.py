@@ -1,7 +1,7 @@
 """Runtimes: where client work runs. ``Runtime.run(tasks) -> results``; the round loop never looks inside."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 from ..client import ClientResult, ClientTask
 from ..registry import Registry
@@ -22,13 +22,7 @@ class Runtime:
 
 
 def make_runtime(cfg, client_fn: Callable[[ClientTask], ClientResult]) -> Runtime:
-    from . import local  # noqa: F401  (registers "local")
-
     return RUNTIMES.get(cfg.runtime.name)(cfg, client_fn)
 
 
-def _register_builtin() -> None:
-    from . import local  # noqa: F401
-
-
-_register_builtin()
+from . import local  # noqa: E402,F401  (registers "local"; heavy runtimes register lazily when added)
