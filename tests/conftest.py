@@ -32,17 +32,19 @@ def make_rows(n: int = 240, seed: int = 0, sites: int = 4) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def tiny_csv(tmp_path):
+def write_csv(path, rows: list[dict]):
     import csv
 
-    path = tmp_path / "tiny.csv"
-    rows = make_rows()
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+@pytest.fixture
+def tiny_csv(tmp_path):
+    return write_csv(tmp_path / "tiny.csv", make_rows())
 
 
 def tiny_overrides(source, tmp_path, **extra) -> list[str]:

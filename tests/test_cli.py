@@ -1,7 +1,6 @@
 """The ``fedfm`` command line: exit codes, one clear error before any model loads, a tiny run, report, export."""
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 import fedfm.cli as cli
 from fedfm.cli import app
 
-from tests.conftest import make_rows, tiny_overrides
+from tests.conftest import make_rows, tiny_overrides, write_csv
 
 
 @pytest.fixture(autouse=True)
@@ -93,13 +92,7 @@ def test_model_guard_works(no_model, tiny_csv, tmp_path):
 
 @pytest.fixture
 def one_class_csv(tmp_path):
-    path = tmp_path / "one_class.csv"
-    rows = make_rows(40)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows([{**r, "label": "only"} for r in rows])
-    return path
+    return write_csv(tmp_path / "one_class.csv", [{**r, "label": "only"} for r in make_rows(40)])
 
 
 BAD_INPUT = [
@@ -165,12 +158,7 @@ def test_export_of_non_run_dir_exits_2(tmp_path):
 def tiny_run(tmp_path_factory):
     """One tiny federated run through the CLI, shared by the tests below (they do not modify it)."""
     tmp = tmp_path_factory.mktemp("cli_run")
-    data = tmp / "tiny.csv"
-    rows = make_rows()
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    data = write_csv(tmp / "tiny.csv", make_rows())
     overrides = tiny_overrides(data, tmp)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli.console, "_width", 1000)
