@@ -16,11 +16,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TokenizerTrainConfig(Section):
+    vocab_size: int = Field(4096, ge=300)
+    min_frequency: int = Field(2, ge=1)
+
+
 class ModelConfig(Section):
     name_or_path: Optional[str] = "minilm"
     from_config: Optional[dict[str, Any]] = None
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file in name_or_path: dequantized once to fp32 safetensors in the cache
+    quantization: Optional[Literal["4bit", "8bit"]] = None  # QLoRA base via bitsandbytes (CUDA only)
+    gradient_checkpointing: bool = False
+    autocast: Optional[Literal["bf16", "fp16"]] = None  # mixed-precision forward/backward; trainable weights stay fp32
+    device: Optional[str] = None  # default: cuda when available, else cpu
+    train_tokenizer: Optional["TokenizerTrainConfig"] = None  # a byte-level BPE trained on the public (held-out) text
 
 
 class AdapterConfig(Section):
@@ -35,11 +46,20 @@ class AdapterConfig(Section):
 class TaskConfig(Section):
     name: str = "classification"
     max_length: int = Field(64, ge=2)
+    packing: bool = False  # instruction: concatenate training examples into full max_length rows
+    system_prompt: Optional[str] = None  # instruction: a system message put before every conversation
+
+
+class GenerationConfig(Section):
+    num_prompts: int = Field(8, ge=0)  # a fixed sample of held-out prompts, answered at every eval (0: none)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
 
 
 class DataConfig(Section):
     source: str = "bbc-news"
     text_column: str = "text"
+    format: Literal["auto", "alpaca", "chat", "prompt_completion"] = "auto"  # instruction data: how a row is laid out
     label_column: Optional[str] = "label"
     client_column: Optional[str] = None
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -105,6 +125,8 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
     per_client: bool = True
     initial: bool = False
+    max_examples: Optional[int] = Field(None, ge=1)  # evaluate on a fixed sample of the held-out set
+    generation: GenerationConfig = GenerationConfig()
 
 
 class OutputConfig(Section):

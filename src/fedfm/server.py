@@ -103,7 +103,7 @@ class Server:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         t0 = time.perf_counter()
-        self.bundle = build_model(cfg, self.data.examples)
+        self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
         self.encoded = self.task.encode(self.data.examples)  # tokenized once per run
         self.display.model({"trainable": self.spec.numel, "total": sum(p.numel() for p in self.model.parameters()),

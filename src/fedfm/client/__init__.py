@@ -119,7 +119,7 @@ class LocalTraining:
         delta = {n: local[n] - global_state[n] for n in ctx.spec.names}
         update = ctx.codec.encode(delta)
         return ClientResult(
-            client_id=task.client_id, update=update, num_examples=int(len(client.train)),
+            client_id=task.client_id, update=update, num_examples=int(len(ctx.task.rows(ctx.encoded, client.train))),
             metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0},
         )
 

@@ -24,6 +24,11 @@ class FederatedData:
     clients: list[ClientData]
     method: str
 
+    def public_texts(self) -> list[str]:
+        """The server's own text (the held-out split): what a tokenizer may be trained on without client data."""
+        ex = self.examples
+        return [ex.texts[i] for i in self.test] if ex.texts is not None else []
+
     def describe(self) -> dict:
         """What ``partition.json`` holds: per-client sizes and label counts."""
         ex = self.examples

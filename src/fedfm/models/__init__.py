@@ -19,17 +19,42 @@ class ModelBundle:
     tokenizer: Any
 
 
-def build_model(cfg, examples) -> ModelBundle:
-    """Tokenizer, task, base (seeded, so head and adapter inits are reproducible), adapter, and the shared-state spec."""
+def resolve_device(model_cfg) -> torch.device:
+    if model_cfg.device:
+        return torch.device(model_cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(cfg, examples, public_texts: list[str] | None = None, tokenizer=None) -> ModelBundle:
+    """Tokenizer, task, base (seeded, so head and adapter inits are reproducible), adapter, and the shared-state spec.
+
+    ``public_texts`` is the text a tokenizer is trained on when ``model.train_tokenizer`` asks for one (the server's
+    held-out split, never a client's data); a ``tokenizer`` passed in (e.g. the one saved in a run) is used as is.
+    """
     from ..tasks import make_task
 
-    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, public_texts)
     task = make_task(cfg, tokenizer)
     kwargs = task.model_kwargs(examples)
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None:
+        kwargs.setdefault("vocab_size", len(tokenizer))
     torch.manual_seed(cfg.federation.seed)
     base = load_base(cfg.model, task.auto_class, **kwargs)
+    device = resolve_device(cfg.model)
+    if cfg.model.quantization is None:
+        base.to(device)
+    if cfg.model.gradient_checkpointing:
+        # recompute activations in backward instead of storing them; inputs must require grad for frozen bases
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    if cfg.model.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
     model = apply_adapter(base, cfg.adapter, task.peft_task_type, task.head_names)
     model.train()
+    task.device = next(model.parameters()).device
     return ModelBundle(model=model, spec=StateSpec(model), task=task, tokenizer=tokenizer)

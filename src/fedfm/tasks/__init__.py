@@ -1,6 +1,7 @@
 """Tasks: how examples become batches, the loss and the metrics. One registry, keyed by ``task.name``."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -10,6 +11,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 TASKS: Registry[type] = Registry("task")
+NOT_MODEL_INPUTS = ("lengths", "example")  # bookkeeping columns of an encoding
 
 
 class Task:
@@ -23,6 +25,22 @@ class Task:
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.device = torch.device("cpu")  # set to the model's device by build_model
+
+    def autocast(self):
+        """bf16/fp16 autocast around forward passes when ``model.autocast`` asks for it (weights stay fp32)."""
+        mode = self.cfg.model.autocast
+        if mode is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+    def rows(self, enc: dict[str, torch.Tensor], indices: np.ndarray) -> np.ndarray:
+        """Encoded rows of the given examples. Identity, unless encoding split examples into several rows (then
+        ``enc["example"]`` says which example each row came from, e.g. text chunks of one document)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if "example" not in enc:
+            return indices
+        return np.flatnonzero(np.isin(enc["example"].numpy(), indices))
 
     def model_kwargs(self, examples) -> dict[str, Any]:
         return {}
@@ -33,17 +51,20 @@ class Task:
 
     def batches(self, enc: dict[str, torch.Tensor], indices: np.ndarray, batch_size: int,
                 generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Mini-batches over ``indices`` (shuffled with ``generator`` when given), trimmed to their longest row."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        """Mini-batches over the rows of the examples ``indices`` (shuffled with ``generator`` when given), trimmed to
+        their longest row and moved to the model's device."""
+        idx = torch.as_tensor(self.rows(enc, indices))
         if generator is not None:
             idx = idx[torch.randperm(len(idx), generator=generator)]
         for i in range(0, len(idx), batch_size):
             sel = idx[i:i + batch_size]
             width = int(enc["lengths"][sel].max())
-            yield {k: (v[sel, :width] if v.ndim == 2 else v[sel]) for k, v in enc.items() if k != "lengths"}
+            yield {k: (v[sel, :width] if v.ndim == 2 else v[sel]).to(self.device)
+                   for k, v in enc.items() if k not in NOT_MODEL_INPUTS}
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+        with self.autocast():
+            return model(**batch).loss
 
     @torch.no_grad()
     def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
@@ -93,7 +114,8 @@ class Classification(Task):
         model.eval()
         total_loss, correct, n = 0.0, 0, 0
         for batch in self.batches(enc, indices, batch_size):
-            out = model(**batch)
+            with self.autocast():
+                out = model(**batch)
             k = len(batch["labels"])
             total_loss += float(out.loss) * k
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
@@ -104,42 +126,8 @@ class Classification(Task):
         return {"loss": total_loss / n, "accuracy": correct / n}
 
 
-@TASKS.register("lm")
-class LanguageModeling(Task):
-    """Causal language modelling on raw text or pre-tokenized ``input_ids`` rows; loss and perplexity."""
-
-    auto_class = "AutoModelForCausalLM"
-    peft_task_type = "CAUSAL_LM"
-    head_names: list[str] = []
-
-    def encode(self, examples) -> dict[str, torch.Tensor]:
-        L = self.cfg.task.max_length
-        if examples.input_ids is not None:
-            rows = [list(r)[:L] for r in examples.input_ids]
-        else:
-            _need_tokenizer(self.tokenizer)
-            rows = self.tokenizer(list(examples.texts), truncation=True, max_length=L)["input_ids"]
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        ids, mask, lengths = _pad_rows(rows, pad if pad is not None else 0)
-        labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "lengths": lengths}
-
-    @torch.no_grad()
-    def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        total, tokens = 0.0, 0
-        for batch in self.batches(enc, indices, batch_size):
-            out = model(**batch)
-            k = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(out.loss) * k
-            tokens += k
-        model.train(was_training)
-        if tokens == 0:
-            return {}
-        loss = total / tokens
-        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
-
-
 def make_task(cfg, tokenizer) -> Task:
     return TASKS.get(cfg.task.name)(cfg, tokenizer)
+
+
+from . import instruction, lm  # noqa: E402,F401  (register the causal-LM tasks)
