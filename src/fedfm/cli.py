@@ -245,6 +245,23 @@ def export_cmd(
     console.print(f"exported to {path}")
 
 
+@app.command("generate")
+def generate_cmd(
+    run_dir: Path = typer.Argument(..., help="a finished run directory of an instruction or lm run"),
+    question: str = typer.Argument(..., help="the question (instruction runs) or the text to continue (lm runs)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="the most tokens to generate"),
+) -> None:
+    """Answer QUESTION with the run's federated model (chat template applied; greedy decoding)."""
+    from .export import answer
+
+    try:
+        text = answer(run_dir, question, max_new_tokens)
+    except FedfmError as e:
+        _fail(e)
+        return
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -162,7 +162,13 @@ class RunConfig(Section):
             fed.clients_per_round = None
         if fed.clients_per_round is None and fed.fraction is None:
             raise ValueError("federation: give federation.clients_per_round or federation.fraction")
-        if self.partition.method != "by_column":
+        if self.partition.method == "by_file":  # one client per source file: by_column on the 'file' column
+            if self.data.client_column is None:
+                self.data.client_column = "file"
+            elif self.data.client_column != "file":
+                raise ValueError(f"partition.method 'by_file' groups by the 'file' column, but data.client_column is "
+                                 f"{self.data.client_column!r} (set it to null, or use partition.method by_column)")
+        if self.partition.method not in ("by_column", "by_file"):
             n = self.partition.num_clients
             if fed.clients_per_round is not None and fed.clients_per_round > n:
                 raise ValueError(

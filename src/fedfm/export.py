@@ -9,38 +9,67 @@ from types import SimpleNamespace
 from .errors import FedfmError
 
 
-def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+def _final_dir(run_dir: Path) -> Path:
+    if not (run_dir / "config.yaml").exists():
+        raise FedfmError(f"{run_dir} is not a run directory (no config.yaml)")
+    for name in ("adapter", "model"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    raise FedfmError(f"{run_dir} has no final adapter/ or model/ (did the run finish?)")
+
+
+def load_trained(run_dir: str | Path):
+    """(config, model, tokenizer) of a finished run: the base with the federated adapter, or the trained full model.
+
+    The tokenizer is the one the run saved next to its adapter (so a tokenizer trained during the run is reused).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
     from .config import load_config
-    from .models.loader import load_base, load_tokenizer
+    from .models.loader import load_base, quiet_transformers
     from .tasks import TASKS
 
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.yaml").exists():
-        raise FedfmError(f"export: {run_dir} is not a run directory (no config.yaml)")
-    if out.exists() and any(out.iterdir()):
-        raise FedfmError(f"export --out: {out} already exists and is not empty; choose a new directory")
-    adapter, full = run_dir / "adapter", run_dir / "model"
-    if not adapter.exists() and not full.exists():
-        raise FedfmError(f"export: {run_dir} has no final adapter/ or model/ (did the run finish?)")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if full.exists() or not merge:
-        shutil.copytree(full if full.exists() else adapter, tmp)
+    run_dir = Path(run_dir)
+    final = _final_dir(run_dir)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    quiet_transformers()
+    tokenizer = None
+    if (final / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(final))
+    task_cls = TASKS.get(cfg.task.name)
+    task = task_cls(cfg, tokenizer)
+    if final.name == "model":
+        import transformers
+
+        model = getattr(transformers, task.auto_class).from_pretrained(str(final))
     else:
-        import torch
         from peft import PeftModel
 
-        cfg = load_config(str(run_dir / "config.yaml"))
-        task_cls = TASKS.get(cfg.task.name)
         names = json.loads((run_dir / "partition.json").read_text()).get("label_names")
-        tokenizer = load_tokenizer(cfg.model)
-        task = task_cls(cfg, tokenizer)
         kwargs = task.model_kwargs(SimpleNamespace(label_names=names)) if task_cls.needs_labels else {}
         if tokenizer is not None and tokenizer.pad_token_id is not None:
             kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None and tokenizer is not None:
+            kwargs.setdefault("vocab_size", len(tokenizer))
         torch.manual_seed(cfg.federation.seed)  # as build_model: a base built from model.from_config is the trained one
         base = load_base(cfg.model, task.auto_class, **kwargs)
-        model = PeftModel.from_pretrained(base, str(adapter))
+        model = PeftModel.from_pretrained(base, str(final))
+    model.eval()
+    return cfg, model, tokenizer
+
+
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    final = _final_dir(run_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FedfmError(f"export --out: {out} already exists and is not empty; choose a new directory")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if final.name == "model" or not merge:
+        shutil.copytree(final, tmp)
+    else:
+        cfg, model, tokenizer = load_trained(run_dir)
         if not hasattr(model, "merge_and_unload") or cfg.adapter.method in ("prompt", "prefix"):
             raise FedfmError(f"export --merge: adapter.method {cfg.adapter.method!r} cannot be merged into the base; "
                              "export without --merge and load it with PeftModel.from_pretrained")
@@ -53,3 +82,19 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def answer(run_dir: str | Path, question: str, max_new_tokens: int = 64) -> str:
+    """The run's model answering one question: chat template (or the task's prompt layout) applied, greedy."""
+    from .tasks.instruction import InstructionTuning, generate_text
+
+    cfg, model, tokenizer = load_trained(run_dir)
+    if tokenizer is None:
+        raise FedfmError(f"generate: {run_dir} saved no tokenizer, so text cannot be read or written")
+    if getattr(model.config, "is_encoder_decoder", False) or cfg.task.name not in ("instruction", "lm"):
+        raise FedfmError(f"generate: task {cfg.task.name!r} does not generate text (use a run of task instruction or lm)")
+    if cfg.task.name == "instruction":
+        prompt = InstructionTuning(cfg, tokenizer).prompt_for(question)
+    else:
+        prompt = question
+    return generate_text(model, tokenizer, [prompt], max_new_tokens)[0]

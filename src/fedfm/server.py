@@ -79,7 +79,8 @@ def prepare(cfg: RunConfig) -> Prepared:
                           "(use iid, quantity or by_column)")
     if cfg.partition.method == "by_column" and not cfg.data.client_column:
         raise ConfigError("partition.method 'by_column' needs data.client_column (the column naming each example's client)")
-    examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed)
+    examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
+                             chat=task_cls.reads_chat)
     data = build_federated_data(cfg, examples)
     n = len(data.clients)
     fed = cfg.federation
@@ -106,6 +107,11 @@ class Server:
         self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
         self.encoded = self.task.encode(self.data.examples)  # tokenized once per run
+        for note in getattr(self.task, "notes", []):
+            self.display.message(note)
+        self.eval_indices = self._fixed_sample(self.data.test, cfg.eval.max_examples, 5)
+        n_gen = cfg.eval.generation.num_prompts if hasattr(self.task, "generate") else 0
+        self.prompt_indices = self._fixed_sample(self.data.test, n_gen, 6) if n_gen else np.zeros(0, dtype=np.int64)
         self.display.model({"trainable": self.spec.numel, "total": sum(p.numel() for p in self.model.parameters()),
                             "seconds": time.perf_counter() - t0, "method": cfg.adapter.method})
         self.codec = make_codec(cfg.codec.name)
@@ -135,12 +141,24 @@ class Server:
         self.start_round = ck["round"] + 1
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, Any]:
+    def _fixed_sample(self, indices: np.ndarray, k: int | None, purpose: int) -> np.ndarray:
+        """The same seeded subset of ``indices`` at every eval (all of them when ``k`` is None or large enough)."""
+        if k is None or k >= len(indices):
+            return indices
+        rng = np.random.default_rng([self.cfg.federation.seed, purpose])
+        return np.sort(rng.choice(indices, size=k, replace=False))
+
+    def evaluate(self, rnd: int = 0) -> dict[str, Any]:
         cfg, task, enc = self.cfg, self.task, self.encoded
         self.spec.load_flat(self.global_flat)
         out: dict[str, Any] = {}
-        for k, v in task.evaluate(self.model, enc, self.data.test, cfg.eval.batch_size).items():
+        for k, v in task.evaluate(self.model, enc, self.eval_indices, cfg.eval.batch_size).items():
             out[f"eval_{k}"] = v
+        if len(self.prompt_indices):
+            metrics, records = task.generate(self.model, self.prompt_indices)
+            out.update({f"eval_{k}": v for k, v in metrics.items()})
+            if self.run_dir is not None:
+                self.run_dir.write_generations(rnd, records)
         if cfg.eval.per_client:
             key, better_high = ("accuracy", True) if task.needs_labels else ("loss", False)
             short = "acc" if key == "accuracy" else key
@@ -196,7 +214,7 @@ class Server:
                                  f"(federation.min_clients={cfg.federation.min_clients}); global model unchanged")
         every = cfg.eval.every
         if every and (rnd % every == 0 or rnd == cfg.federation.rounds):
-            row.update(self.evaluate())
+            row.update(self.evaluate(rnd))
         row.update({
             "bytes_up": int(sum(len(r.update) for r in results)),
             "bytes_down": int(len(payload) * len(tasks)),
@@ -212,7 +230,7 @@ class Server:
         rows = []
         if self.start_round == 1 and cfg.eval.initial and cfg.eval.every:
             t0 = time.perf_counter()
-            row = {"round": 0, **self.evaluate(), "wall_s": time.perf_counter() - t0}
+            row = {"round": 0, **self.evaluate(0), "wall_s": time.perf_counter() - t0}
             self._log(row)
             rows.append(row)
         for rnd in range(self.start_round, cfg.federation.rounds + 1):

@@ -160,3 +160,40 @@ def test_config_errors_name_the_field(method, labels, groups, spec, field):
 def test_mismatched_labels_and_groups_is_a_data_error():
     with pytest.raises(DataError):
         partition("iid", LABELS, GROUPS[:-1], PartitionSpec(), 0)
+
+
+def test_by_file_is_by_column_on_the_file_column():
+    files = np.array(["b.txt", "a.txt", "b.txt", "sub/c.txt", "a.txt"])
+    parts = partition("by_file", None, files, PartitionSpec(num_clients=2), 0)
+    assert [p.tolist() for p in parts] == [[1, 4], [0, 2], [3]]
+    with pytest.raises(ConfigError, match="'by_file' needs the 'file' column"):
+        partition("by_file", LABELS, None, PartitionSpec(), 0)
+
+
+def test_by_file_config_reads_the_file_column(tiny_config):
+    cfg = tiny_config(**{"partition.method": "by_file", "federation.clients_per_round": 20})
+    assert cfg.data.client_column == "file"  # set by validation; clients_per_round is checked against the data
+    with pytest.raises(ConfigError, match="by_file.*data.client_column is 'site'"):
+        tiny_config(**{"partition.method": "by_file", "data.client_column": "site"})
+
+
+def test_by_file_one_client_per_txt_file_named_by_file(tiny_config, tmp_path):
+    from fedfm.data import build_federated_data
+    from fedfm.data.sources import load_examples
+
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    names = ["a.txt", "b.txt", "sub/c.txt"]
+    for k, name in enumerate(names):
+        (folder / name).write_text(f"document {k}")
+    for j in range(4):
+        (folder / f"z{j}.txt").write_text(f"more text {j}")
+    cfg = tiny_config(**{"data.source": str(folder), "task.name": "lm", "data.label_column": None,
+                         "partition.method": "by_file", "data.test_fraction": 0.1, "partition.local_test_fraction": 0})
+    ex = load_examples(cfg.data, needs_labels=False)
+    fed = build_federated_data(cfg, ex)
+    assert len(fed.test) == 1
+    files = sorted(set(names + [f"z{j}.txt" for j in range(4)]) - {ex.groups[fed.test[0]]})
+    assert [c.name for c in fed.clients] == files  # one client per file, named by its path in the folder
+    for c in fed.clients:
+        assert [ex.groups[i] for i in c.train] == [c.name]

@@ -240,7 +240,7 @@ def test_nonexistent_path(tiny_config, tmp_path):
 def test_folder_without_data_files(tiny_config, tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
-    (folder / "notes.txt").write_text("hello")
+    (folder / "notes.md").write_text("hello")
     msg = _data_error(tiny_config, folder)
     assert "data.source" in msg
     assert str(folder) in msg and "no " in msg
@@ -259,10 +259,10 @@ def test_unreadable_file(tiny_config, tmp_path, name, content):
 
 
 def test_unsupported_suffix(tiny_config, tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("text,label\na,b\n")
+    path = tmp_path / "data.xml"
+    path.write_text("<text>a</text>")
     msg = _data_error(tiny_config, path)
-    assert "data.source" in msg and "'.txt'" in msg
+    assert "data.source" in msg and "'.xml'" in msg
 
 
 def test_empty_csv(tiny_config, tmp_path):
@@ -270,3 +270,66 @@ def test_empty_csv(tiny_config, tmp_path):
     path.write_text("text,label\n")
     msg = _data_error(tiny_config, path)
     assert "data.source" in msg and "no rows" in msg
+
+
+# ------------------------------------------------------------------ plain text (.txt)
+
+def _lm_load(tiny_config, source, **extra):
+    cfg = tiny_config(**{"data.source": str(source), "task.name": "lm", "data.label_column": None,
+                         "partition.method": "iid", **extra})
+    return cfg, load_examples(cfg.data, needs_labels=False)
+
+
+def test_txt_folder_one_row_per_file(tiny_config, tmp_path):
+    from fedfm.data.sources import read_table
+
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("First document.\n\nIts second paragraph.\n")
+    (folder / "sub" / "b.txt").write_bytes(b"caf\xe9 latin-1 bytes")
+    (folder / "empty.txt").write_text("  \n\n ")
+    table = read_table(str(folder))
+    assert set(table) == {"text", "file"}
+    assert table["file"] == ["a.txt", "empty.txt", "sub/b.txt"]  # relative paths, sorted
+    assert table["text"][0] == "First document.\n\nIts second paragraph."  # a whole file is one document
+    assert table["text"][2] == "caf\ufffd latin-1 bytes"  # undecodable bytes are replaced, not fatal
+    _, ex = _lm_load(tiny_config, folder, **{"data.client_column": "file"})
+    assert len(ex) == 2 and ex.groups.tolist() == ["a.txt", "sub/b.txt"]  # the empty file is dropped
+
+
+def test_single_txt_file_one_row_per_paragraph(tiny_config, tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("Para one,\nstill one.\n\n\n  Para two.  \r\n\r\nPara three.\n\n   \n")
+    _, ex = _lm_load(tiny_config, path, **{"data.client_column": "file"})
+    assert ex.texts == ["Para one,\nstill one.", "Para two.", "Para three."]
+    assert ex.groups.tolist() == ["book.txt"] * 3
+
+
+def test_folder_mixing_txt_and_csv(tiny_config, tmp_path, rows_df):
+    from fedfm.data.sources import read_table
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rows_df.iloc[:5].to_csv(folder / "rows.csv", index=False)
+    (folder / "doc.txt").write_text("a whole document")
+    table = read_table(str(folder))
+    assert table["text"] == ["a whole document"] + rows_df["text"].iloc[:5].tolist()
+    assert table["file"] == ["doc.txt"] + ["rows.csv"] * 5  # every row says which file it came from
+    assert table["label"] == [None] + rows_df["label"].iloc[:5].tolist()
+    _, ex = _lm_load(tiny_config, folder)
+    assert len(ex) == 6
+
+
+def test_unreadable_txt_names_the_file(tiny_config, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = tmp_path / "locked.txt"
+    path.write_text("secret")
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    msg = _data_error(tiny_config, path, **{"task.name": "lm", "data.label_column": None})
+    assert "data.source" in msg and "could not read" in msg and str(path) in msg and "Permission denied" in msg
+
+
+def test_by_file_on_a_source_without_files_names_the_fields(tiny_config, tiny_csv):
+    msg = _data_error(tiny_config, tiny_csv, **{"partition.method": "by_file"})
+    assert "data.client_column" in msg and "'file'" in msg and "by_file" in msg

@@ -77,7 +77,7 @@ def build_federated_data(cfg, examples: Examples) -> FederatedData:
     labels = examples.labels[pool] if examples.labels is not None else None
     groups = examples.groups[pool] if examples.groups is not None else None
     parts = partition(p.method, labels, groups, spec, seed=cfg.federation.seed, n=len(pool))
-    names = (sorted(set(groups.tolist())) if p.method == "by_column" and groups is not None
+    names = (sorted(set(groups.tolist())) if p.method in ("by_column", "by_file") and groups is not None
              else [str(i) for i in range(len(parts))])
     clients = []
     for cid, local in enumerate(parts):

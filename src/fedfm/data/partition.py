@@ -25,7 +25,7 @@ PARTITIONERS: Registry[Partitioner] = Registry("partitioner")
 
 DIRICHLET_TRIES = 100
 # Methods whose number of clients comes from the data, not from partition.num_clients.
-_DATA_DEFINED_CLIENTS = {"by_column"}
+_DATA_DEFINED_CLIENTS = {"by_column", "by_file"}
 
 
 @dataclass
@@ -184,6 +184,15 @@ def by_column(labels, groups, spec: PartitionSpec, rng: np.random.Generator, *, 
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")
     return _sorted_parts(_split_by_sizes(order, np.bincount(inverse)))
+
+
+@PARTITIONERS.register("by_file")
+def by_file(labels, groups, spec: PartitionSpec, rng: np.random.Generator, *, n=None) -> list[np.ndarray]:
+    """Natural partition: one client per source file (``by_column`` on the ``file`` column that file sources carry)."""
+    if groups is None:
+        raise ConfigError("partition.method 'by_file' needs the 'file' column (data.client_column: file), which a .txt "
+                          "file or a folder of data files provides")
+    return by_column(labels, groups, spec, rng, n=n)
 
 
 @PARTITIONERS.register("quantity")

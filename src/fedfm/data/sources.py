@@ -1,9 +1,10 @@
-"""Data sources: built-in datasets, CSV/JSON/JSONL/Parquet files or folders, and ``datasets.save_to_disk`` dirs."""
+"""Data sources: built-in datasets, CSV/JSON/JSONL/Parquet/text files or folders, and ``datasets.save_to_disk`` dirs."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,7 +15,7 @@ from ..errors import DataError
 from ..registry import Registry
 
 BUILTIN_DATASETS: Registry[Callable[[], "object"]] = Registry("built-in dataset")
-FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt")
 
 
 @dataclass
@@ -28,9 +29,13 @@ class Examples:
     input_ids: Optional[list] = None
     is_test: Optional[np.ndarray] = None  # a test split that came with the source
     source: str = ""
+    messages: Optional[list[list[dict]]] = None  # instruction data: one conversation (role/content dicts) per example
 
     def __len__(self) -> int:
-        return len(self.texts) if self.texts is not None else len(self.input_ids)
+        for rows in (self.texts, self.input_ids, self.messages):
+            if rows is not None:
+                return len(rows)
+        return 0
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +89,38 @@ def bbc_news() -> Table:
     return table
 
 
+@BUILTIN_DATASETS.register("chatterbot-qa")
+def chatterbot_qa() -> Table:
+    """The English conversations of chatterbot-corpus (21 categories), as chat ``messages`` with their ``category``.
+
+    Turns alternate user/assistant; a trailing unanswered turn is dropped. The corpus repeats many conversations
+    verbatim (2,026 listed, 899 distinct); only the first copy is kept, so no held-out pair is also a training pair.
+    """
+    import yaml
+
+    root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    table: Table = {"messages": [], "category": []}
+    seen = set()
+    for f in sorted(root.glob("*.yml")):
+        try:
+            doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise DataError(f"data.source 'chatterbot-qa': could not read {f}: {e}") from None
+        for conv in doc.get("conversations") or []:
+            turns = [str(t).strip() for t in conv if t is not None]
+            turns = turns[: len(turns) // 2 * 2]
+            key = (f.stem, tuple(turns))
+            if len(turns) < 2 or key in seen:
+                continue
+            seen.add(key)
+            table["messages"].append([{"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                                      for i, t in enumerate(turns)])
+            table["category"].append(f.stem)
+    if not table["messages"]:
+        raise DataError(f"data.source 'chatterbot-qa': no conversations under {root}")
+    return table
+
+
 def _read_json(path: Path, lines: bool) -> Table:
     text = path.read_text()
     if not lines:
@@ -109,8 +146,25 @@ def _read_json(path: Path, lines: bool) -> Table:
     return _records(rows, path)
 
 
+def _read_text(path: Path) -> str:
+    """A text file's content (utf-8; undecodable bytes become U+FFFD rather than failing the run)."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError as e:
+        raise DataError(f"data.source: could not read {path}: {type(e).__name__}: {e.strerror or e}") from None
+
+
+def _read_paragraphs(path: Path) -> Table:
+    """A single .txt file: one example per paragraph (paragraphs are separated by blank lines)."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", _read_text(path))]
+    paragraphs = [p for p in paragraphs if p]
+    return {"text": paragraphs, "file": [path.name] * len(paragraphs)}
+
+
 def _read_file(path: Path) -> Table:
     try:
+        if path.suffix == ".txt":
+            return _read_paragraphs(path)
         if path.suffix in (".json", ".jsonl"):
             return _read_json(path, lines=path.suffix == ".jsonl")
         if path.suffix == ".csv":
@@ -166,7 +220,18 @@ def read_table(source: str) -> Table:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
     if not files:
         raise DataError(f"data.source: folder {path} holds no {', '.join(FILE_SUFFIXES)} file and is not a saved dataset")
-    return _concat([_read_file(f) for f in files])
+    tables = []
+    for f in files:  # a .txt file in a folder is one example (a document); other files hold rows
+        rel = f.relative_to(path).as_posix()
+        tables.append({"text": [_read_text(f)], "file": [rel]} if f.suffix == ".txt" else _with_file_column(_read_file(f), rel))
+    return _concat(tables)
+
+
+def _with_file_column(table: Table, name: str) -> Table:
+    """In a folder, every row says which file it came from (the ``file`` column, unless the file has its own)."""
+    if table and "file" not in table:
+        table["file"] = [name] * len(next(iter(table.values())))
+    return table
 
 
 def _column(table: Table, field_name: str, column: str, source: str) -> list:
@@ -176,11 +241,80 @@ def _column(table: Table, field_name: str, column: str, source: str) -> list:
 
 
 def _present(v) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and not (isinstance(v, str) and not v.strip())
 
 
-def load_examples(data_cfg, needs_labels: bool, seed: int = 0) -> Examples:
-    """Read the source and map its columns; labels become ids with names taken from the data."""
+INSTRUCTION_FORMATS = {  # data.format -> the columns that identify it
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+ROLES = ("system", "user", "assistant")
+
+
+def _instruction_format(table: Table, data_cfg) -> str:
+    if data_cfg.format != "auto":
+        for c in INSTRUCTION_FORMATS[data_cfg.format]:
+            _column(table, f"data.format {data_cfg.format!r}", c, data_cfg.source)
+        return data_cfg.format
+    for fmt, cols in INSTRUCTION_FORMATS.items():
+        if all(c in table for c in cols):
+            return fmt
+    raise DataError(
+        f"data.source: {data_cfg.source} is not instruction data: expected columns 'messages' (chat: a list of "
+        "{role, content}), 'instruction'/'input'/'output' (Alpaca) or 'prompt'/'completion'; "
+        f"columns are: {', '.join(map(str, table))}"
+    )
+
+
+def _as_messages(value, row: int, src: str) -> list[dict] | None:
+    """A chat row: a list (or JSON string) of {role, content}; None when it has no assistant turn to learn."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"data.source: {src}: row {row}: 'messages' is a string that is not JSON") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise DataError(f"data.source: {src}: row {row}: 'messages' must be a list of {{role, content}} objects")
+    out = []
+    for m in value:
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise DataError(f"data.source: {src}: row {row}: each message needs a role in {ROLES} and a text "
+                            f"content, got {m!r}")
+        out.append({"role": role, "content": content})
+    while out and out[-1]["role"] != "assistant":
+        out.pop()  # a trailing question has no answer to learn
+    return out or None
+
+
+def _conversations(table: Table, data_cfg) -> list[list[dict] | None]:
+    fmt = _instruction_format(table, data_cfg)
+    src = data_cfg.source
+    n = len(next(iter(table.values())))
+    if fmt == "chat":
+        return [_as_messages(v, i, src) if _present(v) else None for i, v in enumerate(table["messages"])]
+    if fmt == "alpaca":
+        inputs = table.get("input", [None] * n)
+        convs = []
+        for ins, inp, outp in zip(table["instruction"], inputs, table["output"]):
+            if not (_present(ins) and _present(outp)):
+                convs.append(None)
+                continue
+            user = str(ins) if not _present(inp) or not str(inp).strip() else f"{ins}\n\n{inp}"
+            convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": str(outp)}])
+        return convs
+    return [[{"role": "user", "content": str(p)}, {"role": "assistant", "content": str(c)}]
+            if _present(p) and _present(c) else None for p, c in zip(table["prompt"], table["completion"])]
+
+
+def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = False) -> Examples:
+    """Read the source and map its columns; labels become ids with names taken from the data.
+
+    ``chat``: the task learns from conversations (Alpaca, chat ``messages`` or prompt/completion rows).
+    """
     table = read_table(data_cfg.source)
     src = data_cfg.source
     n = len(next(iter(table.values()))) if table else 0
@@ -188,17 +322,25 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0) -> Examples:
         raise DataError(f"data.source: {src} has no rows")
     pre_tokenized = "input_ids" in table and data_cfg.text_column not in table and not needs_labels
     keep = np.ones(n, dtype=bool)
-    if not pre_tokenized:
+    convs = None
+    if chat:
+        convs = _conversations(table, data_cfg)
+        keep &= np.array([c is not None for c in convs])
+    elif not pre_tokenized:
         keep &= np.array([_present(v) for v in _column(table, "data.text_column", data_cfg.text_column, src)])
     if needs_labels:
         if not data_cfg.label_column:
             raise DataError("data.label_column: this task needs a label column")
         keep &= np.array([_present(v) for v in _column(table, "data.label_column", data_cfg.label_column, src)])
+    if data_cfg.client_column == "file" and "file" not in table:
+        raise DataError(f"data.client_column: {src} has no 'file' column (partition.method 'by_file' needs a source "
+                        f"read from files: a .txt file or a folder of data files); columns are: {', '.join(map(str, table))}")
     if data_cfg.client_column:
         _column(table, "data.client_column", data_cfg.client_column, src)
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
-        raise DataError(f"data.source: {src} has no row with both a text and a label")
+        what = "conversation with an assistant answer" if chat else "text and a label" if needs_labels else "text"
+        raise DataError(f"data.source: {src} has no row with a {what}")
     if data_cfg.max_examples and len(rows) > data_cfg.max_examples:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(rows, data_cfg.max_examples, replace=False))
@@ -208,7 +350,9 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0) -> Examples:
         return [values[i] for i in rows]
 
     ex = Examples(texts=None, source=src)
-    if pre_tokenized:
+    if chat:
+        ex.messages = [convs[i] for i in rows]
+    elif pre_tokenized:
         ex.input_ids = [list(map(int, r)) for r in col("input_ids")]
     else:
         ex.texts = [str(t) for t in col(data_cfg.text_column)]

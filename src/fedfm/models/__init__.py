@@ -40,7 +40,7 @@ def build_model(cfg, examples, public_texts: list[str] | None = None, tokenizer=
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None:
-        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(cfg.federation.seed)
     base = load_base(cfg.model, task.auto_class, **kwargs)
     device = resolve_device(cfg.model)

@@ -226,7 +226,7 @@ def load_base(model_cfg, auto_class: str, **kwargs) -> Any:
     cls = getattr(transformers, auto_class)
     if model_cfg.from_config is not None:
         conf = dict(model_cfg.from_config)
-        config = transformers.AutoConfig.for_model(conf.pop("model_type"), **conf, **kwargs)
+        config = transformers.AutoConfig.for_model(conf.pop("model_type"), **{**conf, **kwargs})  # data/tokenizer win
         model = cls.from_config(config)
     else:
         path = model_path(model_cfg)

@@ -21,6 +21,7 @@ class Task:
     peft_task_type = ""
     head_names: list[str] = []
     needs_labels = False
+    reads_chat = False  # examples are conversations (instruction data), not texts
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg

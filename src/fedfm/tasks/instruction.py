@@ -1,1 +1,244 @@
-"""Instruction tuning."""
+"""Instruction tuning of causal LMs (FedIT, Zhang et al. 2024): the loss covers only the assistant's response tokens.
+
+A conversation is rendered with the tokenizer's chat template when it has one (else an Alpaca-style layout), the
+character spans of the assistant turns are mapped onto tokens through the tokenizer's offsets, and every other token
+is masked out of the loss (label -100). Evaluation adds greedy answers to a fixed sample of held-out prompts, scored by
+exact match and ROUGE-L (Lin 2004, via ``rouge-score``) against every answer the data gives to the same prompt.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import string
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import TASKS, Task, _need_tokenizer, _pad_rows
+
+FALLBACK_HEADERS = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation for exact match: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def shifted_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions p whose next token is a target in some row: the only positions whose logits the loss needs."""
+    return torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
+
+
+class CausalLMLoss:
+    """Sum and count of next-token cross-entropy on target tokens, computing vocabulary logits only where needed."""
+
+    def __init__(self):
+        self._keep: dict[int, bool] = {}
+
+    def accepts_keep(self, model) -> bool:
+        key = id(model)
+        if key not in self._keep:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            self._keep[key] = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._keep[key]
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        labels = batch["labels"]
+        T = labels.shape[1]
+        pos = shifted_positions(labels)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        prompt_learning = getattr(model, "active_peft_config", None) is not None and \
+            getattr(model.active_peft_config, "is_prompt_learning", False)
+        if self.accepts_keep(model) and not prompt_learning:
+            logits = model(**inputs, logits_to_keep=pos).logits
+        else:
+            logits = model(**inputs).logits
+            logits = logits[:, logits.shape[1] - T:][:, pos]  # drop virtual-token positions (prompt tuning)
+        targets = labels[:, pos + 1]
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return loss_sum, int((targets != -100).sum())
+
+
+@TASKS.register("instruction")
+class InstructionTuning(Task):
+    """Supervised instruction tuning on conversations (Alpaca, chat ``messages`` or prompt/completion rows)."""
+
+    auto_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    head_names: list[str] = []
+    reads_chat = True
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.causal_loss = CausalLMLoss()
+        self.prompts: list[str] = []
+        self.answers: list[str] = []
+        self.references: dict[str, list[str]] = {}
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------ rendering
+    def _conversation(self, conv: list[dict]) -> list[dict]:
+        sp = self.cfg.task.system_prompt
+        if sp and conv[0]["role"] != "system":
+            return [{"role": "system", "content": sp}] + conv
+        return conv
+
+    def _template(self, messages: list[dict], generation_prompt: bool) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        eos = tok.eos_token or ""
+        text = ""
+        for m in messages:
+            text += FALLBACK_HEADERS[m["role"]] + m["content"] + (eos if m["role"] == "assistant" else "") + "\n\n"
+        return text + (FALLBACK_HEADERS["assistant"] if generation_prompt else "")
+
+    def prompt_for(self, question: str) -> str:
+        """A user question rendered as the model is trained to see it, ready for the answer."""
+        return self._template(self._conversation([{"role": "user", "content": question}]), True)
+
+    def render(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]], str, str]:
+        """(full text, character spans of the assistant turns, prompt for the last answer, the last answer)."""
+        conv = self._conversation(conv)
+        full = self._template(conv, False)
+        spans, prompt = [], ""
+        for i, m in enumerate(conv):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._template(conv[:i], True)
+            through = self._template(conv[: i + 1], False)
+            if not (full.startswith(through) and through.startswith(prompt)):
+                raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
+                                 "the response tokens cannot be located")
+            spans.append((len(prompt), len(through)))
+        return full, spans, prompt, conv[-1]["content"]
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, examples) -> dict[str, torch.Tensor]:
+        _need_tokenizer(self.tokenizer)
+        L = self.cfg.task.max_length
+        rendered = [self.render(c) for c in examples.messages]
+        texts = [r[0] for r in rendered]
+        tok = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=L,
+                             return_offsets_mapping=True)
+        ids, mask, lengths = _pad_rows(tok["input_ids"], self.tokenizer.pad_token_id or 0)
+        labels = torch.full_like(ids, -100)
+        for i, (offsets, (_, spans, _, _)) in enumerate(zip(tok["offset_mapping"], rendered)):
+            starts = np.array([o[0] for o in offsets], dtype=np.int64)
+            ends = np.array([o[1] for o in offsets], dtype=np.int64)
+            is_resp = np.zeros(len(offsets), dtype=bool)
+            for a, b in spans:
+                is_resp |= (starts >= a) & (starts < b) & (ends > starts)
+            sel = torch.as_tensor(np.flatnonzero(is_resp))
+            labels[i, sel] = ids[i, sel]
+        self.prompts = [r[2] for r in rendered]
+        self.answers = [r[3] for r in rendered]
+        self.references = {}
+        for p, a in zip(self.prompts, self.answers):
+            self.references.setdefault(p, []).append(a)
+        n_trunc = int(sum(len(r) >= L for r in tok["input_ids"]))
+        n_empty = int(((labels != -100).sum(1) == 0).sum())
+        self.notes = []
+        if n_trunc:
+            self.notes.append(f"{n_trunc} of {len(texts)} conversations were cut at task.max_length={L} tokens"
+                              + (f"; {n_empty} kept no response token and add nothing to the loss" if n_empty else ""))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "lengths": lengths}
+
+    def batches(self, enc, indices, batch_size, generator=None) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches are packed when ``task.packing`` is on (rows of exactly max_length tokens, examples
+        concatenated in shuffled order; a packed example may attend to the one before it, as in GPT pre-training).
+        Evaluation batches are never packed."""
+        if not (self.cfg.task.packing and generator is not None):
+            yield from super().batches(enc, indices, batch_size, generator)
+            return
+        idx = torch.as_tensor(self.rows(enc, indices))
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        if len(idx) == 0:
+            return
+        lens = enc["lengths"][idx]
+        ids = torch.cat([enc["input_ids"][r, :n] for r, n in zip(idx.tolist(), lens.tolist())])
+        lab = torch.cat([enc["labels"][r, :n] for r, n in zip(idx.tolist(), lens.tolist())])
+        L = self.cfg.task.max_length
+        rows = math.ceil(len(ids) / L)
+        pad = rows * L - len(ids)
+        mask = torch.cat([torch.ones(len(ids), dtype=torch.long), torch.zeros(pad, dtype=torch.long)]).view(rows, L)
+        ids = F.pad(ids, (0, pad), value=self.tokenizer.pad_token_id or 0).view(rows, L)
+        lab = F.pad(lab, (0, pad), value=-100).view(rows, L)
+        for i in range(0, rows, batch_size):
+            yield {"input_ids": ids[i:i + batch_size].to(self.device),
+                   "attention_mask": mask[i:i + batch_size].to(self.device),
+                   "labels": lab[i:i + batch_size].to(self.device)}
+
+    # ------------------------------------------------------------------ loss and evaluation
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.autocast():
+            total, count = self.causal_loss(model, batch)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        for batch in self.batches(enc, indices, batch_size):
+            with self.autocast():
+                s, k = self.causal_loss(model, batch)
+            total += float(s)
+            tokens += k
+        model.train(was_training)
+        if tokens == 0:
+            return {}
+        loss = total / tokens
+        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+
+    @torch.no_grad()
+    def generate(self, model, indices: np.ndarray) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Greedy answers to the prompts of ``indices``; mean exact match and ROUGE-L F1 (best over references)."""
+        from rouge_score import rouge_scorer
+
+        gcfg = self.cfg.eval.generation
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        records = []
+        for i in range(0, len(indices), gcfg.batch_size):
+            chunk = [int(j) for j in indices[i:i + gcfg.batch_size]]
+            answers = generate_text(model, self.tokenizer, [self.prompts[j] for j in chunk], gcfg.max_new_tokens,
+                                    self.device, self.autocast)
+            for j, answer in zip(chunk, answers):
+                refs = self.references.get(self.prompts[j], [self.answers[j]])
+                em = max(float(normalize_answer(answer) == normalize_answer(r)) for r in refs)
+                rl = max(scorer.score(r, answer)["rougeL"].fmeasure for r in refs)
+                records.append({"example": j, "prompt": self.prompts[j], "reference": self.answers[j],
+                                "num_references": len(refs), "generation": answer, "exact_match": em, "rougeL": rl})
+        if not records:
+            return {}, []
+        metrics = {"exact_match": float(np.mean([r["exact_match"] for r in records])),
+                   "rougeL": float(np.mean([r["rougeL"] for r in records]))}
+        return metrics, records
+
+
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, device=None, autocast=None) -> list[str]:
+    """Greedy decoding of rendered prompts, left-padded into one batch; the answers without special tokens."""
+    import contextlib
+
+    device = device or next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True,
+                        return_token_type_ids=False).to(device)
+    finally:
+        tokenizer.padding_side = side
+    was_training = model.training
+    model.eval()
+    with (autocast() if autocast else contextlib.nullcontext()):
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

@@ -72,6 +72,21 @@ class RunDir:
         rows = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
 
+    def write_generations(self, rnd: int, records: list[dict[str, Any]]) -> Path:
+        """``report/generations_round_<k>.jsonl``: the held-out prompts with the model's answers at this eval."""
+        self.report.mkdir(parents=True, exist_ok=True)
+        path = self.report / f"generations_round_{rnd}.jsonl"
+        atomic_write_text(path, "".join(json.dumps({"round": rnd, **r}) + "\n" for r in records))
+        return path
+
+    def read_generations(self) -> dict[int, list[dict[str, Any]]]:
+        out = {}
+        for p in self.report.glob("generations_round_*.jsonl") if self.report.exists() else []:
+            m = re.fullmatch(r"generations_round_(\d+)\.jsonl", p.name)
+            if m:
+                out[int(m.group(1))] = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return dict(sorted(out.items()))
+
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rnd: int, state: dict[str, Any], keep: int) -> Path:
         """Write ``round_XXXX.pt`` atomically, then prune to the last ``keep``."""
