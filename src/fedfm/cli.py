@@ -217,14 +217,22 @@ def configs_cmd() -> None:
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """Draw PNG plots of a run into RUN_DIR/report/."""
-    from .tracking.report import make_report
+    from .tracking.report import generation_changes, make_report
 
     try:
         paths = make_report(run_dir)
     except FedfmError as e:
         _fail(e)
         return
-    for p in paths:
+    rounds, rows = generation_changes(run_dir)
+    if rows:
+        t = Table(title=f"held-out prompts: answers at round {rounds[0]} and round {rounds[1]}", show_lines=True)
+        for col in ("question", "reference", f"round {rounds[0]}", f"round {rounds[1]}"):
+            t.add_column(col, overflow="fold")
+        for r in rows:
+            t.add_row(r["question"][:200], r["reference"][:200], r["before"][:200], r["after"][:200])
+        console.print(t)
+    for p in paths + [run_dir / "report" / "summary.md"]:
         console.print(str(p))
 
 

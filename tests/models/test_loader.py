@@ -35,3 +35,37 @@ def test_hub_id_offline_gives_a_clear_error(tiny_csv, tmp_path):
     assert "model.name_or_path" in out and "Hugging Face Hub" in out and "local directory" in out
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_quantization_on_cpu_is_a_clear_error_before_anything_loads(tiny_csv, tmp_path, monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    import fedfm.models
+    from fedfm.cli import app
+    from tests.conftest import tiny_overrides
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fedfm.models, "load_base", lambda *a, **k: pytest.fail("the base must not load"))
+    res = CliRunner().invoke(app, ["run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path, **{
+        "model.quantization": "4bit", "model.name_or_path": "minilm", "model.from_config": None})])
+    assert res.exit_code == 2
+    assert "model.quantization: '4bit'" in res.output and "CUDA" in res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_gguf_file_missing_from_a_local_directory_is_named(tmp_path):
+    from fedfm.config import RunConfig
+    from fedfm.models.loader import check_model_config
+
+    (tmp_path / "m").mkdir()
+    cfg = RunConfig(model={"name_or_path": str(tmp_path / "m"), "gguf_file": "x.Q4.gguf"})
+    with pytest.raises(ConfigError, match=r"model.gguf_file: 'x.Q4.gguf' is not in"):
+        check_model_config(cfg.model)
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    from fedfm.models.loader import cache_root
+
+    monkeypatch.setenv("FEDFM_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"

@@ -48,7 +48,10 @@ def build_model(cfg, examples, public_texts: list[str] | None = None, tokenizer=
         base.to(device)
     if cfg.model.gradient_checkpointing:
         # recompute activations in backward instead of storing them; inputs must require grad for frozen bases
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     if cfg.model.quantization is not None:
         from peft import prepare_model_for_kbit_training

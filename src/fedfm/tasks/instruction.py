@@ -79,6 +79,7 @@ class InstructionTuning(Task):
         self.causal_loss = CausalLMLoss()
         self.prompts: list[str] = []
         self.answers: list[str] = []
+        self.questions: list[str] = []
         self.references: dict[str, list[str]] = {}
         self.notes: list[str] = []
 
@@ -137,6 +138,8 @@ class InstructionTuning(Task):
                 is_resp |= (starts >= a) & (starts < b) & (ends > starts)
             sel = torch.as_tensor(np.flatnonzero(is_resp))
             labels[i, sel] = ids[i, sel]
+        self.questions = [next((m["content"] for m in reversed(c[:-1]) if m["role"] == "user"), "")
+                          for c in examples.messages]
         self.prompts = [r[2] for r in rendered]
         self.answers = [r[3] for r in rendered]
         self.references = {}
@@ -205,35 +208,43 @@ class InstructionTuning(Task):
         gcfg = self.cfg.eval.generation
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         records = []
-        for i in range(0, len(indices), gcfg.batch_size):
-            chunk = [int(j) for j in indices[i:i + gcfg.batch_size]]
+        # batches of similar length waste less on padding; prompts longer than training rows keep their end
+        order = sorted((int(j) for j in indices), key=lambda j: len(self.prompts[j]))
+        for i in range(0, len(order), gcfg.batch_size):
+            chunk = order[i:i + gcfg.batch_size]
             answers = generate_text(model, self.tokenizer, [self.prompts[j] for j in chunk], gcfg.max_new_tokens,
-                                    self.device, self.autocast)
+                                    self.device, self.autocast, max_prompt_tokens=self.cfg.task.max_length)
             for j, answer in zip(chunk, answers):
                 refs = self.references.get(self.prompts[j], [self.answers[j]])
                 em = max(float(normalize_answer(answer) == normalize_answer(r)) for r in refs)
                 rl = max(scorer.score(r, answer)["rougeL"].fmeasure for r in refs)
-                records.append({"example": j, "prompt": self.prompts[j], "reference": self.answers[j],
+                records.append({"example": j, "question": self.questions[j], "prompt": self.prompts[j], "reference": self.answers[j],
                                 "num_references": len(refs), "generation": answer, "exact_match": em, "rougeL": rl})
         if not records:
             return {}, []
+        records.sort(key=lambda r: r["example"])
         metrics = {"exact_match": float(np.mean([r["exact_match"] for r in records])),
                    "rougeL": float(np.mean([r["rougeL"] for r in records]))}
         return metrics, records
 
 
-def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, device=None, autocast=None) -> list[str]:
-    """Greedy decoding of rendered prompts, left-padded into one batch; the answers without special tokens."""
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, device=None, autocast=None,
+                  max_prompt_tokens: int | None = None) -> list[str]:
+    """Greedy decoding of rendered prompts, left-padded into one batch; the answers without special tokens.
+
+    ``max_prompt_tokens`` keeps only the end of a longer prompt (the latest turns and the answer header).
+    """
     import contextlib
 
     device = device or next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True,
+                        truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens,
                         return_token_type_ids=False).to(device)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     was_training = model.training
     model.eval()
     with (autocast() if autocast else contextlib.nullcontext()):

@@ -465,7 +465,48 @@ def _summary(records: list[dict[str, Any]], pngs: list[Path], run_dir: Path) -> 
         "",
     ]
     lines += [f"- [{p.name}]({p.name})" for p in pngs] or ["No plots drawn."]
+    lines += generations_section(run_dir)
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def generation_changes(run_dir: Path) -> tuple[list[int], list[dict[str, Any]]]:
+    """The fixed held-out prompts with the answer at the first and the last eval (from generations_round_*.jsonl)."""
+    from . import RunDir
+
+    gens = RunDir(run_dir).read_generations()
+    if not gens:
+        return [], []
+    rounds = sorted(gens)
+    first, last = gens[rounds[0]], gens[rounds[-1]]
+    by_example = {g["example"]: g for g in last}
+    rows = []
+    for g in first:
+        end = by_example.get(g["example"], {})
+        rows.append({"question": g.get("question") or g["prompt"], "reference": g["reference"],
+                     "before": g["generation"], "after": end.get("generation", ""),
+                     "rougeL_before": g.get("rougeL"), "rougeL_after": end.get("rougeL")})
+    return [rounds[0], rounds[-1]], rows
+
+
+def generations_section(run_dir: Path) -> list[str]:
+    rounds, rows = generation_changes(run_dir)
+    if not rows:
+        return []
+    a, b = rounds
+    lines = ["", f"## Generations (held-out prompts, greedy): round {a} → round {b}", "",
+             f"Every eval's answers are in `generations_round_<k>.jsonl`.", "",
+             f"| question | reference | round {a} | round {b} | ROUGE-L {a} → {b} |", "|---|---|---|---|---|"]
+    for r in rows:
+        score = "" if r["rougeL_before"] is None else f"{r['rougeL_before']:.2f} → {r['rougeL_after'] or 0:.2f}"
+        lines.append(f"| {_cell(r['question'])} | {_cell(r['reference'])} | {_cell(r['before'])} | "
+                     f"{_cell(r['after'])} | {score} |")
+    return lines
 
 
 # --------------------------------------------------------------------------- entry point
