@@ -192,3 +192,23 @@ def test_tiny_instruction_run_learns_and_writes_generations(tmp_path):
     assert len(first) == 4 and {"prompt", "reference", "generation", "exact_match", "rougeL"} <= set(first[0])
     assert [g["prompt"] for g in gens[3]] == [g["prompt"] for g in first]  # the same fixed held-out prompts
     assert 0.0 <= out[-1]["eval_rougeL"] <= 1.0
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    res = CliRunner().invoke(app, ["generate", str(rd.path), QA[3][0], "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip()  # whatever the tiny model says, through the same chat template
+
+
+def test_generate_refuses_a_classification_run(tiny_csv, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+    from tests.conftest import tiny_overrides
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path, **{"federation.rounds": 1})])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["generate", str(tmp_path / "run"), "hello"])
+    assert res.exit_code == 2 and "does not generate text" in res.output
