@@ -51,7 +51,8 @@ def load_trained(run_dir: str | Path):
         if tokenizer is not None and tokenizer.pad_token_id is not None:
             kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None and tokenizer is not None:
-            kwargs.setdefault("vocab_size", len(tokenizer))
+            kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)  # as build_model
         torch.manual_seed(cfg.federation.seed)  # as build_model: a base built from model.from_config is the trained one
         base = load_base(cfg.model, task.auto_class, **kwargs)
         model = PeftModel.from_pretrained(base, str(final))

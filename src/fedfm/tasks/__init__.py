@@ -57,6 +57,8 @@ class Task:
         idx = torch.as_tensor(self.rows(enc, indices))
         if generator is not None:
             idx = idx[torch.randperm(len(idx), generator=generator)]
+        else:  # evaluation: rows of similar length together, so batches carry little padding
+            idx = idx[torch.argsort(enc["lengths"][idx], stable=True)]
         for i in range(0, len(idx), batch_size):
             sel = idx[i:i + batch_size]
             width = int(enc["lengths"][sel].max())
