@@ -7,7 +7,6 @@ exact match and ROUGE-L (Lin 2004, via ``rouge-score``) against every answer the
 """
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import string
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import TASKS, Task, _need_tokenizer, _pad_rows
+from . import TASKS, _need_tokenizer, _pad_rows
+from .causal import CausalLM
 
 FALLBACK_HEADERS = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 
@@ -30,53 +30,14 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def shifted_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions p whose next token is a target in some row: the only positions whose logits the loss needs."""
-    return torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
-
-
-class CausalLMLoss:
-    """Sum and count of next-token cross-entropy on target tokens, computing vocabulary logits only where needed."""
-
-    def __init__(self):
-        self._keep: dict[int, bool] = {}
-
-    def accepts_keep(self, model) -> bool:
-        key = id(model)
-        if key not in self._keep:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            self._keep[key] = "logits_to_keep" in inspect.signature(base.forward).parameters
-        return self._keep[key]
-
-    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        labels = batch["labels"]
-        T = labels.shape[1]
-        pos = shifted_positions(labels)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        prompt_learning = getattr(model, "active_peft_config", None) is not None and \
-            getattr(model.active_peft_config, "is_prompt_learning", False)
-        if self.accepts_keep(model) and not prompt_learning:
-            logits = model(**inputs, logits_to_keep=pos).logits
-        else:
-            logits = model(**inputs).logits
-            logits = logits[:, logits.shape[1] - T:][:, pos]  # drop virtual-token positions (prompt tuning)
-        targets = labels[:, pos + 1]
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, int((targets != -100).sum())
-
-
 @TASKS.register("instruction")
-class InstructionTuning(Task):
+class InstructionTuning(CausalLM):
     """Supervised instruction tuning on conversations (Alpaca, chat ``messages`` or prompt/completion rows)."""
 
-    auto_class = "AutoModelForCausalLM"
-    peft_task_type = "CAUSAL_LM"
-    head_names: list[str] = []
     reads_chat = True
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.causal_loss = CausalLMLoss()
         self.prompts: list[str] = []
         self.answers: list[str] = []
         self.questions: list[str] = []
@@ -178,28 +139,7 @@ class InstructionTuning(Task):
                    "attention_mask": mask[i:i + batch_size].to(self.device),
                    "labels": lab[i:i + batch_size].to(self.device)}
 
-    # ------------------------------------------------------------------ loss and evaluation
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self.autocast():
-            total, count = self.causal_loss(model, batch)
-        return total / max(count, 1)
-
-    @torch.no_grad()
-    def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        total, tokens = 0.0, 0
-        for batch in self.batches(enc, indices, batch_size):
-            with self.autocast():
-                s, k = self.causal_loss(model, batch)
-            total += float(s)
-            tokens += k
-        model.train(was_training)
-        if tokens == 0:
-            return {}
-        loss = total / tokens
-        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
-
+    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def generate(self, model, indices: np.ndarray) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Greedy answers to the prompts of ``indices``; mean exact match and ROUGE-L F1 (best over references)."""

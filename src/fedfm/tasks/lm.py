@@ -6,7 +6,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from . import TASKS, Task, _need_tokenizer
+from . import TASKS, _need_tokenizer
+from .causal import CausalLM
 
 
 def chunk_documents(docs: list[list[int]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -31,7 +32,7 @@ def chunk_documents(docs: list[list[int]], length: int, pad_id: int) -> dict[str
 
 
 @TASKS.register("lm")
-class LanguageModeling(Task):
+class LanguageModeling(CausalLM):
     """Causal language modelling on raw text or pre-tokenized ``input_ids`` rows; loss and perplexity.
 
     Every document is tokenized whole (one batched call), ended with the tokenizer's eos token when it has one, and
@@ -39,10 +40,6 @@ class LanguageModeling(Task):
     back to documents, and a client's examples are all the chunks of its documents. Pre-tokenized rows are chunked as
     they are (no eos added).
     """
-
-    auto_class = "AutoModelForCausalLM"
-    peft_task_type = "CAUSAL_LM"
-    head_names: list[str] = []
 
     def encode(self, examples) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
@@ -55,21 +52,3 @@ class LanguageModeling(Task):
                 docs = [d + [tok.eos_token_id] for d in docs]
         pad = tok.pad_token_id if tok is not None else None
         return chunk_documents(docs, self.cfg.task.max_length, pad if pad is not None else 0)
-
-    @torch.no_grad()
-    def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
-        """Token-weighted mean loss over the predicted tokens (each row's labels after the first) and exp(loss)."""
-        was_training = model.training
-        model.eval()
-        total, tokens = 0.0, 0
-        for batch in self.batches(enc, indices, batch_size):
-            with self.autocast():
-                out = model(**batch)
-            k = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(out.loss) * k
-            tokens += k
-        model.train(was_training)
-        if tokens == 0:
-            return {}
-        loss = total / tokens
-        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
