@@ -23,11 +23,11 @@ def load_trained(run_dir: str | Path):
 
     The tokenizer is the one the run saved next to its adapter (so a tokenizer trained during the run is reused).
     """
-    import torch
     from transformers import AutoTokenizer
 
     from .config import load_config
-    from .models.loader import load_base, quiet_transformers
+    from .models import build_base
+    from .models.loader import quiet_transformers
     from .tasks import TASKS
 
     run_dir = Path(run_dir)
@@ -37,24 +37,15 @@ def load_trained(run_dir: str | Path):
     tokenizer = None
     if (final / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(final))
-    task_cls = TASKS.get(cfg.task.name)
-    task = task_cls(cfg, tokenizer)
     if final.name == "model":
         import transformers
 
-        model = getattr(transformers, task.auto_class).from_pretrained(str(final))
+        model = getattr(transformers, TASKS.get(cfg.task.name).auto_class).from_pretrained(str(final))
     else:
         from peft import PeftModel
 
         names = json.loads((run_dir / "partition.json").read_text()).get("label_names")
-        kwargs = task.model_kwargs(SimpleNamespace(label_names=names)) if task_cls.needs_labels else {}
-        if tokenizer is not None and tokenizer.pad_token_id is not None:
-            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None and tokenizer is not None:
-            kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id)  # as build_model
-        torch.manual_seed(cfg.federation.seed)  # as build_model: a base built from model.from_config is the trained one
-        base = load_base(cfg.model, task.auto_class, **kwargs)
+        _, base = build_base(cfg, tokenizer, SimpleNamespace(label_names=names))  # the base the run trained on
         model = PeftModel.from_pretrained(base, str(final))
     model.eval()
     return cfg, model, tokenizer

@@ -25,24 +25,29 @@ def resolve_device(model_cfg) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(cfg, examples, public_texts: list[str] | None = None, tokenizer=None) -> ModelBundle:
-    """Tokenizer, task, base (seeded, so head and adapter inits are reproducible), adapter, and the shared-state spec.
-
-    ``public_texts`` is the text a tokenizer is trained on when ``model.train_tokenizer`` asks for one (the server's
-    held-out split, never a client's data); a ``tokenizer`` passed in (e.g. the one saved in a run) is used as is.
-    """
+def build_base(cfg, tokenizer, examples) -> tuple[Any, torch.nn.Module]:
+    """The task and the frozen base, seeded (a ``from_config`` base is then the same in every process), with the
+    sizes the data and tokenizer fix (labels, pad/bos/eos ids, a trained tokenizer's vocabulary)."""
     from ..tasks import make_task
 
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model, public_texts)
     task = make_task(cfg, tokenizer)
     kwargs = task.model_kwargs(examples)
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None:
+    if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None and tokenizer is not None:
         kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(cfg.federation.seed)
-    base = load_base(cfg.model, task.auto_class, **kwargs)
+    return task, load_base(cfg.model, task.auto_class, **kwargs)
+
+
+def build_model(cfg, examples, public_texts: list[str] | None = None) -> ModelBundle:
+    """Tokenizer, task, base (seeded, so head and adapter inits are reproducible), adapter, and the shared-state spec.
+
+    ``public_texts`` is the text a tokenizer is trained on when ``model.train_tokenizer`` asks for one (the server's
+    held-out split, never a client's data).
+    """
+    tokenizer = load_tokenizer(cfg.model, public_texts)
+    task, base = build_base(cfg, tokenizer, examples)
     device = resolve_device(cfg.model)
     if cfg.model.quantization is None:
         base.to(device)
