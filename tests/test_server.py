@@ -92,9 +92,11 @@ def test_too_few_clients_leaves_global_unchanged(tiny_config):
     assert torch.equal(server.global_flat, before)
 
 
-def test_resume_is_bit_for_bit(tiny_config, tmp_path):
-    """A run interrupted after round 2 and resumed ends with the same global state as an uninterrupted one."""
-    over = {"federation.rounds": 4, "adapter.dropout": 0.1, "model.from_config.hidden_dropout_prob": 0.1}
+@pytest.mark.parametrize("algo", [{}, {"server.optimizer": "fedyogi"}], ids=["fedavg", "fedyogi-state"])
+def test_resume_is_bit_for_bit(tiny_config, tmp_path, algo):
+    """A run interrupted after round 2 and resumed ends with the same global state as an uninterrupted one
+    (also when the server optimizer keeps state: its moments are in the checkpoint)."""
+    over = {"federation.rounds": 4, "adapter.dropout": 0.1, "model.from_config.hidden_dropout_prob": 0.1, **algo}
     full, _ = _run(tiny_config(**{**over, "output.dir": str(tmp_path / "full")}), tmp_path / "full")
 
     part_dir = tmp_path / "part"

@@ -105,8 +105,24 @@ class ClientConfig(Section):
 
 class ServerConfig(Section):
     aggregator: str = "fedavg"
-    optimizer: str = "fedavg"
-    lr: float = Field(1.0, gt=0)
+    optimizer: str = "fedavg"  # fedavg | fedavgm | nesterov | fedadam | fedyogi | fedadagrad
+    lr: Optional[float] = Field(None, gt=0)  # server learning rate η; default per optimizer (see SERVER_LR_DEFAULTS)
+    momentum: float = Field(0.9, ge=0, lt=1)  # fedavgm β, nesterov μ
+    beta1: float = Field(0.9, ge=0, lt=1)  # fedadam / fedyogi / fedadagrad
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)  # adaptivity ε of Reddi et al. 2021
+
+    @model_validator(mode="after")
+    def _lr_default(self) -> "ServerConfig":
+        if self.lr is None:
+            self.lr = SERVER_LR_DEFAULTS.get(self.optimizer, 1.0)
+        return self
+
+
+# η when server.lr is not given: plain averaging for fedavg/fedavgm, DiLoCo's 0.7 for nesterov, and
+# Reddi et al.'s order of magnitude for the adaptive ones (tune it on your own validation data).
+SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "nesterov": 0.7, "fedadam": 0.01, "fedyogi": 0.01,
+                      "fedadagrad": 0.01}
 
 
 class CodecConfig(Section):

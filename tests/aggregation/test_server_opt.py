@@ -1,0 +1,120 @@
+"""Server optimizers against numbers worked by hand and against independent references (torch.optim, numpy)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedfm.aggregation.server_opt import (SERVER_OPTIMIZERS, FedAdagrad, FedAdam, FedAvgM, FedYogi, Nesterov,
+                                          make_server_optimizer)
+from fedfm.config import load_config
+
+
+def test_fedavgm_by_hand():
+    opt = FedAvgM(lr=0.5, momentum=0.9)
+    x = torch.tensor([1.0, -1.0])
+    x = opt.step(x, torch.tensor([0.2, 0.4]))  # m = [0.2, 0.4]; x = [1.1, -0.8]
+    assert torch.allclose(x, torch.tensor([1.1, -0.8]))
+    x = opt.step(x, torch.tensor([0.0, -0.4]))  # m = [0.18, -0.04]; x = [1.19, -0.82]
+    assert torch.allclose(x, torch.tensor([1.19, -0.82]))
+
+
+def test_nesterov_equals_torch_sgd_nesterov_on_the_outer_gradient():
+    """DiLoCo's outer step is torch.optim.SGD(nesterov=True) applied to the outer gradient −Δ."""
+    torch.manual_seed(0)
+    deltas = [torch.randn(5) for _ in range(4)]
+    x0 = torch.randn(5)
+    p = torch.nn.Parameter(x0.clone())
+    ref = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    ours, x = Nesterov(lr=0.7, momentum=0.9), x0.clone()
+    for d in deltas:
+        p.grad = -d.clone()
+        ref.step()
+        x = ours.step(x, d)
+        assert torch.allclose(x, p.detach(), atol=1e-6)
+
+
+def test_fedadam_two_steps_by_hand():
+    # η=0.1, β1=0.9, β2=0.99, τ=0.1; v_{-1}=τ²=0.01, m_{-1}=0
+    opt = FedAdam(lr=0.1, beta1=0.9, beta2=0.99, tau=0.1)
+    x = opt.step(torch.tensor([0.0]), torch.tensor([1.0]))
+    # m0 = 0.1; v0 = 0.99*0.01 + 0.01*1 = 0.0199; x1 = 0.1*0.1/(sqrt(0.0199)+0.1)
+    x1 = 0.1 * 0.1 / (math.sqrt(0.0199) + 0.1)
+    assert x.item() == pytest.approx(x1, rel=1e-6)
+    x = opt.step(x, torch.tensor([-2.0]))
+    # m1 = 0.09 - 0.2 = -0.11; v1 = 0.99*0.0199 + 0.01*4 = 0.059701
+    assert x.item() == pytest.approx(x1 + 0.1 * -0.11 / (math.sqrt(0.059701) + 0.1), rel=1e-6)
+
+
+def test_fedyogi_and_fedadagrad_second_moments_by_hand():
+    yogi = FedYogi(lr=0.1, beta1=0.0, beta2=0.9, tau=0.1)
+    x = yogi.step(torch.tensor([0.0]), torch.tensor([1.0]))
+    # v0 = 0.01 - 0.1*1*sign(0.01-1) = 0.11 ; m0 = Δ (β1 = 0)
+    assert yogi.v.item() == pytest.approx(0.11)
+    assert x.item() == pytest.approx(0.1 * 1.0 / (math.sqrt(0.11) + 0.1), rel=1e-6)
+    yogi.step(x, torch.tensor([0.1]))
+    # v1 = 0.11 - 0.1*0.01*sign(0.11-0.01) = 0.109
+    assert yogi.v.item() == pytest.approx(0.109)
+    ada = FedAdagrad(lr=0.1, beta1=0.0, beta2=0.9, tau=0.1)
+    ada.step(torch.tensor([0.0]), torch.tensor([1.0]))
+    ada.step(torch.tensor([0.0]), torch.tensor([-3.0]))
+    assert ada.v.item() == pytest.approx(0.01 + 1.0 + 9.0)
+
+
+def _numpy_reference(kind, deltas, x, lr, b1, b2, tau):
+    """Reddi et al. 2021, Algorithm 2, written independently with numpy and scalar loops."""
+    x = np.array(x, dtype=np.float64)
+    m = np.zeros_like(x)
+    v = np.full_like(x, tau ** 2)
+    for d in deltas:
+        d = np.asarray(d, dtype=np.float64)
+        m = b1 * m + (1 - b1) * d
+        for i in range(len(x)):
+            if kind == "fedadagrad":
+                v[i] = v[i] + d[i] ** 2
+            elif kind == "fedadam":
+                v[i] = b2 * v[i] + (1 - b2) * d[i] ** 2
+            else:
+                s = 1.0 if v[i] - d[i] ** 2 > 0 else (-1.0 if v[i] - d[i] ** 2 < 0 else 0.0)
+                v[i] = v[i] - (1 - b2) * d[i] ** 2 * s
+        x = x + lr * m / (np.sqrt(v) + tau)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["fedadam", "fedyogi", "fedadagrad"])
+def test_adaptive_optimizers_match_an_independent_reference(kind):
+    rng = np.random.default_rng(1)
+    deltas = [rng.normal(size=6) * s for s in (1.0, 0.1, 2.0, 0.01, 0.5)]
+    x0 = rng.normal(size=6)
+    cfg = load_config("bbc-lora", [f"server.optimizer={kind}", "server.lr=0.05", "server.beta1=0.8",
+                                   "server.beta2=0.95", "server.tau=0.01"])
+    opt = make_server_optimizer(cfg)
+    x = torch.tensor(x0, dtype=torch.float64)
+    for d in deltas:
+        x = opt.step(x, torch.tensor(d))
+    ref = _numpy_reference(kind, deltas, x0, 0.05, 0.8, 0.95, 0.01)
+    assert np.allclose(x.numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", SERVER_OPTIMIZERS.names())
+def test_state_round_trips_so_a_resume_continues_exactly(name):
+    cfg = load_config("bbc-lora", [f"server.optimizer={name}"])
+    torch.manual_seed(0)
+    deltas = [torch.randn(4) for _ in range(4)]
+    a = make_server_optimizer(cfg)
+    x = torch.zeros(4)
+    for d in deltas[:2]:
+        x = a.step(x, d)
+    b = make_server_optimizer(cfg)
+    b.load_state_dict(a.state_dict())
+    xa, xb = x.clone(), x.clone()
+    for d in deltas[2:]:
+        xa, xb = a.step(xa, d), b.step(xb, d)
+    assert torch.equal(xa, xb)
+
+
+def test_server_lr_defaults_per_optimizer_and_can_be_set():
+    assert load_config("bbc-lora").server.lr == 1.0
+    assert load_config("bbc-lora", ["server.optimizer=fedadam"]).server.lr == 0.01
+    assert load_config("bbc-lora", ["server.optimizer=nesterov"]).server.lr == 0.7
+    assert load_config("bbc-lora", ["server.optimizer=fedyogi", "server.lr=0.3"]).server.lr == 0.3
