@@ -92,7 +92,11 @@ def test_too_few_clients_leaves_global_unchanged(tiny_config):
     assert torch.equal(server.global_flat, before)
 
 
-@pytest.mark.parametrize("algo", [{}, {"server.optimizer": "fedyogi"}], ids=["fedavg", "fedyogi-state"])
+@pytest.mark.parametrize("algo", [
+    {}, {"server.optimizer": "fedyogi"}, {"client.algorithm": "scaffold"}, {"adapter.method": "fedsa-lora"},
+    {"federation.schedule": "fedbuff", "federation.buffer_size": 2, "federation.concurrency": 3,
+     "clock.speed_distribution": "lognormal"},
+], ids=["fedavg", "fedyogi-state", "scaffold-control-variates", "fedsa-personal-b", "fedbuff-in-flight"])
 def test_resume_is_bit_for_bit(tiny_config, tmp_path, algo):
     """A run interrupted after round 2 and resumed ends with the same global state as an uninterrupted one
     (also when the server optimizer keeps state: its moments are in the checkpoint)."""

@@ -41,6 +41,25 @@ class AdapterConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Optional[list[str]] = None
     num_virtual_tokens: int = Field(10, ge=1)
+    personal: list[str] = []  # parameter-name parts that stay on each client (e.g. classifier, lora_B)
+    rank_per_client: Optional[list[int] | dict[int, float]] = None  # heterogeneous LoRA ranks: a list, or tiers
+    # such as {4: 0.3, 8: 0.4, 16: 0.3} (fractions of clients); adapter.r must be the largest rank
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "AdapterConfig":
+        rpc = self.rank_per_client
+        if rpc is None:
+            return self
+        ranks = list(rpc) if isinstance(rpc, list) else list(rpc.keys())
+        if not ranks or min(ranks) < 1:
+            raise ValueError("adapter.rank_per_client: ranks must be >= 1")
+        if max(ranks) != self.r:
+            raise ValueError(f"adapter.rank_per_client: the largest rank ({max(ranks)}) must equal adapter.r ({self.r})")
+        if isinstance(rpc, dict) and abs(sum(rpc.values()) - 1.0) > 1e-6:
+            raise ValueError(f"adapter.rank_per_client: tier fractions must sum to 1, got {sum(rpc.values()):.4g}")
+        if self.method not in ("lora", "fedsa-lora"):
+            raise ValueError(f"adapter.rank_per_client needs a LoRA method (lora, fedsa-lora), got {self.method!r}")
+        return self
 
 
 class TaskConfig(Section):
@@ -82,11 +101,35 @@ class FederationConfig(Section):
     fraction: Optional[float] = None
     min_clients: int = Field(1, ge=1)
     seed: int = 0
+    sampling: str = "uniform"  # uniform | size (proportional to data size) | available (online clients only)
+    schedule: str = "sync"  # sync rounds | fedbuff (buffered asynchronous aggregation)
+    buffer_size: int = Field(5, ge=1)  # fedbuff: K results per server step
+    concurrency: int = Field(10, ge=1)  # fedbuff: clients training at once
+    staleness_exponent: float = Field(0.5, ge=0)  # fedbuff: weight (1 + τ)^(−a); 0 ignores staleness
 
     @model_validator(mode="after")
     def _fraction(self) -> "FederationConfig":
         if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
             raise ValueError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        return self
+
+
+class ClockConfig(Section):
+    """Simulated time for heterogeneous clients (see fedfm/clock.py); the defaults are identical, always-on clients."""
+
+    step_seconds: float = Field(1.0, gt=0)  # simulated seconds per local optimizer step of a speed-1 client
+    speeds: Optional[list[float]] = None  # per-client step-time multipliers (2.0 = twice as slow); overrides the draw
+    speed_distribution: Literal["constant", "lognormal"] = "constant"
+    speed_sigma: float = Field(0.5, ge=0)  # lognormal: sigma of log(multiplier)
+    availability: float = Field(1.0, gt=0, le=1)  # probability a client is online in a period
+    period_s: float = Field(600.0, gt=0)  # availability is drawn afresh every period
+    dropout: float = Field(0.0, ge=0, lt=1)  # probability a client that starts never returns
+    deadline_s: Optional[float] = Field(None, gt=0)  # sync: clients needing longer are stragglers and dropped
+
+    @model_validator(mode="after")
+    def _speeds(self) -> "ClockConfig":
+        if self.speeds is not None and any(v <= 0 for v in self.speeds):
+            raise ValueError("clock.speeds: every multiplier must be > 0")
         return self
 
 
@@ -101,6 +144,7 @@ class ClientConfig(Section):
     batch_size: int = Field(16, ge=1)
     grad_clip: Optional[float] = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
+    mu: float = Field(0.01, ge=0)  # fedprox: weight of the proximal term μ/2 ‖w − w^t‖²
 
 
 class ServerConfig(Section):
@@ -111,6 +155,7 @@ class ServerConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)  # fedadam / fedyogi / fedadagrad
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity ε of Reddi et al. 2021
+    hetlora_weighting: Literal["sparsity", "examples"] = "sparsity"  # hetlora: p_k ∝ ‖B_k A_k‖_F, or ∝ n_k
 
     @model_validator(mode="after")
     def _lr_default(self) -> "ServerConfig":
@@ -142,6 +187,7 @@ class EvalConfig(Section):
     per_client: bool = True
     initial: bool = False
     max_examples: Optional[int] = Field(None, ge=1)  # evaluate on a fixed sample of the held-out set
+    finetune_steps: int = Field(0, ge=0)  # per client: also score the global model after this many local steps
     generation: GenerationConfig = GenerationConfig()
 
 
@@ -162,6 +208,7 @@ class RunConfig(Section):
     server: ServerConfig = ServerConfig()
     codec: CodecConfig = CodecConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    clock: ClockConfig = ClockConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
@@ -195,6 +242,12 @@ class RunConfig(Section):
                 raise ValueError(f"federation.min_clients ({fed.min_clients}) is more than partition.num_clients ({n})")
         if self.client.epochs is None and self.client.steps is None:
             raise ValueError("client: give client.epochs or client.steps")
+        if self.adapter.rank_per_client is not None and self.client.algorithm == "scaffold":
+            raise ValueError("client.algorithm 'scaffold' cannot be combined with adapter.rank_per_client "
+                             "(its gradient correction would fill the components a low-rank client must keep at zero)")
+        if self.federation.schedule == "fedbuff" and self.federation.buffer_size < fed.min_clients:
+            raise ValueError(f"federation.buffer_size ({self.federation.buffer_size}) is less than "
+                             f"federation.min_clients ({fed.min_clients}): no server step could ever happen")
         _check_registered(self)
         return self
 

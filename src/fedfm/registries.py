@@ -15,6 +15,8 @@ def fields_of(cfg: "RunConfig"):
     from .data.partition import PARTITIONERS
     from .models.adapters import METHODS
     from .runtime import RUNTIMES
+    from .sampling import SAMPLERS
+    from .schedules import SCHEDULES
     from .tasks import TASKS
 
     return [
@@ -26,4 +28,6 @@ def fields_of(cfg: "RunConfig"):
         ("server.optimizer", SERVER_OPTIMIZERS, cfg.server.optimizer),
         ("codec.name", CODECS, cfg.codec.name),
         ("runtime.name", RUNTIMES, cfg.runtime.name),
+        ("federation.sampling", SAMPLERS, cfg.federation.sampling),
+        ("federation.schedule", SCHEDULES, cfg.federation.schedule),
     ]

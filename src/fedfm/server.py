@@ -11,9 +11,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .aggregation import make_aggregator
+from .aggregation import RoundInfo, make_aggregator
 from .aggregation.server_opt import make_server_optimizer
 from .client import ClientContext, ClientResult, ClientTask, make_client
+from .clock import SimClock
 from .compression import make_codec
 from .config import RunConfig
 from .data import FederatedData, build_federated_data
@@ -22,6 +23,8 @@ from .errors import ConfigError, FedfmError, UpdateRejected
 from .models.loader import check_model_config
 from .runtime import make_runtime
 from .runtime.state_store import ClientStateStore
+from .sampling import make_sampler
+from .schedules import make_schedule
 from .tasks import TASKS
 from .tracking import RunDir
 
@@ -42,15 +45,21 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
-def sample_clients(fed, num_clients: int, rnd: int) -> np.ndarray:
-    """Seeded uniform sampling without replacement: ``clients_per_round`` or ``max(min_clients, fraction·N)``."""
+def num_sampled(fed, num_clients: int) -> int:
+    """Clients per round: ``clients_per_round`` or ``max(min_clients, ceil(fraction·N))``, at most N."""
     if fed.fraction is not None:
         k = max(fed.min_clients, int(math.ceil(fed.fraction * num_clients)))
     else:
         k = fed.clients_per_round
-    k = min(k, num_clients)
+    return min(k, num_clients)
+
+
+def sample_clients(fed, num_clients: int, rnd: int) -> np.ndarray:
+    """Seeded uniform sampling without replacement (the ``uniform`` sampler with every client a candidate)."""
+    from .sampling import Uniform
+
     rng = np.random.default_rng([fed.seed, 3, rnd])
-    return np.sort(rng.choice(num_clients, size=k, replace=False))
+    return Uniform()(rng, num_sampled(fed, num_clients), np.arange(num_clients), np.ones(num_clients))
 
 
 def worst_fraction_mean(values: list[float], fraction: float = 0.1, higher_is_better: bool = True) -> float:
@@ -88,6 +97,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ConfigError(f"federation.clients_per_round ({fed.clients_per_round}) is more than the {n} clients in the data")
     if fed.min_clients > n:
         raise ConfigError(f"federation.min_clients ({fed.min_clients}) is more than the {n} clients in the data")
+    if cfg.clock.speeds is not None and len(cfg.clock.speeds) != n:
+        raise ConfigError(f"clock.speeds has {len(cfg.clock.speeds)} entries, expected one per client ({n})")
+    rpc = cfg.adapter.rank_per_client
+    if isinstance(rpc, list) and len(rpc) != n:
+        raise ConfigError(f"adapter.rank_per_client lists {len(rpc)} ranks, expected one per client ({n})")
     return Prepared(cfg=cfg, data=data)
 
 
@@ -118,16 +132,35 @@ class Server:
         self.aggregator = make_aggregator(cfg)
         self.server_opt = make_server_optimizer(cfg)
         self.store = ClientStateStore(cfg.runtime.cache_clients, cfg.runtime.state_dir)
+        self.personal = self.bundle.personal
+        self.ranks = None
+        if cfg.adapter.rank_per_client is not None:
+            from .models.ranks import assign_ranks
+
+            self.ranks = assign_ranks(cfg.adapter.rank_per_client, len(self.data.clients), cfg.federation.seed)
         self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, encoded=self.encoded,
-                                 data=self.data, codec=self.codec, store=self.store)
-        self.runtime = make_runtime(cfg, make_client(self.ctx))
+                                 data=self.data, codec=self.codec, store=self.store, personal=self.personal,
+                                 personal_init=self.personal.flat(), ranks=self.ranks)
+        self.client_algo = make_client(self.ctx)
+        self.algo_server = type(self.client_algo).server_side(self.ctx)  # the algorithm's server half (SCAFFOLD's c)
+        self.runtime = make_runtime(cfg, self.client_algo)
         self.global_flat = self.spec.flat()
+        self.global_version = 0  # server steps taken in this process (keys the payload cache)
+        self._payload_cache: dict = {}
+        from .models.ranks import lora_rank
+
+        self.lora_rank = lora_rank(self.spec)
+        self.client_sizes = np.array([len(self.task.rows(self.encoded, c.train)) for c in self.data.clients])
+        self.clock = SimClock(cfg.clock, len(self.data.clients), cfg.federation.seed)
+        self.sampler = make_sampler(cfg.federation.sampling)
+        self.schedule = make_schedule(self)
         self.start_round = 1
 
     # ------------------------------------------------------------------ state
     def checkpoint_state(self, rnd: int) -> dict[str, Any]:
         return {"round": rnd, "names": self.spec.names, "global": self.global_flat.clone(),
                 "aggregator": self.aggregator.state_dict(), "server_opt": self.server_opt.state_dict(),
+                "client_algorithm": self.algo_server.state_dict(), "schedule": self.schedule.state_dict(),
                 "store": self.store.state_dict()}
 
     def load_checkpoint_state(self, ck: dict[str, Any]) -> None:
@@ -137,6 +170,8 @@ class Server:
         self.spec.load_flat(self.global_flat)
         self.aggregator.load_state_dict(ck["aggregator"])
         self.server_opt.load_state_dict(ck["server_opt"])
+        self.algo_server.load_state_dict(ck.get("client_algorithm", {}))
+        self.schedule.load_state_dict(ck.get("schedule", {}))
         self.store.load_state_dict(ck["store"])
         self.start_round = ck["round"] + 1
 
@@ -150,7 +185,7 @@ class Server:
 
     def evaluate(self, rnd: int = 0) -> dict[str, Any]:
         cfg, task, enc = self.cfg, self.task, self.encoded
-        self.spec.load_flat(self.global_flat)
+        self._load_global()
         out: dict[str, Any] = {}
         for k, v in task.evaluate(self.model, enc, self.eval_indices, cfg.eval.batch_size).items():
             out[f"eval_{k}"] = v
@@ -160,53 +195,158 @@ class Server:
             if self.run_dir is not None:
                 self.run_dir.write_generations(rnd, records)
         if cfg.eval.per_client:
-            key, better_high = ("accuracy", True) if task.needs_labels else ("loss", False)
-            short = "acc" if key == "accuracy" else key
-            per = {}
-            for c in self.data.clients:
-                if len(c.test):
-                    per[str(c.id)] = task.evaluate(self.model, enc, c.test, cfg.eval.batch_size)[key]
-            if per:
-                vals = list(per.values())
-                out[f"client_{short}"] = per
-                out[f"client_{short}_mean"] = float(np.mean(vals))
-                out[f"client_{short}_worst10"] = worst_fraction_mean(vals, 0.1, better_high)
+            out.update(self.evaluate_clients(rnd))
         return out
 
-    # ------------------------------------------------------------------ one round
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        ids = sample_clients(cfg.federation, len(self.data.clients), rnd)
-        payload = self.codec.encode(self.spec.unflatten(self.global_flat))
-        tasks = [ClientTask(client_id=int(c), round=rnd, payload=payload, seed=derive_seed(cfg.federation.seed, 4, rnd, c))
-                 for c in ids]
-        self.display.round_start(rnd, cfg.federation.rounds, len(tasks))
-        results = self.runtime.run(tasks, on_result=self.display.client_done)
+    def evaluate_clients(self, rnd: int) -> dict[str, Any]:
+        """Each client's local test set under the global model; with personal parameters also under the client's
+        personalized model; with ``eval.finetune_steps`` also after that many local steps from the global model
+        (FedAvg + fine-tuning). Keys: client_<metric>[_personal|_finetuned] (+ _mean, _worst10)."""
+        from .client import local_sgd
 
-        accepted: list[tuple[ClientResult, torch.Tensor]] = []
+        cfg, task, enc = self.cfg, self.task, self.encoded
+        key, better_high = ("accuracy", True) if task.needs_labels else ("loss", False)
+        short = "acc" if key == "accuracy" else key
+        per: dict[str, dict[str, float]] = {"": {}}
+        if self.personal.names:
+            per["_personal"] = {}
+        if cfg.eval.finetune_steps:
+            per["_finetuned"] = {}
+
+        def score(c) -> float:
+            return task.evaluate(self.model, enc, c.test, cfg.eval.batch_size)[key]
+
+        for i, c in enumerate(self.data.clients):
+            if not len(c.test):
+                continue
+            self._load_global()
+            per[""][str(c.id)] = score(c)
+            if "_personal" in per:
+                self.ctx.load_personal(i)
+                per["_personal"][str(c.id)] = score(c)
+                self._load_global()
+            if "_finetuned" in per and len(c.train):
+                gen = torch.Generator().manual_seed(self.derive_seed(10, rnd, i))
+                torch.manual_seed(self.derive_seed(10, rnd, i))
+                local_sgd(self.ctx, c.train, gen, num_steps=cfg.eval.finetune_steps)
+                per["_finetuned"][str(c.id)] = score(c)
+                self._load_global()
+        out: dict[str, Any] = {}
+        for suffix, vals in per.items():
+            if vals:
+                out[f"client_{short}{suffix}"] = vals
+                out[f"client_{short}{suffix}_mean"] = float(np.mean(list(vals.values())))
+                out[f"client_{short}{suffix}_worst10"] = worst_fraction_mean(list(vals.values()), 0.1, better_high)
+        return out
+
+    def _load_global(self) -> None:
+        """The global model: the shared global state, personal parameters at their initial values."""
+        self.spec.load_flat(self.global_flat)
+        if self.personal.names:
+            self.personal.load_flat(self.ctx.personal_init)
+
+    # ------------------------------------------------------------------ one round
+    def derive_seed(self, *parts: int) -> int:
+        return derive_seed(self.cfg.federation.seed, *parts)
+
+    def num_sampled(self) -> int:
+        return num_sampled(self.cfg.federation, len(self.data.clients))
+
+    def planned_steps(self, cid: int) -> int:
+        """Optimizer steps client ``cid`` will take (for the simulated clock)."""
+        ccfg = self.cfg.client
+        if ccfg.steps is not None:
+            return ccfg.steps
+        per_epoch = math.ceil(math.ceil(self.client_sizes[cid] / ccfg.batch_size) / ccfg.grad_accum)
+        return max(1, per_epoch * ccfg.epochs)
+
+    def sample(self, rng: np.random.Generator, k: int, t: float, exclude=(), online_only: bool = False) -> np.ndarray:
+        """``k`` clients by ``federation.sampling``; online ones only for availability-aware sampling."""
+        n = len(self.data.clients)
+        if online_only or self.sampler.online_only:
+            candidates = self.clock.online_clients(t)
+        else:
+            candidates = np.arange(n)
+        if exclude:
+            candidates = np.array([c for c in candidates if int(c) not in exclude], dtype=np.int64)
+        if len(candidates) == 0:
+            return candidates
+        return self.sampler(rng, k, candidates, self.client_sizes)
+
+    def wait_for_clients(self, t: float) -> float:
+        """With availability-aware sampling, advance simulated time until enough clients are online."""
+        if not self.sampler.online_only:
+            return t
+        need = min(self.cfg.federation.min_clients, len(self.data.clients))
+        for _ in range(10_000):
+            if len(self.clock.online_clients(t)) >= need:
+                return t
+            t = self.clock.next_period(t)
+        raise FedfmError(f"fewer than federation.min_clients={need} clients were ever online "
+                         f"(clock.availability={self.cfg.clock.availability})")
+
+    def broadcast(self, rnd: int, cid: int) -> tuple[bytes, dict[str, bytes]]:
+        """The encoded global state (cut to the client's LoRA rank) and the client algorithm's extras."""
+        view = self.ctx.view(cid)
+        key = (rnd, getattr(view, "rank", None), self.global_version)
+        if key not in self._payload_cache:  # encode once per round, global version and rank
+            if len(self._payload_cache) > 32:
+                self._payload_cache.clear()
+            self._payload_cache[key] = (self.codec.encode(view.restrict(self.spec.unflatten(self.global_flat))),
+                                        self.algo_server.extras(rnd))
+        return self._payload_cache[key]
+
+    def decode_result(self, res: ClientResult) -> tuple[torch.Tensor, dict]:
+        """Validate and decode one result (raises UpdateRejected)."""
+        view = self.ctx.view(res.client_id)
+        delta = view.expand(self.codec.decode(res.update, view))
+        if res.num_examples <= 0:
+            raise UpdateRejected(f"num_examples must be positive, got {res.num_examples}")
+        decoded_extras = {}
+        for name in self.client_algo.extra_names:
+            if name not in res.extras:
+                raise UpdateRejected(f"missing {name!r} (client.algorithm {self.cfg.client.algorithm!r} sends it)")
+            decoded_extras[name] = self.codec.decode(res.extras[name], self.spec)
+        return self.spec.flatten(delta), decoded_extras
+
+    def aggregate_results(self, rnd: int, results: list[ClientResult], weights: Optional[list[float]] = None,
+                          fixed_denominator: bool = False) -> dict[str, Any]:
+        """Validate the results, aggregate the usable ones, step the server optimizer, evaluate when due.
+
+        ``weights`` (one per result) replace the example counts; with ``fixed_denominator`` the aggregate is
+        Σ w_k Δ_k / K instead of Σ w_k Δ_k / Σ w_k (FedBuff's staleness-scaled mean).
+        """
+        cfg = self.cfg
+        accepted: list[tuple[ClientResult, torch.Tensor, float]] = []
+        accepted_extras: list[tuple[ClientResult, dict]] = []
         dropped: list[dict[str, Any]] = []
-        for res in results:
+        for i, res in enumerate(results):
             if res.error is not None:
                 dropped.append({"id": res.client_id, "error": res.error})
                 continue
             try:
-                delta = self.codec.decode(res.update, self.spec)
-                if res.num_examples <= 0:
-                    raise UpdateRejected(f"num_examples must be positive, got {res.num_examples}")
+                flat, decoded_extras = self.decode_result(res)
             except UpdateRejected as e:
                 dropped.append({"id": res.client_id, "error": f"rejected: {e}"})
                 continue
-            accepted.append((res, self.spec.flatten(delta)))
+            accepted.append((res, flat, float(res.num_examples) if weights is None else float(weights[i])))
+            accepted_extras.append((res, decoded_extras))
 
         row: dict[str, Any] = {"round": rnd}
         if len(accepted) >= cfg.federation.min_clients:
-            updates = torch.stack([d for _, d in accepted])
-            weights = torch.tensor([float(r.num_examples) for r, _ in accepted])
-            delta = self.aggregator(updates, weights)
+            updates = torch.stack([d for _, d, _ in accepted])
+            w = torch.tensor([x for _, _, x in accepted], dtype=torch.float64)
+            ranks = [int(self.ranks[r.client_id]) if self.ranks is not None else self.lora_rank for r, _, _ in accepted]
+            info = RoundInfo(x=self.global_flat, ranks=ranks, spec=self.spec)
+            delta = self.aggregator(updates, w.float(), info)
+            if fixed_denominator:
+                delta = delta * float(w.sum() / len(accepted))
             self.global_flat = self.server_opt.step(self.global_flat, delta)
+            self.global_version += 1
             self.spec.load_flat(self.global_flat)
-            row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r, _ in accepted) / weights.sum())
+            self.algo_server.absorb(accepted_extras)
+            n = torch.tensor([float(r.num_examples) for r, _, _ in accepted])
+            row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r, _, _ in accepted) / n.sum())
             row["aggregated"] = True
         else:
             row["aggregated"] = False
@@ -215,14 +355,12 @@ class Server:
         every = cfg.eval.every
         if every and (rnd % every == 0 or rnd == cfg.federation.rounds):
             row.update(self.evaluate(rnd))
-        row.update({
-            "bytes_up": int(sum(len(r.update) for r in results)),
-            "bytes_down": int(len(payload) * len(tasks)),
-            "clients": [int(c) for c in ids],
-            "dropped": dropped,
-            "wall_s": time.perf_counter() - t0,
-        })
+        row["bytes_up"] = int(sum(r.nbytes for r in results))
+        row["dropped"] = dropped
         return row
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        return self.schedule.run_round(rnd)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict[str, Any]]:
@@ -254,7 +392,7 @@ class Server:
         from .models.adapters import is_peft
 
         assert self.run_dir is not None
-        self.spec.load_flat(self.global_flat)
+        self._load_global()
         target = self.run_dir.adapter if is_peft(self.model) else self.run_dir.path / "model"
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

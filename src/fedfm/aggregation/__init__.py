@@ -6,6 +6,7 @@ so the whole chain is checkpointed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -13,6 +14,15 @@ import torch
 from ..registry import Registry
 
 AGGREGATORS: Registry[Callable[..., "Aggregator"]] = Registry("aggregator")
+
+
+@dataclass
+class RoundInfo:
+    """What a reducer may need beyond the updates: the global flat state x, each client's LoRA rank, the spec."""
+
+    x: torch.Tensor
+    ranks: list[int]
+    spec: Any
 
 
 class Stage:
@@ -29,7 +39,7 @@ class Stage:
 class WeightedMean:
     """FedAvg's reducer (McMahan et al. 2017): sum_k n_k Δ_k / sum_k n_k."""
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor, info=None) -> torch.Tensor:
         w = weights.to(updates.dtype)
         return (w / w.sum()) @ updates
 
@@ -47,12 +57,12 @@ class Aggregator:
         self.stages = list(stages)
         self.reduce = reduce
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor, info: "RoundInfo | None" = None) -> torch.Tensor:
         if updates.ndim != 2 or updates.shape[0] != weights.shape[0] or updates.shape[0] == 0:
             raise ValueError(f"aggregator: expected updates [K, D] and weights [K], got {tuple(updates.shape)}, {tuple(weights.shape)}")
         for stage in self.stages:
             updates, weights = stage(updates, weights)
-        return self.reduce(updates, weights)
+        return self.reduce(updates, weights, info)
 
     def state_dict(self) -> dict[str, Any]:
         parts = [*self.stages, self.reduce]
@@ -72,3 +82,6 @@ def fedavg(cfg=None) -> Aggregator:
 
 def make_aggregator(cfg) -> Aggregator:
     return AGGREGATORS.get(cfg.server.aggregator)(cfg)
+
+
+from . import lora  # noqa: E402,F401  (registers hetlora, flexlora)

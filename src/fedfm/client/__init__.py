@@ -22,6 +22,7 @@ class ClientTask:
     round: int
     payload: bytes
     seed: int
+    extras: dict[str, bytes] = field(default_factory=dict)  # algorithm state the server sends along (SCAFFOLD's c)
 
 
 @dataclass
@@ -33,6 +34,11 @@ class ClientResult:
     num_examples: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    extras: dict[str, bytes] = field(default_factory=dict)  # algorithm state sent back (SCAFFOLD's Δc_i)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.update) + sum(len(b) for b in self.extras.values())
 
 
 @dataclass
@@ -47,6 +53,39 @@ class ClientContext:
     data: Any  # FederatedData
     codec: Any
     store: Any  # ClientStateStore
+    personal: Any = None  # StateSpec of the parameters that stay on the client (adapter.personal, FedSA-LoRA's B)
+    personal_init: Any = None  # their initial flat values: what a client starts from before it has its own
+    ranks: Any = None  # per-client LoRA ranks (adapter.rank_per_client), or None: every client at adapter.r
+
+    def view(self, client_id: int):
+        """The names and shapes of what this client receives and sends (LoRA cut to its rank)."""
+        from ..models.ranks import FullView, RankView
+
+        if self.ranks is None:
+            return FullView(self.spec)
+        return RankView(self.spec, int(self.ranks[client_id]))
+
+    def train_params(self) -> list[torch.nn.Parameter]:
+        """Shared parameters first (in spec order, so per-parameter hooks can zip with the spec), then personal ones."""
+        shared = list(self.spec.params.values())
+        return shared + (list(self.personal.params.values()) if self.personal is not None else [])
+
+    PERSONAL_KEY = "personal"
+
+    def load_personal(self, client_id: int) -> None:
+        """Put the client's own personal parameters (or their initial values) into the model."""
+        if self.personal is None or not self.personal.names:
+            return
+        stored = self.store.get(client_id)
+        flat = stored[self.PERSONAL_KEY] if stored and self.PERSONAL_KEY in stored else self.personal_init
+        self.personal.load_flat(flat)
+
+    def save_personal(self, client_id: int) -> None:
+        if self.personal is None or not self.personal.names:
+            return
+        stored = dict(self.store.get(client_id) or {})
+        stored[self.PERSONAL_KEY] = self.personal.flat()
+        self.store.put(client_id, stored)
 
 
 def make_optimizer(params, ccfg) -> torch.optim.Optimizer:
@@ -55,22 +94,30 @@ def make_optimizer(params, ccfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=ccfg.lr, momentum=ccfg.momentum, weight_decay=ccfg.weight_decay)
 
 
+GradHook = Callable[[list[torch.nn.Parameter]], None]
+
+
 def local_sgd(ctx: ClientContext, indices: np.ndarray, generator: torch.Generator,
-              extra_loss: Callable[[], torch.Tensor] | None = None) -> tuple[float, int]:
+              extra_loss: Callable[[], torch.Tensor] | None = None,
+              grad_hook: GradHook | None = None, num_steps: int | None = None) -> tuple[float, int]:
     """Local epochs (or steps) of mini-batch AdamW/SGD with gradient clipping and accumulation.
 
-    Returns the mean training loss and the number of optimizer steps taken.
+    ``grad_hook(params)`` may change the (accumulated) gradients before clipping and the optimizer step: that is
+    where FedProx adds μ(w − w^t) and SCAFFOLD adds c − c_i. Returns the mean training loss and the number of
+    optimizer steps taken. ``num_steps`` overrides ``client.steps``/``client.epochs`` (evaluation fine-tuning).
     """
     ccfg = ctx.cfg.client
-    params = list(ctx.spec.params.values())
+    params = ctx.train_params()
     opt = make_optimizer(params, ccfg)
     model, task = ctx.model, ctx.task
     model.train()
     total_loss, n_batches, steps, micro = 0.0, 0, 0, 0
-    max_steps = ccfg.steps
+    max_steps = ccfg.steps if num_steps is None else num_steps
     epochs = range(ccfg.epochs) if max_steps is None else itertools.count()
 
     def step() -> None:
+        if grad_hook is not None:
+            grad_hook(params)
         if ccfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, ccfg.grad_clip)
         opt.step()
@@ -99,29 +146,147 @@ def local_sgd(ctx: ClientContext, indices: np.ndarray, generator: torch.Generato
     return total_loss / max(n_batches, 1), steps
 
 
-@CLIENT_ALGORITHMS.register("local")
-class LocalTraining:
-    """Local training as in FedAvg (McMahan et al. 2017): start from the global state, run local SGD, send Δ = x_local − x_global."""
+class ServerSide:
+    """The server's half of a client algorithm: what it sends with the global state and what it does with the
+    results (SCAFFOLD's server control variate). Its state is checkpointed with the run."""
 
     def __init__(self, ctx: ClientContext):
         self.ctx = ctx
 
+    def extras(self, rnd: int) -> dict[str, bytes]:
+        return {}
+
+    def absorb(self, accepted: list[tuple["ClientResult", dict[str, torch.Tensor]]]) -> None:
+        """``accepted``: each usable result with its decoded extras."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@CLIENT_ALGORITHMS.register("local")
+class LocalTraining:
+    """Local training as in FedAvg (McMahan et al. 2017): start from the global state, run local SGD, send Δ = x_local − x_global."""
+
+    server_side = ServerSide
+    extra_names: tuple[str, ...] = ()  # names of the extras a result carries (each decoded like a state)
+
+    def __init__(self, ctx: ClientContext):
+        self.ctx = ctx
+
+    def grad_hook(self, task: ClientTask, global_state) -> GradHook | None:
+        """Set up per-client algorithm state before training; return a gradient hook (or None)."""
+        return None
+
+    def finish(self, task: ClientTask, global_state, local, steps: int) -> dict[str, bytes]:
+        """After training: update the client's stored state; return the extras to send."""
+        return {}
+
     def __call__(self, task: ClientTask) -> ClientResult:
         ctx = self.ctx
         t0 = time.perf_counter()
-        global_state = ctx.codec.decode(task.payload, ctx.spec)
+        view = ctx.view(task.client_id)
+        global_state = view.expand(ctx.codec.decode(task.payload, view))  # zero-padded to the full rank
         ctx.spec.load(global_state)
+        ctx.load_personal(task.client_id)
         client = ctx.data.clients[task.client_id]
         torch.manual_seed(task.seed)  # dropout and any other torch randomness
         gen = torch.Generator().manual_seed(task.seed)
-        loss, steps = local_sgd(ctx, client.train, gen)
+        hook = self.grad_hook(task, global_state)
+        loss, steps = local_sgd(ctx, client.train, gen, grad_hook=hook)
         local = ctx.spec.get()
-        delta = {n: local[n] - global_state[n] for n in ctx.spec.names}
+        delta = view.restrict({n: local[n] - global_state[n] for n in ctx.spec.names})
         update = ctx.codec.encode(delta)
+        ctx.save_personal(task.client_id)
+        extras = self.finish(task, global_state, local, steps)
         return ClientResult(
             client_id=task.client_id, update=update, num_examples=int(len(ctx.task.rows(ctx.encoded, client.train))),
-            metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0},
+            metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0}, extras=extras,
         )
+
+
+@CLIENT_ALGORITHMS.register("fedprox")
+class FedProx(LocalTraining):
+    """FedProx (Li et al. 2020): minimise F_k(w) + μ/2 ‖w − w^t‖², i.e. add μ (w − w^t) to every local gradient."""
+
+    def grad_hook(self, task, global_state):
+        mu = self.ctx.cfg.client.mu
+        anchors = [global_state[n] for n in self.ctx.spec.names]
+
+        def prox(params):
+            for p, w_t in zip(params, anchors):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - w_t, alpha=mu)
+
+        return prox
+
+
+class ScaffoldServer(ServerSide):
+    """SCAFFOLD's server control variate: c ← c + (1/N) Σ_{i∈S} Δc_i (Karimireddy et al. 2020, Alg. 1 line 17)."""
+
+    def __init__(self, ctx: ClientContext):
+        super().__init__(ctx)
+        self.c = torch.zeros(ctx.spec.numel)
+
+    def extras(self, rnd: int) -> dict[str, bytes]:
+        return {"c": self.ctx.codec.encode(self.ctx.spec.unflatten(self.c))}
+
+    def absorb(self, accepted) -> None:
+        if not accepted:
+            return
+        n = len(self.ctx.data.clients)
+        dc = torch.stack([self.ctx.spec.flatten(ex["delta_c"]) for _, ex in accepted])
+        self.c = self.c + dc.sum(0) / n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"c": self.c.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "c" in state:
+            self.c = state["c"].clone()
+
+
+@CLIENT_ALGORITHMS.register("scaffold")
+class Scaffold(LocalTraining):
+    """SCAFFOLD (Karimireddy et al. 2020), option II: y ← y − η_l (g_i(y) − c_i + c);
+    c_i⁺ = c_i − c + (x − y)/(K η_l); send Δy and Δc_i = c_i⁺ − c_i. c_i lives in the client state store.
+
+    The (x − y)/(K η_l) estimate of the mean gradient is exact for plain SGD; with AdamW the correction is still
+    applied to the gradient, but c_i⁺ is only an estimate (the paper's analysis is for SGD).
+    """
+
+    server_side = ScaffoldServer
+    extra_names = ("delta_c",)
+    KEY = "scaffold.c_i"
+
+    def grad_hook(self, task, global_state):
+        ctx = self.ctx
+        c = ctx.codec.decode(task.extras["c"], ctx.spec)
+        stored = ctx.store.get(task.client_id)
+        c_i = ctx.spec.unflatten(stored[self.KEY]) if stored and self.KEY in stored \
+            else {n: torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names}
+        self._c, self._c_i = c, c_i
+        corrections = [c[n] - c_i[n] for n in ctx.spec.names]
+
+        def correct(params):
+            for p, corr in zip(params, corrections):
+                if p.grad is not None:
+                    p.grad.add_(corr)
+
+        return correct
+
+    def finish(self, task, global_state, local, steps):
+        ctx = self.ctx
+        lr = ctx.cfg.client.lr
+        names = ctx.spec.names
+        new_c_i = {n: self._c_i[n] - self._c[n] + (global_state[n] - local[n]) / (max(steps, 1) * lr) for n in names}
+        delta_c = {n: new_c_i[n] - self._c_i[n] for n in names}
+        stored = dict(ctx.store.get(task.client_id) or {})
+        stored[self.KEY] = ctx.spec.flatten(new_c_i)
+        ctx.store.put(task.client_id, stored)
+        return {"delta_c": ctx.codec.encode(delta_c)}
 
 
 def make_client(ctx: ClientContext):

@@ -14,9 +14,10 @@ from .state import StateSpec
 @dataclass
 class ModelBundle:
     model: torch.nn.Module
-    spec: StateSpec
+    spec: StateSpec  # the shared trainable parameters: the only model data that travels
     task: Any
     tokenizer: Any
+    personal: StateSpec  # trainable parameters that stay on each client (empty without personalization)
 
 
 def resolve_device(model_cfg) -> torch.device:
@@ -65,4 +66,13 @@ def build_model(cfg, examples, public_texts: list[str] | None = None) -> ModelBu
     model = apply_adapter(base, cfg.adapter, task.peft_task_type, task.head_names)
     model.train()
     task.device = next(model.parameters()).device
-    return ModelBundle(model=model, spec=StateSpec(model), task=task, tokenizer=tokenizer)
+    patterns = personal_patterns(cfg.adapter)
+    return ModelBundle(model=model, spec=StateSpec(model, patterns), task=task, tokenizer=tokenizer,
+                       personal=StateSpec(model, patterns, shared=False))
+
+
+def personal_patterns(adapter_cfg) -> list[str]:
+    """``adapter.personal`` plus what the method keeps local by definition (FedSA-LoRA: ``lora_B``)."""
+    from .adapters import METHODS
+
+    return list(adapter_cfg.personal) + list(getattr(METHODS.get(adapter_cfg.method), "personal", []))

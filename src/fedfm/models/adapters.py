@@ -42,6 +42,25 @@ def lora(model, cfg, task_type: str, head_names: list[str]):
     ))
 
 
+@METHODS.register("ffa-lora")
+def ffa_lora(model, cfg, task_type: str, head_names: list[str]):
+    """FFA-LoRA (Sun et al. 2024): A stays frozen at its shared random init; only B (and the head) is trained and sent."""
+    model = lora(model, cfg, task_type, head_names)
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(False)
+    return model
+
+
+@METHODS.register("fedsa-lora")
+def fedsa_lora(model, cfg, task_type: str, head_names: list[str]):
+    """FedSA-LoRA (Guo et al. 2024): A is shared and aggregated; B stays on each client as a personal parameter."""
+    return lora(model, cfg, task_type, head_names)
+
+
+fedsa_lora.personal = ["lora_B"]
+
+
 @METHODS.register("prompt")
 def prompt(model, cfg, task_type: str, head_names: list[str]):
     """Prompt tuning (Lester et al. 2021): trainable soft tokens prepended to the input embeddings."""

@@ -8,12 +8,24 @@ import torch
 TrainableState = "OrderedDict[str, torch.Tensor]"
 
 
-class StateSpec:
-    """Names, shapes and the flat layout of a model's trainable parameters (computed once per run)."""
+def matches(name: str, patterns: list[str]) -> bool:
+    """A parameter belongs to a pattern when the pattern is one of the dot-separated parts of its name
+    (``classifier``, ``lora_B``) or a dotted run of them (``encoder.layer.0``)."""
+    padded = f".{name}."
+    return any(f".{p.strip('.')}." in padded for p in patterns)
 
-    def __init__(self, model: torch.nn.Module):
+
+class StateSpec:
+    """Names, shapes and the flat layout of a model's trainable parameters (computed once per run).
+
+    With ``personal`` patterns, ``StateSpec(model, personal)`` holds the shared parameters (those matching none)
+    and ``StateSpec(model, personal, shared=False)`` the personal ones (those that stay on the client).
+    """
+
+    def __init__(self, model: torch.nn.Module, personal: list[str] | None = None, shared: bool = True):
+        personal = personal or []
         self.params: "OrderedDict[str, torch.nn.Parameter]" = OrderedDict(
-            (n, p) for n, p in model.named_parameters() if p.requires_grad
+            (n, p) for n, p in model.named_parameters() if p.requires_grad and matches(n, personal) != shared
         )
         self.names = list(self.params)
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
@@ -31,6 +43,8 @@ class StateSpec:
             p.copy_(state[n])
 
     def flat(self) -> torch.Tensor:
+        if not self.params:
+            return torch.zeros(0)
         return torch.cat([p.detach().reshape(-1) for p in self.params.values()]).float()
 
     @torch.no_grad()

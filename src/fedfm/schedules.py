@@ -1,0 +1,158 @@
+"""Schedules, keyed by ``federation.schedule``: how client work is ordered in (simulated) time.
+
+``sync``: rounds as in FedAvg; the round waits for the sampled clients (up to ``clock.deadline_s``; slower clients
+are stragglers and dropped). ``fedbuff``: buffered asynchronous aggregation (Nguyen et al. 2022); ``concurrency``
+clients train at once, each on the global version it downloaded, and the server steps whenever ``buffer_size``
+results have arrived, weighting each by its staleness. A "round" of a fedbuff run is one server step.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .client import ClientResult, ClientTask
+from .registry import Registry
+
+SCHEDULES: Registry[Callable[..., "Schedule"]] = Registry("schedule")
+
+
+class Schedule:
+    def __init__(self, server):
+        self.server = server
+        self.sim_time = 0.0
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sim_time": self.sim_time}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sim_time = float(state.get("sim_time", 0.0))
+
+
+def _dropped(cid: int, why: str) -> ClientResult:
+    return ClientResult(client_id=int(cid), error=why)
+
+
+@SCHEDULES.register("sync")
+class Sync(Schedule):
+    """Synchronous rounds: sample → broadcast → train → aggregate; the round lasts as long as its slowest returning
+    client (or ``clock.deadline_s``)."""
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        s, cfg = self.server, self.server.cfg
+        clock, deadline = s.clock, cfg.clock.deadline_s
+        t0 = time.perf_counter()
+        self.sim_time = s.wait_for_clients(self.sim_time)
+        ids = s.sample(np.random.default_rng([cfg.federation.seed, 3, rnd]), s.num_sampled(), self.sim_time)
+        tasks, skipped, durations, sent = [], {}, {}, 0
+        for c in ids:
+            c = int(c)
+            if not clock.online(c, self.sim_time):
+                skipped[c] = _dropped(c, "offline (simulated availability)")
+                continue
+            if clock.drops_out(c, rnd):
+                skipped[c] = _dropped(c, "dropped out (simulated)")
+                continue
+            durations[c] = clock.duration(c, s.planned_steps(c))
+            if deadline is not None and durations[c] > deadline:
+                skipped[c] = _dropped(c, f"straggler: needs {durations[c]:.1f}s > clock.deadline_s={deadline}")
+                continue
+            payload, extras = s.broadcast(rnd, c)
+            sent += len(payload) + sum(len(b) for b in extras.values())
+            tasks.append(ClientTask(client_id=c, round=rnd, payload=payload, extras=extras,
+                                    seed=s.derive_seed(4, rnd, c)))
+        s.display.round_start(rnd, cfg.federation.rounds, len(ids))
+        ran = {r.client_id: r for r in s.runtime.run(tasks, on_result=s.display.client_done)}
+        results = [ran.get(int(c)) or skipped[int(c)] for c in ids]
+        returned = [durations[r.client_id] for r in results if r.error is None]
+        waited = deadline if (deadline is not None and len(returned) < len(ids)) else 0.0
+        self.sim_time += max(returned + [waited]) if (returned or waited) else 0.0
+        row = s.aggregate_results(rnd, results)
+        row.update({"bytes_down": int(sent),
+                    "clients": [int(c) for c in ids], "sim_time_s": self.sim_time,
+                    "wall_s": time.perf_counter() - t0})
+        return row
+
+
+@SCHEDULES.register("fedbuff")
+class FedBuff(Schedule):
+    """FedBuff (Nguyen et al. 2022): Δ̄ = (1/K) Σ_{i∈buffer} s(τ_i) Δ_i with s(τ) = (1 + τ)^(−a) (a = 1/2 in the
+    paper), applied when K results are buffered; τ_i = server steps since client i downloaded its model."""
+
+    def __init__(self, server):
+        super().__init__(server)
+        self.version = 0  # number of server steps so far
+        self.jobs = 0  # dispatches so far (seeds client work and drop-outs)
+        self.in_flight: list[tuple[float, int, int, int, ClientResult]] = []  # (finish, job, client, version, result)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sim_time": self.sim_time, "version": self.version, "jobs": self.jobs, "in_flight": list(self.in_flight)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.version = int(state.get("version", 0))
+        self.jobs = int(state.get("jobs", 0))
+        self.in_flight = list(state.get("in_flight", []))
+        heapq.heapify(self.in_flight)
+
+    def staleness_weight(self, tau: int) -> float:
+        return float((1.0 + tau) ** (-self.server.cfg.federation.staleness_exponent))
+
+    def _dispatch(self, rnd: int) -> bool:
+        """Start one more client on the current global model; False if no client can start now."""
+        s, fed = self.server, self.server.cfg.federation
+        busy = {c for _, _, c, _, _ in self.in_flight}
+        rng = np.random.default_rng([fed.seed, 9, self.jobs])
+        ids = s.sample(rng, 1, self.sim_time, exclude=busy, online_only=True)  # async clients check in when online
+        if len(ids) == 0:
+            return False
+        c, job = int(ids[0]), self.jobs
+        self.jobs += 1
+        finish = self.sim_time + s.clock.duration(c, s.planned_steps(c))
+        if s.clock.drops_out(c, job):
+            res = _dropped(c, "dropped out (simulated)")
+        else:
+            payload, extras = s.broadcast(rnd, c)
+            task = ClientTask(client_id=c, round=rnd, payload=payload, extras=extras, seed=s.derive_seed(8, job, c))
+            res = s.runtime.run([task], on_result=s.display.client_done)[0]
+            self.bytes_down += len(payload) + sum(len(b) for b in extras.values())
+        heapq.heappush(self.in_flight, (finish, job, c, self.version, res))
+        return True
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        s, fed = self.server, self.server.cfg.federation
+        t0 = time.perf_counter()
+        s.display.round_start(rnd, fed.rounds, fed.buffer_size)
+        self.bytes_down = 0
+        buffer: list[ClientResult] = []
+        stale: list[int] = []
+        failed: list[ClientResult] = []
+        while len(buffer) < fed.buffer_size:
+            while len(self.in_flight) < fed.concurrency and self._dispatch(rnd):
+                pass
+            if not self.in_flight:  # nobody online: wait for the next availability period
+                self.sim_time = s.clock.next_period(self.sim_time)
+                continue
+            finish, _, c, started, res = heapq.heappop(self.in_flight)
+            self.sim_time = max(self.sim_time, finish)
+            if res.error is not None:
+                failed.append(res)
+                continue
+            buffer.append(res)
+            stale.append(self.version - started)
+        weights = [self.staleness_weight(t) for t in stale] + [0.0] * len(failed)
+        row = s.aggregate_results(rnd, buffer + failed, weights=weights, fixed_denominator=True)
+        self.version += 1
+        row.update({"bytes_down": int(self.bytes_down), "clients": [r.client_id for r in buffer],
+                    "staleness": stale, "sim_time_s": self.sim_time, "wall_s": time.perf_counter() - t0})
+        return row
+
+
+def make_schedule(server) -> Schedule:
+    return SCHEDULES.get(server.cfg.federation.schedule)(server)
