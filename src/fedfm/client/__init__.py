@@ -253,8 +253,9 @@ class Scaffold(LocalTraining):
     """SCAFFOLD (Karimireddy et al. 2020), option II: y ← y − η_l (g_i(y) − c_i + c);
     c_i⁺ = c_i − c + (x − y)/(K η_l); send Δy and Δc_i = c_i⁺ − c_i. c_i lives in the client state store.
 
-    The (x − y)/(K η_l) estimate of the mean gradient is exact for plain SGD; with AdamW the correction is still
-    applied to the gradient, but c_i⁺ is only an estimate (the paper's analysis is for SGD).
+    Under SGD, (x − y)/(K η_l) = mean_k g_i(y_k) − c_i + c, so option II's c_i⁺ is exactly the mean of the K local
+    gradients g_i(y_k). That mean is what is computed here, so c_i⁺ stays a gradient estimate under AdamW as well
+    (where (x − y)/(K η_l) would be a mean of Adam steps, not of gradients).
     """
 
     server_side = ScaffoldServer
@@ -267,21 +268,24 @@ class Scaffold(LocalTraining):
         stored = ctx.store.get(task.client_id)
         c_i = ctx.spec.unflatten(stored[self.KEY]) if stored and self.KEY in stored \
             else {n: torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names}
-        self._c, self._c_i = c, c_i
+        self._c_i = c_i
+        self._grad_sum = [torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names]
+        self._steps = 0
         corrections = [c[n] - c_i[n] for n in ctx.spec.names]
 
         def correct(params):
-            for p, corr in zip(params, corrections):
+            self._steps += 1
+            for p, corr, acc in zip(params, corrections, self._grad_sum):
                 if p.grad is not None:
-                    p.grad.add_(corr)
+                    acc.add_(p.grad.detach().to(acc.device))  # g_i(y_k), before the correction
+                    p.grad.add_(corr.to(p.grad.device))
 
         return correct
 
     def finish(self, task, global_state, local, steps):
         ctx = self.ctx
-        lr = ctx.cfg.client.lr
         names = ctx.spec.names
-        new_c_i = {n: self._c_i[n] - self._c[n] + (global_state[n] - local[n]) / (max(steps, 1) * lr) for n in names}
+        new_c_i = {n: g / max(self._steps, 1) for n, g in zip(names, self._grad_sum)}
         delta_c = {n: new_c_i[n] - self._c_i[n] for n in names}
         stored = dict(ctx.store.get(task.client_id) or {})
         stored[self.KEY] = ctx.spec.flatten(new_c_i)
