@@ -112,3 +112,12 @@ def test_fedbuff_trains_a_real_model_through_the_yaml(tiny_config):
     times = [r["sim_time_s"] for r in rows[1:]]
     assert times == sorted(times) and times[-1] > 0
     assert all(len(r["staleness"]) == 2 for r in rows[1:])
+
+
+def test_size_sampling_through_the_yaml_favours_the_big_client(tiny_config):
+    cfg = tiny_config(**{"federation.sampling": "size", "federation.clients_per_round": 1, "federation.rounds": 30,
+                         "client.steps": 1, "client.epochs": None, "eval.every": 0})
+    server = Server(prepare(cfg))
+    server.client_sizes = np.array([1, 1, 1, 97])  # the sampler reads the server's per-client sizes
+    picks = [r["clients"][0] for r in server.run()]
+    assert picks.count(3) >= 24  # expected 29.1 of 30; uniform sampling would give 7.5

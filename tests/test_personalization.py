@@ -63,3 +63,35 @@ def test_finetune_steps_reports_fedavg_plus_local_finetuning(tiny_config):
     assert last["client_acc_finetuned"] != last["client_acc"]
     # evaluation leaves the global model in place
     assert torch.equal(server.spec.flat(), server.global_flat)
+
+
+def test_ffa_lora_average_of_b_is_the_average_of_the_products(tiny_config):
+    """With A frozen and shared, FedAvg of the B's gives exactly the example-weighted mean of the clients' B_k A."""
+    from fedfm.client import ClientTask
+    from fedfm.models.ranks import LORA_A
+
+    server = Server(prepare(tiny_config(**{"adapter.method": "ffa-lora", "federation.rounds": 1,
+                                           "federation.clients_per_round": 2})))
+    x = server.spec.get()
+    payload = server.codec.encode(x)
+    b_names = [n for n in server.spec.names if ".lora_B." in n]
+    params = dict(server.model.named_parameters())
+    locals_, weights = [], []
+    for cid in (0, 1):
+        res = server.client_algo(ClientTask(client_id=cid, round=1, payload=payload, seed=cid))
+        d = server.codec.decode(res.update, server.spec)
+        locals_.append({n: x[n] + d[n] for n in b_names})
+        weights.append(res.num_examples)
+    server.spec.load(x)
+    server.global_flat = server.spec.flat()
+    from fedfm.client import ClientResult  # noqa: F401
+
+    rows = server.aggregate_results(1, [server.client_algo(ClientTask(client_id=c, round=1, payload=payload, seed=c))
+                                        for c in (0, 1)])
+    assert rows["aggregated"]
+    new = server.spec.unflatten(server.global_flat)
+    p = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+    for b in b_names:
+        A = params[b.replace(".lora_B.", LORA_A)].detach()
+        want = p[0] * (locals_[0][b] @ A) + p[1] * (locals_[1][b] @ A)
+        assert torch.allclose(new[b] @ A, want, atol=1e-6)

@@ -84,6 +84,8 @@ class RichDisplay:
         if "bytes_up" in row:
             parts.append(f"up {_fmt_bytes(row['bytes_up'])} down {_fmt_bytes(row['bytes_down'])}")
         parts.append(f"{row.get('wall_s', 0):.1f}s")
+        if "staleness" in row:  # fedbuff: one row per server step
+            parts.append(f"sim {row['sim_time_s']:.0f}s staleness {row['staleness']}")
         if row.get("dropped"):
             parts.append(f"[yellow]dropped {len(row['dropped'])}[/yellow]")
         self.progress.console.print(" | ".join(parts))
