@@ -121,3 +121,13 @@ def test_size_sampling_through_the_yaml_favours_the_big_client(tiny_config):
     server.client_sizes = np.array([1, 1, 1, 97])  # the sampler reads the server's per-client sizes
     picks = [r["clients"][0] for r in server.run()]
     assert picks.count(3) >= 24  # expected 29.1 of 30; uniform sampling would give 7.5
+
+
+def test_per_client_availability_and_its_length_is_checked(tiny_config):
+    from fedfm.errors import ConfigError
+
+    clock = SimClock(ClockConfig(availability=[1.0, 0.05], period_s=1.0), 2, seed=3)
+    on = [(clock.online(0, t), clock.online(1, t)) for t in range(200)]
+    assert all(a for a, _ in on) and sum(b for _, b in on) < 30
+    with pytest.raises(ConfigError, match="clock.availability has 2 entries"):
+        prepare(tiny_config(**{"clock.availability": [1.0, 0.5]}))

@@ -30,16 +30,23 @@ class SimClock:
         else:
             speed = np.ones(num_clients)
         self.speed = speed  # seconds-per-step multiplier: 2.0 is a client twice as slow as the reference
+        avail = cfg.availability
+        if isinstance(avail, list):
+            if len(avail) != num_clients:
+                raise ValueError(f"clock.availability has {len(avail)} entries, expected one per client ({num_clients})")
+            self.availability = np.asarray(avail, dtype=np.float64)
+        else:
+            self.availability = np.full(num_clients, float(avail))
 
     def duration(self, client: int, steps: int) -> float:
         """Simulated seconds client ``client`` needs for ``steps`` optimizer steps."""
         return float(steps * self.cfg.step_seconds * self.speed[client])
 
     def online(self, client: int, t: float) -> bool:
-        if self.cfg.availability >= 1.0:
+        if self.availability[client] >= 1.0:
             return True
         period = int(math.floor(t / self.cfg.period_s))
-        return _uniform(self.seed, 21, client, period) < self.cfg.availability
+        return _uniform(self.seed, 21, client, period) < self.availability[client]
 
     def online_clients(self, t: float) -> np.ndarray:
         return np.array([c for c in range(self.n) if self.online(c, t)], dtype=np.int64)

@@ -121,7 +121,7 @@ class ClockConfig(Section):
     speeds: Optional[list[float]] = None  # per-client step-time multipliers (2.0 = twice as slow); overrides the draw
     speed_distribution: Literal["constant", "lognormal"] = "constant"
     speed_sigma: float = Field(0.5, ge=0)  # lognormal: sigma of log(multiplier)
-    availability: float = Field(1.0, gt=0, le=1)  # probability a client is online in a period
+    availability: float | list[float] = 1.0  # probability a client is online in a period (one value, or per client)
     period_s: float = Field(600.0, gt=0)  # availability is drawn afresh every period
     dropout: float = Field(0.0, ge=0, lt=1)  # probability a client that starts never returns
     deadline_s: Optional[float] = Field(None, gt=0)  # sync: clients needing longer are stragglers and dropped
@@ -130,6 +130,9 @@ class ClockConfig(Section):
     def _speeds(self) -> "ClockConfig":
         if self.speeds is not None and any(v <= 0 for v in self.speeds):
             raise ValueError("clock.speeds: every multiplier must be > 0")
+        avail = self.availability if isinstance(self.availability, list) else [self.availability]
+        if not avail or any(not (0 < a <= 1) for a in avail):
+            raise ValueError("clock.availability: each probability must be in (0, 1]")
         return self
 
 

@@ -99,6 +99,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ConfigError(f"federation.min_clients ({fed.min_clients}) is more than the {n} clients in the data")
     if cfg.clock.speeds is not None and len(cfg.clock.speeds) != n:
         raise ConfigError(f"clock.speeds has {len(cfg.clock.speeds)} entries, expected one per client ({n})")
+    if isinstance(cfg.clock.availability, list) and len(cfg.clock.availability) != n:
+        raise ConfigError(f"clock.availability has {len(cfg.clock.availability)} entries, expected one per client ({n})")
     rpc = cfg.adapter.rank_per_client
     if isinstance(rpc, list) and len(rpc) != n:
         raise ConfigError(f"adapter.rank_per_client lists {len(rpc)} ranks, expected one per client ({n})")
