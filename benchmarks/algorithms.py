@@ -28,6 +28,8 @@ import platform
 import time
 from pathlib import Path
 
+from _results import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "algorithms.jsonl"
 DOC = ROOT / "docs" / "algorithms.md"
@@ -136,12 +138,8 @@ def main() -> None:
     for name in names:
         if name not in ALGORITHMS:
             raise SystemExit(f"unknown algorithm {name!r}; expected one of {list(ALGORITHMS)}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
-        res = run_one(name, args.rounds)
-        print(json.dumps(res), flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(res) + "\n")
+        emit(run_one(name, args.rounds), RESULTS)
 
 
 if __name__ == "__main__":

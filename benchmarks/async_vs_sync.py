@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import time
 from pathlib import Path
+
+from _results import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "async_vs_sync.jsonl"
@@ -54,12 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--updates", type=int, default=40)
     args = ap.parse_args()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for schedule in SCHEDULES:
-        res = run(schedule, args.updates)
-        print(json.dumps(res), flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(res) + "\n")
+        emit(run(schedule, args.updates), RESULTS)
 
 
 if __name__ == "__main__":

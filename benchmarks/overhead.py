@@ -40,6 +40,8 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from _results import emit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "overhead.jsonl"
 
@@ -310,12 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": 1, "repeats": args.repeats,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    line = json.dumps(result)
-    print(line, flush=True)
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a") as f:
-            f.write(line + "\n")
+    emit(result, None if args.no_save else RESULTS)
     return result
 
 

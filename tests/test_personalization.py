@@ -84,8 +84,6 @@ def test_ffa_lora_average_of_b_is_the_average_of_the_products(tiny_config):
         weights.append(res.num_examples)
     server.spec.load(x)
     server.global_flat = server.spec.flat()
-    from fedfm.client import ClientResult  # noqa: F401
-
     rows = server.aggregate_results(1, [server.client_algo(ClientTask(client_id=c, round=1, payload=payload, seed=c))
                                         for c in (0, 1)])
     assert rows["aggregated"]

@@ -49,6 +49,8 @@ class SimClock:
         return _uniform(self.seed, 21, client, period) < self.availability[client]
 
     def online_clients(self, t: float) -> np.ndarray:
+        if (self.availability >= 1.0).all():  # the default: no per-client draws
+            return np.arange(self.n)
         return np.array([c for c in range(self.n) if self.online(c, t)], dtype=np.int64)
 
     def next_period(self, t: float) -> float:

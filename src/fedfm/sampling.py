@@ -6,8 +6,6 @@ sampler's ``online_only`` flag.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from .registry import Registry

@@ -12,7 +12,6 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from .client import ClientResult, ClientTask
 from .registry import Registry
@@ -90,6 +89,7 @@ class FedBuff(Schedule):
         self.version = 0  # number of server steps so far
         self.jobs = 0  # dispatches so far (seeds client work and drop-outs)
         self.in_flight: list[tuple[float, int, int, int, ClientResult]] = []  # (finish, job, client, version, result)
+        self.bytes_down = 0  # sent during the current server step
 
     def state_dict(self) -> dict[str, Any]:
         return {"sim_time": self.sim_time, "version": self.version, "jobs": self.jobs, "in_flight": list(self.in_flight)}

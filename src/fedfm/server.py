@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +13,7 @@ import torch
 
 from .aggregation import RoundInfo, make_aggregator
 from .aggregation.server_opt import make_server_optimizer
-from .client import ClientContext, ClientResult, ClientTask, make_client
+from .client import ClientContext, ClientResult, make_client
 from .clock import SimClock
 from .compression import make_codec
 from .config import RunConfig
@@ -21,6 +21,7 @@ from .data import FederatedData, build_federated_data
 from .data.sources import load_examples
 from .errors import ConfigError, FedfmError, UpdateRejected
 from .models.loader import check_model_config
+from .models.ranks import assign_ranks, lora_rank
 from .runtime import make_runtime
 from .runtime.state_store import ClientStateStore
 from .sampling import make_sampler
@@ -135,11 +136,8 @@ class Server:
         self.server_opt = make_server_optimizer(cfg)
         self.store = ClientStateStore(cfg.runtime.cache_clients, cfg.runtime.state_dir)
         self.personal = self.bundle.personal
-        self.ranks = None
-        if cfg.adapter.rank_per_client is not None:
-            from .models.ranks import assign_ranks
-
-            self.ranks = assign_ranks(cfg.adapter.rank_per_client, len(self.data.clients), cfg.federation.seed)
+        self.ranks = None if cfg.adapter.rank_per_client is None else \
+            assign_ranks(cfg.adapter.rank_per_client, len(self.data.clients), cfg.federation.seed)
         self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, encoded=self.encoded,
                                  data=self.data, codec=self.codec, store=self.store, personal=self.personal,
                                  personal_init=self.personal.flat(), ranks=self.ranks)
@@ -149,8 +147,6 @@ class Server:
         self.global_flat = self.spec.flat()
         self.global_version = 0  # server steps taken in this process (keys the payload cache)
         self._payload_cache: dict = {}
-        from .models.ranks import lora_rank
-
         self.lora_rank = lora_rank(self.spec)
         self.client_sizes = np.array([len(self.task.rows(self.encoded, c.train)) for c in self.data.clients])
         self.clock = SimClock(cfg.clock, len(self.data.clients), cfg.federation.seed)
@@ -218,10 +214,10 @@ class Server:
         def score(c) -> float:
             return task.evaluate(self.model, enc, c.test, cfg.eval.batch_size)[key]
 
+        self._load_global()  # and again after each personalized or fine-tuned score
         for i, c in enumerate(self.data.clients):
             if not len(c.test):
                 continue
-            self._load_global()
             per[""][str(c.id)] = score(c)
             if "_personal" in per:
                 self.ctx.load_personal(i)
@@ -259,18 +255,17 @@ class Server:
         ccfg = self.cfg.client
         if ccfg.steps is not None:
             return ccfg.steps
-        per_epoch = math.ceil(math.ceil(self.client_sizes[cid] / ccfg.batch_size) / ccfg.grad_accum)
-        return max(1, per_epoch * ccfg.epochs)
+        batches = math.ceil(self.client_sizes[cid] / ccfg.batch_size) * ccfg.epochs
+        return max(1, math.ceil(batches / ccfg.grad_accum))  # as local_sgd counts: one last partial accumulation
 
     def sample(self, rng: np.random.Generator, k: int, t: float, exclude=(), online_only: bool = False) -> np.ndarray:
         """``k`` clients by ``federation.sampling``; online ones only for availability-aware sampling."""
-        n = len(self.data.clients)
         if online_only or self.sampler.online_only:
             candidates = self.clock.online_clients(t)
         else:
-            candidates = np.arange(n)
+            candidates = np.arange(len(self.data.clients))
         if exclude:
-            candidates = np.array([c for c in candidates if int(c) not in exclude], dtype=np.int64)
+            candidates = np.setdiff1d(candidates, np.fromiter(exclude, dtype=np.int64))
         if len(candidates) == 0:
             return candidates
         return self.sampler(rng, k, candidates, self.client_sizes)
