@@ -80,6 +80,26 @@ def test_failing_client_is_dropped_and_round_goes_on(tiny_config, monkeypatch):
     assert not torch.equal(server.global_flat, before)
 
 
+def test_a_run_whose_every_client_crashes_stops_with_the_error(tiny_config, tmp_path):
+    """Seen on the first GPU run: a device bug made every client raise, and the run logged six empty rounds with
+    exit status 0. A round where every client raises before anything was ever aggregated now stops the run."""
+    from fedfm.errors import ClientFailure
+
+    cfg = tiny_config(**{"federation.rounds": 3})
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.create(overwrite=False)
+    server = Server(prepare(cfg), run_dir)
+
+    def broken(task):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    server.runtime.client_fn = broken
+    with pytest.raises(ClientFailure, match="round 1: every sampled client.*same device"):
+        server.run()
+    rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 1 and rows[-1]["aggregated"] is False  # the failed round is still logged
+
+
 def test_too_few_clients_leaves_global_unchanged(tiny_config):
     cfg = tiny_config(**{"federation.rounds": 1, "federation.clients_per_round": 2, "federation.min_clients": 2})
     server = Server(prepare(cfg))

@@ -21,3 +21,10 @@ class ModelError(FedfmError):
 
 class UpdateRejected(Exception):
     """A client update that failed validation; the client drops out of the round."""
+
+
+class ClientFailure(FedfmError):
+    """Every client of a round raised an exception before anything was ever aggregated: a bug or a broken setup,
+    not a straggler, so the run stops instead of spending its rounds on nothing."""
+
+    exit_code = 1

@@ -19,7 +19,7 @@ from .compression import make_codec
 from .config import RunConfig
 from .data import FederatedData, build_federated_data
 from .data.sources import load_examples
-from .errors import ConfigError, FedfmError, UpdateRejected
+from .errors import ClientFailure, ConfigError, FedfmError, UpdateRejected
 from .models.loader import check_model_config
 from .models.ranks import assign_ranks, lora_rank
 from .runtime import make_runtime
@@ -354,6 +354,7 @@ class Server:
             row.update(self.evaluate(rnd))
         row["bytes_up"] = int(sum(r.nbytes for r in results))
         row["dropped"] = dropped
+        self._all_crashed = bool(results) and all(r.crashed for r in results)
         return row
 
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -369,8 +370,13 @@ class Server:
             self._log(row)
             rows.append(row)
         for rnd in range(self.start_round, cfg.federation.rounds + 1):
+            self._all_crashed = False
             row = self.run_round(rnd)
             self._log(row)
+            if self._all_crashed and self.global_version == 0 and self.start_round == 1:
+                first = row["dropped"][0]["error"] if row.get("dropped") else "unknown error"
+                raise ClientFailure(f"round {rnd}: every sampled client raised an error before any update was "
+                                    f"aggregated, e.g. {first}; stopping (metrics.jsonl lists each client's error)")
             if self.run_dir is not None:
                 self.run_dir.save_checkpoint(rnd, self.checkpoint_state(rnd), cfg.output.keep_checkpoints)
             rows.append(row)

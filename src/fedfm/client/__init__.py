@@ -35,6 +35,7 @@ class ClientResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     extras: dict[str, bytes] = field(default_factory=dict)  # algorithm state sent back (SCAFFOLD's Δc_i)
+    crashed: bool = False  # the client's code raised (as opposed to a dropout, a deadline, a rejected update)
 
     @property
     def nbytes(self) -> int:
@@ -213,7 +214,7 @@ class FedProx(LocalTraining):
 
     def grad_hook(self, task, global_state):
         mu = self.ctx.cfg.client.mu
-        anchors = [global_state[n] for n in self.ctx.spec.names]
+        anchors = [global_state[n].to(p.device) for n, p in self.ctx.spec.params.items()]
 
         def prox(params):
             for p, w_t in zip(params, anchors):

@@ -33,8 +33,8 @@ class StateSpec:
         self.numel = sum(self.numels)
 
     def get(self) -> "OrderedDict[str, torch.Tensor]":
-        """A detached copy of the current trainable values."""
-        return OrderedDict((n, p.detach().clone()) for n, p in self.params.items())
+        """A detached copy of the current trainable values, on the CPU (where states are encoded and compared)."""
+        return OrderedDict((n, p.detach().to("cpu", copy=True)) for n, p in self.params.items())
 
     @torch.no_grad()
     def load(self, state: "OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]") -> None:
@@ -45,10 +45,14 @@ class StateSpec:
     def flat(self) -> torch.Tensor:
         if not self.params:
             return torch.zeros(0)
-        return torch.cat([p.detach().reshape(-1) for p in self.params.values()]).float()
+        return torch.cat([p.detach().reshape(-1) for p in self.params.values()]).float().cpu()
 
     @torch.no_grad()
     def load_flat(self, flat: torch.Tensor) -> None:
+        """Copy a flat (CPU) vector into the parameters, wherever they live (one transfer for a GPU model)."""
+        if not self.params:
+            return
+        flat = flat.to(next(iter(self.params.values())).device)
         torch._foreach_copy_(list(self.params.values()), list(self.unflatten(flat).values()))
 
     def flatten(self, state) -> torch.Tensor:

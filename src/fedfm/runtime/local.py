@@ -20,7 +20,8 @@ class LocalRuntime(Runtime):
             except Exception as e:  # a failing client drops out of the round; the round goes on
                 last = traceback.extract_tb(e.__traceback__)[-1]
                 result = ClientResult(client_id=task.client_id,
-                                      error=f"{type(e).__name__}: {e} (at {last.filename.split('/')[-1]}:{last.lineno})")
+                                      error=f"{type(e).__name__}: {e} (at {last.filename.split('/')[-1]}:{last.lineno})",
+                                      crashed=True)
             results.append(result)
             if on_result is not None:
                 on_result(result)
