@@ -182,6 +182,7 @@ class RuntimeConfig(Section):
     state_dir: Optional[str] = None
     cache_clients: int = Field(1000, ge=1)
     threads: Optional[int] = Field(None, ge=1)
+    max_clients_per_batch: Optional[int] = Field(None, ge=1)  # batched runtime: clients per stacked batch (memory cap)
 
 
 class EvalConfig(Section):

@@ -144,6 +144,8 @@ class Server:
         self.client_algo = make_client(self.ctx)
         self.algo_server = type(self.client_algo).server_side(self.ctx)  # the algorithm's server half (SCAFFOLD's c)
         self.runtime = make_runtime(cfg, self.client_algo)
+        for note in getattr(self.runtime, "notes", []):
+            self.display.message(note)
         self.global_flat = self.spec.flat()
         self.global_version = 0  # server steps taken in this process (keys the payload cache)
         self._payload_cache: dict = {}

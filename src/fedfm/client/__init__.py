@@ -73,19 +73,25 @@ class ClientContext:
 
     PERSONAL_KEY = "personal"
 
+    def personal_flat(self, client_id: int) -> torch.Tensor:
+        """The client's own personal parameters (flat), or their initial values before it has any."""
+        stored = self.store.get(client_id)
+        return stored[self.PERSONAL_KEY] if stored and self.PERSONAL_KEY in stored else self.personal_init
+
     def load_personal(self, client_id: int) -> None:
         """Put the client's own personal parameters (or their initial values) into the model."""
         if self.personal is None or not self.personal.names:
             return
-        stored = self.store.get(client_id)
-        flat = stored[self.PERSONAL_KEY] if stored and self.PERSONAL_KEY in stored else self.personal_init
-        self.personal.load_flat(flat)
+        self.personal.load_flat(self.personal_flat(client_id))
 
     def save_personal(self, client_id: int) -> None:
         if self.personal is None or not self.personal.names:
             return
+        self.store_personal(client_id, self.personal.flat())
+
+    def store_personal(self, client_id: int, flat: torch.Tensor) -> None:
         stored = dict(self.store.get(client_id) or {})
-        stored[self.PERSONAL_KEY] = self.personal.flat()
+        stored[self.PERSONAL_KEY] = flat
         self.store.put(client_id, stored)
 
 
@@ -96,6 +102,23 @@ def make_optimizer(params, ccfg) -> torch.optim.Optimizer:
 
 
 GradHook = Callable[[list[torch.nn.Parameter]], None]
+
+
+def batch_stream(task, encoded, indices: np.ndarray, batch_size: int, generator: torch.Generator,
+                 max_steps: int | None, epochs: int):
+    """The mini-batches one client trains on, in order: ``epochs`` passes (or ``max_steps`` batches, passing over
+    the data as often as needed), each pass shuffled by the client's own ``generator``. Exactly what
+    ``local_sgd`` consumes without gradient accumulation; the batched runtime reads one such stream per client."""
+    taken = 0
+    for _ in (range(epochs) if max_steps is None else itertools.count()):
+        seen = taken
+        for batch in task.batches(encoded, indices, batch_size, generator):
+            yield batch
+            taken += 1
+            if max_steps is not None and taken >= max_steps:
+                return
+        if taken == seen:  # no data
+            return
 
 
 def local_sgd(ctx: ClientContext, indices: np.ndarray, generator: torch.Generator,
@@ -263,20 +286,25 @@ class Scaffold(LocalTraining):
     extra_names = ("delta_c",)
     KEY = "scaffold.c_i"
 
+    def __init__(self, ctx: ClientContext):
+        super().__init__(ctx)
+        self._pending: dict[int, tuple] = {}  # client id -> (c_i, Σ g, step count) while it trains
+
     def grad_hook(self, task, global_state):
         ctx = self.ctx
         c = ctx.codec.decode(task.extras["c"], ctx.spec)
         stored = ctx.store.get(task.client_id)
         c_i = ctx.spec.unflatten(stored[self.KEY]) if stored and self.KEY in stored \
             else {n: torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names}
-        self._c_i = c_i
-        self._grad_sum = [torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names]
-        self._steps = 0
+        grad_sum = [torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names]
+        counter = [0]
+        # per client, so that clients training together (the batched runtime) keep their own c_i and sums
+        self._pending[task.client_id] = (c_i, grad_sum, counter)
         corrections = [c[n] - c_i[n] for n in ctx.spec.names]
 
         def correct(params):
-            self._steps += 1
-            for p, corr, acc in zip(params, corrections, self._grad_sum):
+            counter[0] += 1
+            for p, corr, acc in zip(params, corrections, grad_sum):
                 if p.grad is not None:
                     acc.add_(p.grad.detach().to(acc.device))  # g_i(y_k), before the correction
                     p.grad.add_(corr.to(p.grad.device))
@@ -286,8 +314,9 @@ class Scaffold(LocalTraining):
     def finish(self, task, global_state, local, steps):
         ctx = self.ctx
         names = ctx.spec.names
-        new_c_i = {n: g / max(self._steps, 1) for n, g in zip(names, self._grad_sum)}
-        delta_c = {n: new_c_i[n] - self._c_i[n] for n in names}
+        c_i, grad_sum, counter = self._pending.pop(task.client_id)
+        new_c_i = {n: g / max(counter[0], 1) for n, g in zip(names, grad_sum)}
+        delta_c = {n: new_c_i[n] - c_i[n] for n in names}
         stored = dict(ctx.store.get(task.client_id) or {})
         stored[self.KEY] = ctx.spec.flatten(new_c_i)
         ctx.store.put(task.client_id, stored)

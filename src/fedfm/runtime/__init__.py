@@ -25,4 +25,4 @@ def make_runtime(cfg, client_fn: Callable[[ClientTask], ClientResult]) -> Runtim
     return RUNTIMES.get(cfg.runtime.name)(cfg, client_fn)
 
 
-from . import local  # noqa: E402,F401  (registers "local"; heavy runtimes register lazily when added)
+from . import batched, local  # noqa: E402,F401  (register "local" and "batched"; heavy runtimes register lazily)

@@ -69,6 +69,11 @@ class Task:
         with self.autocast():
             return model(**batch).loss
 
+    def segment_losses(self, model, batch: dict[str, torch.Tensor], sizes: list[int]) -> torch.Tensor:
+        """One loss per run of rows (``sizes``: rows per client, in order), each what ``loss`` gives on those rows
+        alone: the batched runtime's per-client losses from one forward pass."""
+        raise NotImplementedError(f"task {type(self).__name__} has no per-client losses")
+
     @torch.no_grad()
     def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
         raise NotImplementedError
@@ -110,6 +115,14 @@ class Classification(Task):
         ids, mask, lengths = _pad_rows(tok["input_ids"], self.tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(examples.labels, dtype=torch.long),
                 "lengths": lengths}
+
+    def segment_losses(self, model, batch, sizes):
+        """Mean cross-entropy over each client's rows (the transformers head's loss, per client)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with self.autocast():
+            logits = model(**inputs).logits
+        per_row = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        return torch.stack([part.mean() for part in per_row.split(sizes)])
 
     @torch.no_grad()
     def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:

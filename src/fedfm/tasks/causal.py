@@ -29,6 +29,17 @@ class CausalLMLoss:
         return self._keep[key]
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        logits, targets = self.logits_and_targets(model, batch)
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return loss_sum, int((targets != -100).sum())
+
+    def per_row(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed target-token loss and its number of target tokens."""
+        logits, targets = self.logits_and_targets(model, batch)
+        tok = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        return tok.view(targets.shape).sum(1), (targets != -100).sum(1)
+
+    def logits_and_targets(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
         T = labels.shape[1]
         pos = shifted_positions(labels)
@@ -40,9 +51,7 @@ class CausalLMLoss:
         else:
             logits = model(**inputs).logits
             logits = logits[:, logits.shape[1] - T:][:, pos]  # drop virtual-token positions (prompt tuning)
-        targets = labels[:, pos + 1]
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, int((targets != -100).sum())
+        return logits, labels[:, pos + 1]
 
 
 class CausalLM(Task):
@@ -60,6 +69,12 @@ class CausalLM(Task):
         with self.autocast():
             total, count = self.causal_loss(model, batch)
         return total / max(count, 1)
+
+    def segment_losses(self, model, batch, sizes):
+        """Each client's mean loss over its own target tokens (what ``loss`` gives on its rows alone)."""
+        with self.autocast():
+            sums, counts = self.causal_loss.per_row(model, batch)
+        return torch.stack([s.sum() / max(int(c.sum()), 1) for s, c in zip(sums.split(sizes), counts.split(sizes))])
 
     @torch.no_grad()
     def evaluate(self, model, enc, indices, batch_size: int) -> dict[str, float]:
