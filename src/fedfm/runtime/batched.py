@@ -56,17 +56,24 @@ class Segments:
 def segmented_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg: Segments) -> torch.Tensor:
     """Rows of client i times its own weight: ``y[rows_i] = x[rows_i] @ weight[i]^T + bias[i]``.
 
-    ``weight``: [K_active, out, in], already taken for the active clients. Equal segments go through one ``bmm``.
+    ``weight``: [K_active, out, in], already taken for the active clients. Equal segments go through one ``bmm``
+    over the client axis; unequal ones through one ``bmm`` over rows, each row with its client's weight gathered
+    (rows x out x in: small for adapters and heads).
     """
+    lead, d_in = x.shape[:-1], x.shape[-1]
     if seg.equal:
-        k = len(seg.sizes)
-        xs = x.reshape(k, -1, x.shape[-1])
+        xs = x.reshape(len(seg.sizes), -1, d_in)
         w = weight.transpose(1, 2).to(xs.dtype)
         y = torch.bmm(xs, w) if bias is None else torch.baddbmm(bias.to(xs.dtype).unsqueeze(1), xs, w)
-        return y.reshape(*x.shape[:-1], weight.shape[1])
-    parts = x.split(seg.sizes)
-    return torch.cat([F.linear(p, weight[i].to(p.dtype), None if bias is None else bias[i].to(p.dtype))
-                      for i, p in enumerate(parts)])
+        return y.reshape(*lead, weight.shape[1])
+    sizes = torch.tensor(seg.sizes, device=x.device)
+    xs = x.reshape(x.shape[0], -1, d_in)
+    w = weight.repeat_interleave(sizes, dim=0).transpose(1, 2).to(xs.dtype)
+    if bias is None:
+        y = torch.bmm(xs, w)
+    else:
+        y = torch.baddbmm(bias.repeat_interleave(sizes, dim=0).to(xs.dtype).unsqueeze(1), xs, w)
+    return y.reshape(*lead, weight.shape[1])
 
 
 def per_row(values: torch.Tensor, seg: Segments, ndim: int) -> torch.Tensor:
