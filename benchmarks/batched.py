@@ -10,7 +10,7 @@ Workloads:
   llama    a LLaMA-style causal LM built from a config (hidden 256, 4 layers, FFN 1536, vocab 1024: ~6.3M params),
            LoRA r=8 on q,v; each client 64 random sequences of 64 tokens; batch 8; AdamW; 4 steps per client.
   minilm   all-MiniLM-L6-v2 + LoRA r=8 on query,value + classification head, BBC News (IID over 16 clients),
-           max_length 32, batch 16; 4 steps per client.
+           max_length 32, batch 16; 4 steps per client; model.dropout=0 (so both sides can give the same update).
   smollm2  SmolLM2-135M-Instruct + LoRA r=8 on q,k,v,o over chatterbot-qa, packed rows of 128 tokens, batch 8
            (per-client batch 8 x 128); the K largest categories; 4 steps per client. Meant for a GPU.
 
@@ -75,7 +75,7 @@ def build(workload: str, kmax: int, steps: int, work: Path, extra: list[str]):
 
         cfg = validate_config(apply_overrides(llama_config(work, kmax, steps), extra))
     elif workload == "minilm":
-        cfg = load_config("bbc-lora", ["partition.method=iid", f"partition.num_clients={max(kmax, 2)}",
+        cfg = load_config("bbc-lora", ["partition.method=iid", "model.dropout=0.0", f"partition.num_clients={max(kmax, 2)}",
                                        "federation.clients_per_round=1", "federation.min_clients=1",
                                        f"client.steps={steps}", "client.epochs=null", "eval.every=0",
                                        f"output.dir={work / 'run'}", *extra])

@@ -100,7 +100,7 @@ def make_data(directory: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- fedfm child
 
-def fedfm_config(data: Path, out_dir: Path) -> dict:
+def fedfm_config(data: Path, out_dir: Path, runtime: str = "local") -> dict:
     return {
         "name": "overhead",
         "model": {"name_or_path": None, "from_config": dict(MODEL_CONFIG)},
@@ -115,13 +115,13 @@ def fedfm_config(data: Path, out_dir: Path) -> dict:
                    "batch_size": BATCH_SIZE, "grad_clip": GRAD_CLIP, "grad_accum": 1},
         "server": {"aggregator": "fedavg", "optimizer": "fedavg", "lr": 1.0},
         "codec": {"name": "fp32"},
-        "runtime": {"name": "local", "threads": 1},
+        "runtime": {"name": runtime, "threads": 1},
         "eval": {"every": 0, "initial": False},
         "output": {"dir": str(out_dir)},
     }
 
 
-def child_fedfm(data: Path, out_dir: Path) -> None:
+def child_fedfm(data: Path, out_dir: Path, runtime: str = "local") -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -130,7 +130,7 @@ def child_fedfm(data: Path, out_dir: Path) -> None:
     from fedfm.tracking import RunDir
 
     t_import = time.perf_counter()
-    cfg = validate_config(fedfm_config(data, out_dir))
+    cfg = validate_config(fedfm_config(data, out_dir, runtime))
     prepared = prepare(cfg)
     sizes = [len(c.train) for c in prepared.data.clients]
     assert sizes == [ROWS_PER_CLIENT] * NUM_CLIENTS, sizes
@@ -142,7 +142,7 @@ def child_fedfm(data: Path, out_dir: Path) -> None:
     t_setup = time.perf_counter()
     rows = server.run()
     t_train = time.perf_counter()
-    _finish("fedfm", t_import, t_setup, t_train, {
+    _finish("fedfm" if runtime == "local" else f"fedfm-{runtime}", t_import, t_setup, t_train, {
         "params": sum(p.numel() for p in server.model.parameters()), "trainable": server.spec.numel,
         "train_loss": [r["train_loss"] for r in rows], "clients": [r["clients"] for r in rows],
         "global_norm": float(server.global_flat.norm()),
@@ -253,13 +253,14 @@ def run_child(side: str, data: Path, work: Path, k: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2, help="A B pairs to run (alternating A B A B)")
-    ap.add_argument("--child", choices=["fedfm", "plain"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["fedfm", "fedfm-batched", "plain"], help=argparse.SUPPRESS)
+    ap.add_argument("--batched", action="store_true", help="also run fedfm with runtime: batched (a third side)")
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/overhead.jsonl")
     args = ap.parse_args(argv)
-    if args.child == "fedfm":
-        child_fedfm(args.data, args.out)
+    if args.child in ("fedfm", "fedfm-batched"):
+        child_fedfm(args.data, args.out, "batched" if args.child == "fedfm-batched" else "local")
         return {}
     if args.child == "plain":
         child_plain(args.data)
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         data = make_data(work)
         for k in range(args.repeats):
-            for side in ("fedfm", "plain"):
+            for side in ("fedfm", "plain") + (("fedfm-batched",) if args.batched else ()):
                 res = run_child(side, data, work, k)
                 print(f"[{side} #{k}] wall {res['wall_s']:.2f}s cpu {res['cpu_s']:.2f}s (import {res['import_s']:.2f}, setup "
                       f"{res['setup_s']:.2f}, train {res['train_s']:.2f}) rss {res['rss_mb']:.1f} MB", file=sys.stderr)
@@ -305,6 +306,15 @@ def main(argv: list[str] | None = None) -> dict:
         "fedfm_train_s": round(statistics.median(side("fedfm", "train_s")), 3),
         "plain_train_s": round(statistics.median(side("plain", "train_s")), 3),
         "params": f_runs[0]["params"], "trainable": f_runs[0]["trainable"],
+        **({} if not args.batched else {
+            "batched_wall_s": round(statistics.median(side("fedfm-batched", "wall_s")), 3),
+            "batched_train_s": round(statistics.median(side("fedfm-batched", "train_s")), 3),
+            "batched_rss_mb": round(statistics.median(side("fedfm-batched", "rss_mb")), 1),
+            "batched_vs_plain_wall": round(statistics.median(side("fedfm-batched", "wall_s")) / pw, 4),
+            "batched_vs_plain_rss": round(statistics.median(side("fedfm-batched", "rss_mb")) / pr, 4),
+            "batched_max_round_loss_diff": max(abs(a - b) for a, b in zip(
+                [r for r in runs if r["side"] == "fedfm-batched"][0]["train_loss"], f_runs[0]["train_loss"])),
+        }),
         "same_clients": same_clients, "max_round_loss_diff": loss_diff,
         "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                   if k not in ("clients", "train_loss")} for r in runs],

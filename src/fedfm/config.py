@@ -30,6 +30,7 @@ class ModelConfig(Section):
     quantization: Optional[Literal["4bit", "8bit"]] = None  # QLoRA base via bitsandbytes (CUDA only)
     gradient_checkpointing: bool = False
     autocast: Optional[Literal["bf16", "fp16"]] = None  # mixed-precision forward/backward; trainable weights stay fp32
+    dropout: Optional[float] = Field(None, ge=0, lt=1)  # every dropout rate of the base (default: the model's own)
     device: Optional[str] = None  # default: cuda when available, else cpu
     train_tokenizer: Optional["TokenizerTrainConfig"] = None  # a byte-level BPE trained on the public (held-out) text
 
@@ -83,6 +84,7 @@ class DataConfig(Section):
     client_column: Optional[str] = None
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_examples: Optional[int] = Field(None, ge=2)
+    tokenized_cache: bool = True  # keep the tokenized rows in $FEDFM_CACHE/tokenized, memory-mapped next run
 
 
 class PartitionConfig(Section):

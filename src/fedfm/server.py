@@ -123,7 +123,13 @@ class Server:
         t0 = time.perf_counter()
         self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
-        self.encoded = self.task.encode(self.data.examples)  # tokenized once per run
+        if cfg.data.tokenized_cache:  # tokenized once, memory-mapped from the cache on the next run
+            from .models.loader import cache_root
+            from .tasks.cache import encode_cached
+
+            self.encoded, self.tokenized_from_cache = encode_cached(self.task, self.data.examples, cache_root())
+        else:
+            self.encoded, self.tokenized_from_cache = self.task.encode(self.data.examples), False
         for note in getattr(self.task, "notes", []):
             self.display.message(note)
         self.eval_indices = self._fixed_sample(self.data.test, cfg.eval.max_examples, 5)
@@ -134,7 +140,8 @@ class Server:
         self.codec = make_codec(cfg.codec.name)
         self.aggregator = make_aggregator(cfg)
         self.server_opt = make_server_optimizer(cfg)
-        self.store = ClientStateStore(cfg.runtime.cache_clients, cfg.runtime.state_dir)
+        state_dir = cfg.runtime.state_dir or (run_dir.path / "client_state" if run_dir is not None else None)
+        self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
         self.personal = self.bundle.personal
         self.ranks = None if cfg.adapter.rank_per_client is None else \
             assign_ranks(cfg.adapter.rank_per_client, len(self.data.clients), cfg.federation.seed)

@@ -238,5 +238,25 @@ def load_base(model_cfg, auto_class: str, **kwargs) -> Any:
             model = cls.from_pretrained(path, revision=model_cfg.revision, **_hub_kwargs(path), **kwargs)
         except OSError as e:
             raise _hub_error(path, e) from None
+    if getattr(model_cfg, "dropout", None) is not None:
+        set_dropout(model, model_cfg.dropout)
     model.eval()
     return model
+
+
+def set_dropout(model, p: float) -> None:
+    """``model.dropout``: every dropout of the base at ``p`` (its config's ``*dropout*`` rates, which attention
+    kernels read, and every ``nn.Dropout``); 0 makes training deterministic given the data order."""
+    import torch
+
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        for key, value in list(config.to_dict().items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, p)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):  # attention modules that keep the rate as a float
+            m.dropout = p
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = p

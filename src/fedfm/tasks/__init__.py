@@ -22,6 +22,7 @@ class Task:
     head_names: list[str] = []
     needs_labels = False
     reads_chat = False  # examples are conversations (instruction data), not texts
+    cached_attrs: tuple[str, ...] = ()  # what ``encode`` sets on the task besides the tensors (kept by the cache)
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg

@@ -35,6 +35,7 @@ class InstructionTuning(CausalLM):
     """Supervised instruction tuning on conversations (Alpaca, chat ``messages`` or prompt/completion rows)."""
 
     reads_chat = True
+    cached_attrs = ("questions", "prompts", "answers", "references", "notes")
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
