@@ -116,6 +116,14 @@ def test_causal_lm_lora_batches(tmp_path, optimizer, bound):
     _compare(server, seq, bat, bound)
 
 
+def test_ia3_clients_get_the_sequential_update(tiny_config):
+    cfg = tiny_config(**{"adapter.method": "ia3", "client.steps": 3, "client.epochs": None, "partition.alpha": 0.3})
+    server = Server(prepare(cfg))
+    assert any("ia3_l" in n for n in server.spec.names)
+    seq, bat = _both(server, _tasks(server))
+    _compare(server, seq, bat)
+
+
 def test_chunks_of_max_clients_per_batch_give_the_same_updates(tiny_config):
     cfg = tiny_config(**{"runtime.max_clients_per_batch": 3, "partition.alpha": 0.3})
     server = Server(prepare(cfg))

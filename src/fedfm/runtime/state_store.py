@@ -23,6 +23,25 @@ from ..errors import FedfmError
 
 State = dict[str, torch.Tensor]
 MANIFEST = "__manifest__"
+TRIM_EVERY = 64  # evictions between returns of freed heap pages to the OS
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``). Evicted states free buffers of a few hundred
+    KiB between long-lived ones; glibc keeps such holes in the heap, so without this RSS drifts above the cache."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class ClientStateStore:
@@ -34,6 +53,7 @@ class ClientStateStore:
         self._version: dict[int, int] = {}  # cid -> the version of its current file
         self._next = 0
         self._manifests: deque[dict[int, int]] = deque(maxlen=max(keep_manifests, 1))
+        self._writes = 0
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -86,11 +106,15 @@ class ClientStateStore:
         os.replace(tmp, path)
         self._version[cid] = version
         self._dirty.discard(cid)
+        self._writes += 1
+        if self._writes % TRIM_EVERY == 0:
+            _trim_heap()
 
     def flush(self) -> None:
         """Write every state changed since it was last written."""
         for cid in sorted(self._dirty):
             self._write(cid, self._mem[cid])
+        _trim_heap()
 
     def state_dict(self) -> dict[Any, Any]:
         """For checkpoints: with a ``state_dir``, flush and return a manifest ``{cid: version}`` (files that neither
