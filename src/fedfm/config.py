@@ -161,11 +161,18 @@ class ServerConfig(Section):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity ε of Reddi et al. 2021
     hetlora_weighting: Literal["sparsity", "examples"] = "sparsity"  # hetlora: p_k ∝ ‖B_k A_k‖_F, or ∝ n_k
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)  # trimmed-mean: β, the fraction cut from each end per coordinate
+    byzantine_fraction: float = Field(0.2, ge=0, lt=0.5)  # krum / multi-krum: f = floor(fraction x K)
+    geomed_iters: int = Field(4, ge=1)  # geometric-median: smoothed Weiszfeld iterations
+    norm_bound: Optional[float] = Field(None, gt=0)  # norm-bound: each update scaled to at most this L2 norm
+    max_update_norm: Optional[float] = Field(None, gt=0)  # validation: reject any update with a larger L2 norm
 
     @model_validator(mode="after")
     def _lr_default(self) -> "ServerConfig":
         if self.lr is None:
             self.lr = SERVER_LR_DEFAULTS.get(self.optimizer, 1.0)
+        if self.aggregator == "norm-bound" and self.norm_bound is None:
+            raise ValueError("server.aggregator 'norm-bound' needs server.norm_bound (the largest L2 norm an update keeps)")
         return self
 
 

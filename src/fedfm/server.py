@@ -308,6 +308,11 @@ class Server:
         delta = view.expand(self.codec.decode(res.update, view))
         if res.num_examples <= 0:
             raise UpdateRejected(f"num_examples must be positive, got {res.num_examples}")
+        bound = self.cfg.server.max_update_norm
+        if bound is not None:
+            norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in delta.values())))
+            if norm > bound:
+                raise UpdateRejected(f"L2 norm {norm:.4g} above server.max_update_norm={bound:g}")
         decoded_extras = {}
         for name in self.client_algo.extra_names:
             if name not in res.extras:

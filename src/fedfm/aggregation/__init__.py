@@ -84,4 +84,4 @@ def make_aggregator(cfg) -> Aggregator:
     return AGGREGATORS.get(cfg.server.aggregator)(cfg)
 
 
-from . import lora  # noqa: E402,F401  (registers hetlora, flexlora)
+from . import lora, robust  # noqa: E402,F401  (register hetlora, flexlora; the robust reducers)
