@@ -202,6 +202,40 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
     console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")
 
 
+@app.command("privacy")
+def privacy_cmd(
+    config: str = typer.Argument("bbc-lora", help="a built-in config name or a YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+) -> None:
+    """The client-level privacy a config would give, without training: ε at δ, q, z and the accountant."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, list(overrides or []))
+        if cfg.privacy.mode != "client":
+            raise FedfmError(f"privacy.mode is {cfg.privacy.mode!r}: this config gives no differential-privacy "
+                             "guarantee (set privacy.mode=client with privacy.noise_multiplier or privacy.target_epsilon)")
+        from .server import prepare
+
+        prepared = prepare(cfg)  # reads and partitions the data (the accountant needs N); loads no model
+        m, p = prepared.mechanism, cfg.privacy
+        eps = m.epsilon(cfg.federation.rounds, p.delta)
+    except FedfmError as e:
+        _fail(e)
+        return
+    table = Table(title=f"client-level DP of {cfg.name}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in [("epsilon", f"{eps:.4g}"), ("delta", f"{p.delta:g}"), ("rounds", str(cfg.federation.rounds)),
+                 ("client sampling", f"{m.sampling}: q = {m.q:.4g} ({m.per_round} of {m.num_clients})"),
+                 ("noise multiplier z", f"{m.noise_multiplier:.4g}" + ("" if p.noise_multiplier is not None
+                                                                         else " (derived from privacy.target_epsilon)")),
+                 ("clip C", f"{p.clip:g}" + (" (adaptive)" if p.target_quantile is not None else "")),
+                 ("accountant", f"dp-accounting {m.accountant.upper()}")]:
+        table.add_row(k, v)
+    console.print(table)
+
+
 @app.command("configs")
 def configs_cmd() -> None:
     """List the built-in configs."""

@@ -209,6 +209,19 @@ class OutputConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+class PrivacyConfig(Section):
+    mode: Literal["none", "client"] = "none"  # client: DP-FedAvg (McMahan et al. 2018) with a dp-accounting accountant
+    clip: float = Field(1.0, gt=0)  # C: each client update is scaled to L2 norm <= C (the initial C when adaptive)
+    noise_multiplier: Optional[float] = Field(None, ge=0)  # z: noise std z·C on the clipped sum
+    delta: float = Field(1e-5, gt=0, lt=1)
+    target_epsilon: Optional[float] = Field(None, gt=0)  # no z: derive z for the planned rounds; with z: stop when spent
+    sampling: Literal["poisson", "fixed"] = "poisson"  # client sampling the accountant assumes (and the run uses)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    target_quantile: Optional[float] = Field(None, gt=0, lt=1)  # adaptive clipping (Andrew et al. 2021): γ
+    clip_lr: float = Field(0.2, gt=0)  # adaptive clipping: η_C, C ← C·exp(−η_C (b̄ − γ))
+    count_noise: Optional[float] = Field(None, gt=0)  # adaptive clipping: σ_b (default: expected clients / 20)
+
+
 class RunConfig(Section):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -224,9 +237,20 @@ class RunConfig(Section):
     clock: ClockConfig = ClockConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
+        if self.privacy.mode == "client":
+            if self.server.aggregator != "fedavg":
+                raise ValueError(f"privacy.mode 'client' sums clipped updates itself (DP-FedAvg); server.aggregator "
+                                 f"{self.server.aggregator!r} cannot be combined with it yet: use fedavg")
+            if self.federation.schedule != "sync":
+                raise ValueError("privacy.mode 'client' is accounted per synchronous round: use federation.schedule: sync")
+            if self.privacy.noise_multiplier is None and self.privacy.target_epsilon is None:
+                raise ValueError("privacy.mode 'client' needs privacy.noise_multiplier or privacy.target_epsilon")
+            # the run samples clients the way the accountant assumes
+            self.federation.sampling = "poisson" if self.privacy.sampling == "poisson" else "uniform"
         if self.partition.alpha <= 0:
             raise ValueError(f"partition.alpha must be > 0, got {self.partition.alpha}")
         if self.partition.power <= 0:

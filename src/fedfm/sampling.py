@@ -41,6 +41,16 @@ class ProportionalToSize(Sampler):
         return np.sort(rng.choice(candidates, size=k, replace=False, p=w / w.sum()))
 
 
+@SAMPLERS.register("poisson")
+class Poisson(Sampler):
+    """Poisson sampling: each candidate takes part independently with probability q = k / N (the sampling that
+    DP-FedAvg's privacy amplification assumes); the round's size varies and may be 0."""
+
+    def __call__(self, rng, k, candidates, sizes):
+        q = min(k / len(candidates), 1.0)
+        return np.sort(candidates[rng.random(len(candidates)) < q])
+
+
 @SAMPLERS.register("available")
 class Available(Uniform):
     """Availability-aware: uniform among the clients online at the current simulated time."""

@@ -76,6 +76,7 @@ class Prepared:
 
     cfg: RunConfig
     data: FederatedData
+    mechanism: Any = None  # client-level DP: sampling, noise multiplier and accountant (privacy.mode: client)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -105,7 +106,12 @@ def prepare(cfg: RunConfig) -> Prepared:
     rpc = cfg.adapter.rank_per_client
     if isinstance(rpc, list) and len(rpc) != n:
         raise ConfigError(f"adapter.rank_per_client lists {len(rpc)} ranks, expected one per client ({n})")
-    return Prepared(cfg=cfg, data=data)
+    mech = None
+    if cfg.privacy.mode == "client":  # derive/check the noise multiplier now, before any model loads
+        from .privacy.accountant import mechanism
+
+        mech = mechanism(cfg, n)
+    return Prepared(cfg=cfg, data=data, mechanism=mech)
 
 
 class Server:
@@ -139,6 +145,17 @@ class Server:
                             "seconds": time.perf_counter() - t0, "method": cfg.adapter.method})
         self.codec = make_codec(cfg.codec.name)
         self.aggregator = make_aggregator(cfg)
+        self.mechanism, self.dp = prepared.mechanism, None
+        if self.mechanism is not None:
+            from .privacy.dp import DPFedAvg
+
+            m = self.mechanism
+            self.dp = DPFedAvg(cfg.privacy, m.noise_multiplier, m.per_round, cfg.federation.seed)
+            self.display.message(
+                f"privacy: client-level DP-FedAvg, {m.sampling} sampling q={m.q:.4g} ({m.per_round} of "
+                f"{m.num_clients} clients), noise multiplier z={m.noise_multiplier:.4g}, clip C={cfg.privacy.clip:g}; "
+                f"{m.accountant.upper()} accountant: ε={m.epsilon(cfg.federation.rounds, cfg.privacy.delta):.4g} "
+                f"at δ={cfg.privacy.delta:g} after {cfg.federation.rounds} rounds")
         self.server_opt = make_server_optimizer(cfg)
         state_dir = cfg.runtime.state_dir or (run_dir.path / "client_state" if run_dir is not None else None)
         self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
@@ -168,6 +185,7 @@ class Server:
         return {"round": rnd, "names": self.spec.names, "global": self.global_flat.clone(),
                 "aggregator": self.aggregator.state_dict(), "server_opt": self.server_opt.state_dict(),
                 "client_algorithm": self.algo_server.state_dict(), "schedule": self.schedule.state_dict(),
+                "privacy": self.dp.state_dict() if self.dp is not None else {},
                 "store": self.store.state_dict()}
 
     def load_checkpoint_state(self, ck: dict[str, Any]) -> None:
@@ -179,6 +197,8 @@ class Server:
         self.server_opt.load_state_dict(ck["server_opt"])
         self.algo_server.load_state_dict(ck.get("client_algorithm", {}))
         self.schedule.load_state_dict(ck.get("schedule", {}))
+        if self.dp is not None:
+            self.dp.load_state_dict(ck.get("privacy", {}))
         self.store.load_state_dict(ck["store"])
         self.start_round = ck["round"] + 1
 
@@ -344,7 +364,19 @@ class Server:
             accepted_extras.append((res, decoded_extras))
 
         row: dict[str, Any] = {"round": rnd}
-        if len(accepted) >= cfg.federation.min_clients:
+        if self.dp is not None:  # DP-FedAvg releases a noised update every round, however many clients answered
+            updates = torch.stack([d for _, d, _ in accepted]) if accepted else torch.zeros(0, self.spec.numel)
+            delta, info = self.dp(updates, self.spec.numel, rnd)
+            self.global_flat = self.server_opt.step(self.global_flat, delta)
+            self.global_version += 1
+            self.spec.load_flat(self.global_flat)
+            self.algo_server.absorb(accepted_extras)
+            if accepted:
+                n = torch.tensor([float(r.num_examples) for r, _, _ in accepted])
+                row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r, _, _ in accepted) / n.sum())
+            row.update(info, aggregated=True, epsilon=self.mechanism.epsilon(rnd, cfg.privacy.delta),
+                       delta=cfg.privacy.delta)
+        elif len(accepted) >= cfg.federation.min_clients:
             updates = torch.stack([d for _, d, _ in accepted])
             w = torch.tensor([x for _, _, x in accepted], dtype=torch.float64)
             ranks = [int(self.ranks[r.client_id]) if self.ranks is not None else self.lora_rank for r, _, _ in accepted]
@@ -384,6 +416,8 @@ class Server:
             self._log(row)
             rows.append(row)
         for rnd in range(self.start_round, cfg.federation.rounds + 1):
+            if self.privacy_spent(rnd):
+                break
             self._all_crashed = False
             row = self.run_round(rnd)
             self._log(row)
@@ -398,6 +432,19 @@ class Server:
             self.save_final()
         self.runtime.close()
         return rows
+
+    def privacy_spent(self, rnd: int) -> bool:
+        """With both privacy.noise_multiplier and privacy.target_epsilon: stop before the round that would spend
+        more than the target."""
+        p = self.cfg.privacy
+        if self.mechanism is None or p.target_epsilon is None or p.noise_multiplier is None:
+            return False
+        eps = self.mechanism.epsilon(rnd, p.delta)
+        if eps <= p.target_epsilon:
+            return False
+        self.display.message(f"privacy budget spent: round {rnd} would reach ε={eps:.4g} > privacy.target_epsilon="
+                             f"{p.target_epsilon:g} at δ={p.delta:g}; stopping after round {rnd - 1}")
+        return True
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.run_dir is not None:

@@ -1,0 +1,1 @@
+"""Privacy: client-level differential privacy (DP-FedAvg with a dp-accounting accountant)."""

@@ -1,0 +1,81 @@
+"""The privacy accountant: client-level (ε, δ) of a run, computed by ``dp-accounting`` (RDP or PLD), never asserted.
+
+A round of DP-FedAvg is a Gaussian mechanism of noise multiplier z applied to a sample of the clients:
+Poisson-sampled with rate q (``privacy.sampling: poisson``; add-or-remove-one neighbouring, RDP or PLD), or a
+fixed-size sample of m of the N clients without replacement (``fixed``; replace-one neighbouring, RDP only, which
+is what ``dp-accounting`` supports for it). R rounds compose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass
+class Mechanism:
+    """What the accountant needs: the sampling (rate q of N, or m of N), the noise multiplier and the rounds."""
+
+    sampling: str  # poisson | fixed
+    num_clients: int
+    per_round: int  # the expected (poisson) or exact (fixed) number of sampled clients
+    noise_multiplier: float
+    accountant: str = "rdp"  # rdp | pld
+
+    @property
+    def q(self) -> float:
+        return self.per_round / self.num_clients
+
+    def event(self, rounds: int, noise_multiplier: float | None = None):
+        import dp_accounting as dpa
+
+        g = dpa.GaussianDpEvent(self.noise_multiplier if noise_multiplier is None else noise_multiplier)
+        if self.sampling == "poisson":
+            one = dpa.PoissonSampledDpEvent(self.q, g)
+        else:
+            one = dpa.SampledWithoutReplacementDpEvent(self.num_clients, self.per_round, g)
+        return dpa.SelfComposedDpEvent(one, rounds)
+
+    def fresh_accountant(self):
+        import dp_accounting as dpa
+        from absl import logging as absl_logging
+        from dp_accounting import pld, rdp
+
+        absl_logging.set_verbosity(absl_logging.ERROR)  # RDP orders it cannot evaluate are skipped, not a user error
+        if self.sampling == "fixed":
+            if self.accountant != "rdp":
+                raise ConfigError("privacy.accountant: fixed-size client sampling is accounted with 'rdp' "
+                                  "(dp-accounting's PLD has no sampling without replacement); use privacy.sampling: "
+                                  "poisson for 'pld'")
+            return rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+        return rdp.RdpAccountant() if self.accountant == "rdp" else pld.PLDAccountant()
+
+    def epsilon(self, rounds: int, delta: float) -> float:
+        if rounds <= 0:
+            return 0.0
+        acc = self.fresh_accountant()
+        acc.compose(self.event(rounds))
+        return float(acc.get_epsilon(delta))
+
+    def noise_for(self, target_epsilon: float, delta: float, rounds: int) -> float:
+        """The smallest noise multiplier whose ``rounds`` rounds spend at most ``target_epsilon`` at ``delta``."""
+        import dp_accounting as dpa
+
+        return float(dpa.calibrate_dp_mechanism(
+            self.fresh_accountant, lambda z: self.event(rounds, z), target_epsilon, delta,
+            bracket_interval=dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
+
+
+def mechanism(cfg, num_clients: int) -> Mechanism:
+    """The run's mechanism: ``privacy.*`` and the client sample size; the noise multiplier derived from
+    ``privacy.target_epsilon`` for the planned rounds when none is given."""
+    from ..server import num_sampled
+
+    p = cfg.privacy
+    per_round = num_sampled(cfg.federation, num_clients)
+    m = Mechanism(p.sampling, num_clients, per_round, p.noise_multiplier or 0.0, p.accountant)
+    if p.noise_multiplier is None:
+        if p.target_epsilon is None:
+            raise ConfigError("privacy.mode 'client' needs privacy.noise_multiplier or privacy.target_epsilon")
+        m.noise_multiplier = m.noise_for(p.target_epsilon, p.delta, cfg.federation.rounds)
+    return m

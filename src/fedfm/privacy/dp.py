@@ -1,0 +1,65 @@
+"""DP-FedAvg (McMahan et al. 2018): clip each client update to L2 norm C, sum, add Gaussian noise of std z·C, divide
+by a fixed denominator (the expected number of sampled clients), so one client changes the released update by at
+most C / denominator whatever the others do. Optional adaptive clipping (Andrew et al. 2021): C follows the
+γ-quantile of the update norms through a privately counted fraction of unclipped updates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class DPFedAvg:
+    """Δ̄ = (Σ_k Δ_k · min(1, C / ‖Δ_k‖) + N(0, (z_Δ C)² I)) / E[K]."""
+
+    def __init__(self, pcfg, noise_multiplier: float, denominator: float, seed: int):
+        self.C = float(pcfg.clip)
+        self.z = float(noise_multiplier)
+        self.denominator = float(denominator)
+        self.seed = seed
+        self.gamma = pcfg.target_quantile
+        self.eta = pcfg.clip_lr
+        self.sigma_b = pcfg.count_noise if pcfg.count_noise is not None else self.denominator / 20.0
+        self.z_delta = self.z
+        if self.gamma is not None and self.z > 0:
+            # the clipped-count query (sensitivity 1/2) and the sum share the budget: z⁻² = z_Δ⁻² + (2σ_b)⁻²
+            rest = self.z ** -2 - (2 * self.sigma_b) ** -2
+            if rest <= 0:
+                raise ConfigError(f"privacy.count_noise: σ_b={self.sigma_b:g} is too small for noise multiplier "
+                                  f"{self.z:.4g} (need 2σ_b > z); raise privacy.count_noise")
+            self.z_delta = rest ** -0.5
+
+    def __call__(self, updates: torch.Tensor, dim: int, rnd: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        g = torch.Generator().manual_seed(_seed(self.seed, 7, rnd))
+        C = self.C
+        if updates.shape[0]:
+            norms = updates.double().norm(dim=1)
+            scale = (C / norms.clamp_min(1e-12)).clamp(max=1.0)
+            total = (updates.double() * scale.unsqueeze(1)).sum(0)
+            unclipped = float((norms <= C).sum())
+            clipped_fraction = float((norms > C).double().mean())
+        else:
+            total, unclipped, clipped_fraction = torch.zeros(dim, dtype=torch.float64), 0.0, 0.0
+        noise = torch.randn(dim, generator=g, dtype=torch.float64) * (self.z_delta * C)
+        delta = ((total + noise) / self.denominator).float()
+        info = {"dp_clip": C, "dp_clipped_fraction": clipped_fraction, "dp_noise_std": self.z_delta * C / self.denominator}
+        if self.gamma is not None:
+            b = (unclipped + float(torch.randn(1, generator=g, dtype=torch.float64)) * self.sigma_b) / self.denominator
+            self.C = C * math.exp(-self.eta * (b - self.gamma))
+        return delta, info
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"C": self.C}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "C" in state:
+            self.C = float(state["C"])

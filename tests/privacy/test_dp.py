@@ -1,0 +1,114 @@
+"""Client-level DP (DP-FedAvg): the accountant's ε equals dp-accounting called directly; the mechanism clips, noises
+and divides as the paper says; ε is in every round's metrics; the budget derives z or stops the run; the CLI
+reports a config's ε without training."""
+from __future__ import annotations
+
+import json
+
+import dp_accounting as dpa
+import pytest
+import torch
+from dp_accounting import pld, rdp
+from typer.testing import CliRunner
+
+from fedfm.privacy.accountant import Mechanism
+from fedfm.privacy.dp import DPFedAvg
+from fedfm.server import Server, prepare
+
+
+@pytest.mark.parametrize("q,z,rounds,delta", [(0.01, 1.1, 100, 1e-5), (0.1, 0.8, 20, 1e-6), (0.5, 2.0, 5, 1e-5),
+                                               (0.02, 1.5, 1000, 1e-5)])
+@pytest.mark.parametrize("kind", ["rdp", "pld"])
+def test_epsilon_equals_dp_accounting_called_directly(q, z, rounds, delta, kind):
+    n = 1000
+    m = Mechanism("poisson", n, int(q * n), z, kind)
+    event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), rounds)
+    acc = rdp.RdpAccountant() if kind == "rdp" else pld.PLDAccountant()
+    acc.compose(event)
+    assert m.epsilon(rounds, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+
+
+def test_fixed_size_sampling_is_accounted_as_sampling_without_replacement():
+    m = Mechanism("fixed", 500, 10, 1.2, "rdp")
+    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(500, 10, dpa.GaussianDpEvent(1.2)), 50))
+    assert m.epsilon(50, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_noise_for_a_target_epsilon_spends_at_most_it():
+    m = Mechanism("poisson", 1000, 10, 0.0, "rdp")
+    z = m.noise_for(4.0, 1e-5, 100)
+    m.noise_multiplier = z
+    assert m.epsilon(100, 1e-5) <= 4.0 + 1e-6
+    m.noise_multiplier = z * 0.95
+    assert m.epsilon(100, 1e-5) > 4.0  # and it is the smallest such z (to the calibration's tolerance)
+
+
+class _P:  # a privacy config section
+    clip, target_quantile, clip_lr, count_noise = 1.0, None, 0.2, None
+
+
+def test_dp_fedavg_clips_sums_and_divides_by_the_fixed_denominator():
+    updates = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5: the first is scaled to norm 1
+    mech = DPFedAvg(_P(), noise_multiplier=0.0, denominator=4.0, seed=0)
+    delta, info = mech(updates, 2, rnd=1)
+    assert torch.allclose(delta, torch.tensor([(0.6 + 0.3) / 4, (0.8 + 0.4) / 4]))
+    assert info["dp_clipped_fraction"] == 0.5
+    # with noise: the std of the released coordinate is z·C / denominator, measured over many rounds
+    noisy = DPFedAvg(_P(), noise_multiplier=2.0, denominator=4.0, seed=0)
+    draws = torch.stack([noisy(torch.zeros(0, 2000), 2000, rnd=r)[0] for r in range(5)])
+    assert draws.std().item() == pytest.approx(2.0 * 1.0 / 4.0, rel=0.03)
+    # the same round of the same seed draws the same noise (resume gives the same run)
+    assert torch.equal(noisy(torch.zeros(0, 5), 5, 3)[0], noisy(torch.zeros(0, 5), 5, 3)[0])
+
+
+def test_adaptive_clipping_moves_c_toward_the_target_quantile():
+    class P(_P):
+        target_quantile, clip_lr, count_noise = 0.5, 0.2, 1.0
+
+    mech = DPFedAvg(P(), noise_multiplier=0.0, denominator=10.0, seed=0)
+    norms = torch.linspace(0.1, 10.0, 10)
+    updates = torch.stack([torch.tensor([n.item(), 0.0]) for n in norms])
+    for r in range(200):
+        mech(updates, 2, r)
+    assert 3.0 < mech.C < 7.5  # near the median norm (5.05), starting from C = 1
+
+
+def test_a_dp_run_logs_epsilon_every_round_and_matches_the_accountant(tiny_config):
+    cfg = tiny_config(**{"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 0.5,
+                         "federation.rounds": 3, "federation.clients_per_round": 2, "eval.every": 0})
+    prepared = prepare(cfg)
+    server = Server(prepared)
+    rows = server.run()
+    m = prepared.mechanism
+    assert m.sampling == "poisson" and m.q == pytest.approx(0.5) and cfg.federation.sampling == "poisson"
+    assert [r["epsilon"] for r in rows] == [pytest.approx(m.epsilon(r, 1e-5)) for r in (1, 2, 3)]
+    assert rows[0]["epsilon"] < rows[1]["epsilon"] < rows[2]["epsilon"]
+    assert all(r["aggregated"] for r in rows)
+
+
+def test_target_epsilon_derives_the_noise_or_stops_the_run(tiny_config):
+    derived = prepare(tiny_config(**{"privacy.mode": "client", "privacy.target_epsilon": 8.0, "federation.rounds": 3}))
+    assert derived.mechanism.epsilon(3, 1e-5) <= 8.0 + 1e-6 and derived.mechanism.noise_multiplier > 0
+    cfg = tiny_config(**{"privacy.mode": "client", "privacy.noise_multiplier": 1.5, "privacy.target_epsilon": 4.0,
+                         "federation.rounds": 10, "eval.every": 0})
+    prepared = prepare(cfg)
+    spent_at = next(r for r in range(1, 11) if prepared.mechanism.epsilon(r, 1e-5) > 4.0)
+    rows = Server(prepared).run()
+    assert [r["round"] for r in rows] == list(range(1, spent_at))
+    assert spent_at == 4 and rows[-1]["epsilon"] <= 4.0
+
+
+def test_the_privacy_command_prints_epsilon_without_training(tiny_config, tmp_path):
+    from fedfm.cli import app
+
+    cfg = tiny_config(**{"privacy.mode": "client", "privacy.noise_multiplier": 1.1, "federation.rounds": 7})
+    path = tmp_path / "dp.yaml"
+    path.write_text(cfg.to_yaml())
+    out = CliRunner().invoke(app, ["privacy", str(path)])
+    assert out.exit_code == 0, out.output
+    m = prepare(cfg).mechanism
+    assert f"{m.epsilon(7, 1e-5):.4g}" in out.output and "RDP" in out.output and "q = 0.5" in out.output
+    assert not (tmp_path / "run").exists()  # nothing trained, no run directory
+    none = CliRunner().invoke(app, ["privacy", str(path), "privacy.mode=none"])
+    assert none.exit_code != 0 and "no differential-privacy guarantee" in none.output
