@@ -201,6 +201,7 @@ class EvalConfig(Section):
     initial: bool = False
     max_examples: Optional[int] = Field(None, ge=1)  # evaluate on a fixed sample of the held-out set
     finetune_steps: int = Field(0, ge=0)  # per client: also score the global model after this many local steps
+    membership_audit: bool = False  # after the last round: loss-threshold MIA AUC, clients' examples vs held-out
     generation: GenerationConfig = GenerationConfig()
 
 
@@ -222,6 +223,16 @@ class PrivacyConfig(Section):
     count_noise: Optional[float] = Field(None, gt=0)  # adaptive clipping: σ_b (default: expected clients / 20)
 
 
+class AttackConfig(Section):
+    kind: str = "none"  # none | sign-flip | scale | gaussian | label-flip | backdoor
+    fraction: float = Field(0.0, ge=0, le=1)  # of the clients, malicious for the whole run (seeded)
+    scale: float = Field(10.0, gt=0)  # sign-flip sends −scale·Δ (use 1 for a plain flip); scale sends scale·Δ
+    noise_std: float = Field(1.0, gt=0)  # gaussian: σ of the noise sent instead of the update
+    trigger: str = "cf mn bb"  # backdoor: the phrase put in front of poisoned texts
+    target_label: Optional[str] = None  # backdoor: the label the trigger should produce (default: the first label)
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: of each malicious client's training examples
+
+
 class RunConfig(Section):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -238,6 +249,7 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

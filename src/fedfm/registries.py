@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
 def fields_of(cfg: "RunConfig"):
     from .aggregation import AGGREGATORS
+    from .attacks import ATTACKS
     from .aggregation.server_opt import SERVER_OPTIMIZERS
     from .client import CLIENT_ALGORITHMS
     from .compression import CODECS
@@ -30,4 +31,5 @@ def fields_of(cfg: "RunConfig"):
         ("runtime.name", RUNTIMES, cfg.runtime.name),
         ("federation.sampling", SAMPLERS, cfg.federation.sampling),
         ("federation.schedule", SCHEDULES, cfg.federation.schedule),
+        ("attack.kind", ATTACKS, cfg.attack.kind),
     ]

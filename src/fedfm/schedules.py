@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .attacks import tamper_results
 from .client import ClientResult, ClientTask
 from .registry import Registry
 
@@ -69,10 +70,13 @@ class Sync(Schedule):
         s.display.round_start(rnd, cfg.federation.rounds, len(ids))
         ran = {r.client_id: r for r in s.runtime.run(tasks, on_result=s.display.client_done)}
         results = [ran.get(int(c)) or skipped[int(c)] for c in ids]
+        results = tamper_results(s, results, rnd)  # malicious clients send what their attack says
         returned = [durations[r.client_id] for r in results if r.error is None]
         waited = deadline if (deadline is not None and len(returned) < len(ids)) else 0.0
         self.sim_time += max(returned + [waited]) if (returned or waited) else 0.0
         row = s.aggregate_results(rnd, results)
+        if s.attack.malicious:
+            row["malicious"] = [int(c) for c in ids if int(c) in s.attack.malicious]
         row.update({"bytes_down": int(sent),
                     "clients": [int(c) for c in ids], "sim_time_s": self.sim_time,
                     "wall_s": time.perf_counter() - t0})
@@ -120,7 +124,7 @@ class FedBuff(Schedule):
         else:
             payload, extras = s.broadcast(rnd, c)
             task = ClientTask(client_id=c, round=rnd, payload=payload, extras=extras, seed=s.derive_seed(8, job, c))
-            res = s.runtime.run([task], on_result=s.display.client_done)[0]
+            res = tamper_results(s, s.runtime.run([task], on_result=s.display.client_done), job)[0]
             self.bytes_down += len(payload) + sum(len(b) for b in extras.values())
         heapq.heappush(self.in_flight, (finish, job, c, self.version, res))
         return True

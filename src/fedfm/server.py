@@ -77,6 +77,7 @@ class Prepared:
     cfg: RunConfig
     data: FederatedData
     mechanism: Any = None  # client-level DP: sampling, noise multiplier and accountant (privacy.mode: client)
+    attack: Any = None  # attack.kind: the malicious clients, their data already poisoned
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -106,12 +107,16 @@ def prepare(cfg: RunConfig) -> Prepared:
     rpc = cfg.adapter.rank_per_client
     if isinstance(rpc, list) and len(rpc) != n:
         raise ConfigError(f"adapter.rank_per_client lists {len(rpc)} ranks, expected one per client ({n})")
+    from .attacks import make_attack
+
+    attack = make_attack(cfg, n)
+    attack.poison_data(data)  # data attacks change the malicious clients' examples before anything is tokenized
     mech = None
     if cfg.privacy.mode == "client":  # derive/check the noise multiplier now, before any model loads
         from .privacy.accountant import mechanism
 
         mech = mechanism(cfg, n)
-    return Prepared(cfg=cfg, data=data, mechanism=mech)
+    return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack)
 
 
 class Server:
@@ -145,6 +150,15 @@ class Server:
                             "seconds": time.perf_counter() - t0, "method": cfg.adapter.method})
         self.codec = make_codec(cfg.codec.name)
         self.aggregator = make_aggregator(cfg)
+        from .attacks import Backdoor, make_attack
+
+        self.attack = prepared.attack if prepared.attack is not None else make_attack(cfg, len(self.data.clients))
+        self.backdoor_enc = None
+        if isinstance(self.attack, Backdoor):
+            self.backdoor_enc = self.task.encode(self.attack.triggered_test(self.data))
+        if self.attack.malicious:
+            self.display.message(f"attack: {cfg.attack.kind}, {len(self.attack.malicious)} malicious client(s): "
+                                 f"{sorted(self.attack.malicious)[:10]}{' …' if len(self.attack.malicious) > 10 else ''}")
         self.mechanism, self.dp = prepared.mechanism, None
         if self.mechanism is not None:
             from .privacy.dp import DPFedAvg
@@ -221,6 +235,11 @@ class Server:
             out.update({f"eval_{k}": v for k, v in metrics.items()})
             if self.run_dir is not None:
                 self.run_dir.write_generations(rnd, records)
+        if self.backdoor_enc is not None:  # how often the trigger turns a held-out example into the target label
+            n = len(next(iter(self.backdoor_enc.values())))
+            if n:
+                out["backdoor_success"] = task.evaluate(self.model, self.backdoor_enc, np.arange(n),
+                                                        cfg.eval.batch_size)["accuracy"]
         if cfg.eval.per_client:
             out.update(self.evaluate_clients(rnd))
         return out
@@ -428,6 +447,15 @@ class Server:
             if self.run_dir is not None:
                 self.run_dir.save_checkpoint(rnd, self.checkpoint_state(rnd), cfg.output.keep_checkpoints)
             rows.append(row)
+        if cfg.eval.membership_audit and rows:
+            from .privacy.audit import membership_audit
+
+            audit = {"round": rows[-1]["round"], **membership_audit(self)}
+            self.audit = audit
+            self.display.message(f"membership inference (loss threshold): AUC {audit['mia_auc']:.3f} on "
+                                 f"{audit['mia_members']} training vs {audit['mia_nonmembers']} held-out examples")
+            if self.run_dir is not None:
+                self.run_dir.write_json("privacy_audit.json", audit)
         if self.run_dir is not None:
             self.save_final()
         self.runtime.close()

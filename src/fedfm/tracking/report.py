@@ -461,6 +461,17 @@ def _summary(records: list[dict[str, Any]], pngs: list[Path], run_dir: Path) -> 
         f"| wall seconds | {wall:.1f} |",
         f"| dropped client updates | {dropped} |",
         "",
+    ]
+    audit_path = run_dir / "privacy_audit.json"
+    if audit_path.exists():
+        import json
+
+        a = json.loads(audit_path.read_text())
+        lines += ["## Privacy audit", "",
+                  f"Membership inference by {a['attack']} on the final global model: ROC AUC **{a['mia_auc']:.3f}** "
+                  f"({a['mia_members']} clients' training examples vs {a['mia_nonmembers']} held-out; mean loss "
+                  f"{a['mia_member_loss']:.4g} vs {a['mia_nonmember_loss']:.4g}). 0.5 is chance.", ""]
+    lines += [
         "## Plots",
         "",
     ]
