@@ -383,9 +383,19 @@ class Server:
             accepted_extras.append((res, decoded_extras))
 
         row: dict[str, Any] = {"round": rnd}
-        if self.dp is not None:  # DP-FedAvg releases a noised update every round, however many clients answered
-            updates = torch.stack([d for _, d, _ in accepted]) if accepted else torch.zeros(0, self.spec.numel)
-            delta, info = self.dp(updates, self.spec.numel, rnd)
+        if self.dp is not None or len(accepted) >= cfg.federation.min_clients:
+            if self.dp is not None:  # DP-FedAvg releases a noised update every round, however many clients answered
+                updates = torch.stack([d for _, d, _ in accepted]) if accepted else torch.zeros(0, self.spec.numel)
+                delta, info = self.dp(updates, self.spec.numel, rnd)
+                row.update(info, epsilon=self.mechanism.epsilon(rnd, cfg.privacy.delta), delta=cfg.privacy.delta)
+            else:
+                updates = torch.stack([d for _, d, _ in accepted])
+                w = torch.tensor([x for _, _, x in accepted], dtype=torch.float64)
+                ranks = [int(self.ranks[r.client_id]) if self.ranks is not None else self.lora_rank
+                         for r, _, _ in accepted]
+                delta = self.aggregator(updates, w.float(), RoundInfo(x=self.global_flat, ranks=ranks, spec=self.spec))
+                if fixed_denominator:
+                    delta = delta * float(w.sum() / len(accepted))
             self.global_flat = self.server_opt.step(self.global_flat, delta)
             self.global_version += 1
             self.spec.load_flat(self.global_flat)
@@ -393,22 +403,6 @@ class Server:
             if accepted:
                 n = torch.tensor([float(r.num_examples) for r, _, _ in accepted])
                 row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r, _, _ in accepted) / n.sum())
-            row.update(info, aggregated=True, epsilon=self.mechanism.epsilon(rnd, cfg.privacy.delta),
-                       delta=cfg.privacy.delta)
-        elif len(accepted) >= cfg.federation.min_clients:
-            updates = torch.stack([d for _, d, _ in accepted])
-            w = torch.tensor([x for _, _, x in accepted], dtype=torch.float64)
-            ranks = [int(self.ranks[r.client_id]) if self.ranks is not None else self.lora_rank for r, _, _ in accepted]
-            info = RoundInfo(x=self.global_flat, ranks=ranks, spec=self.spec)
-            delta = self.aggregator(updates, w.float(), info)
-            if fixed_denominator:
-                delta = delta * float(w.sum() / len(accepted))
-            self.global_flat = self.server_opt.step(self.global_flat, delta)
-            self.global_version += 1
-            self.spec.load_flat(self.global_flat)
-            self.algo_server.absorb(accepted_extras)
-            n = torch.tensor([float(r.num_examples) for r, _, _ in accepted])
-            row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r, _, _ in accepted) / n.sum())
             row["aggregated"] = True
         else:
             row["aggregated"] = False
