@@ -3,8 +3,8 @@
 (a) ``--table dp``: accuracy and membership-inference AUC without DP and with client-level DP-FedAvg at
     ε = 1, 4, 8 (δ = 1e-5): 100 simulated clients (IID), 20 Poisson-sampled per round (q = 0.2), z derived from
     the target ε for the planned rounds by the accountant, clip C = --clip.
-(b) ``--table robust``: clean accuracy and backdoor success with 20% sign-flipping clients and with 20% backdoor
-    clients, for FedAvg and each robust aggregator: bbc-lora's 10 Dirichlet(0.5) clients, all 10 every round, so
+(b) ``--table robust``: clean accuracy and backdoor success with 20% sign-flipping clients (sending −s·Δ,
+    s = --flip-scale) and with 20% backdoor clients, for FedAvg and each robust aggregator: bbc-lora's 10 Dirichlet(0.5) clients, all 10 every round, so
     every round has its 2 malicious clients.
 
 Every run goes through ``prepare`` + ``Server`` as ``fedfm run`` does, one JSON line each, appended to
@@ -70,10 +70,10 @@ def table_dp(rounds: int, clip: float, only: list[str] | None, out) -> None:
             emit(run_one(base + ov, {"table": "dp", "setting": name}, Path(tmp)), out)
 
 
-def table_robust(rounds: int, only: list[str] | None, out) -> None:
+def table_robust(rounds: int, only: list[str] | None, out, flip_scale: float = 5.0) -> None:
     base = ["federation.clients_per_round=10", f"federation.rounds={rounds}", f"eval.every={rounds}",
             "server.norm_bound=0.05", "server.trim_fraction=0.2", "server.byzantine_fraction=0.2"]
-    attacks = [("sign-flip", ["attack.kind=sign-flip", "attack.fraction=0.2", "attack.scale=1"]),
+    attacks = [("sign-flip", ["attack.kind=sign-flip", "attack.fraction=0.2", f"attack.scale={flip_scale:g}"]),
                ("backdoor", ["attack.kind=backdoor", "attack.fraction=0.2", "attack.target_label=sport"])]
     for attack, aov in attacks:
         for agg in ROBUST:
@@ -97,7 +97,9 @@ def render() -> None:
         if t == "dp":
             lines.append(f"| {s} | {fmt(r['epsilon'], 2)} | {fmt(r['noise_multiplier'], 3)} | {fmt(r['accuracy'])} | "
                          f"{fmt(r['best_accuracy'])} | {fmt(r['mia_auc'])} |")
-    lines += ["", "(b) 20% malicious clients (2 of 10, every round):", "",
+    flip = next((o.split("=")[1] for k, r in latest.items() if k[2] == "sign-flip" for o in r["overrides"]
+                 if o.startswith("attack.scale=")), "?")
+    lines += ["", f"(b) 20% malicious clients (2 of 10, every round); sign-flip clients send −{flip}·Δ:", "",
               "| aggregator | accuracy under sign-flip | accuracy under backdoor | backdoor success |", "|---|---|---|---|"]
     for agg in ROBUST:
         sf, bd = latest.get(("robust", None, "sign-flip", agg)), latest.get(("robust", None, "backdoor", agg))
@@ -120,6 +122,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--clip", type=float, default=0.05)
     ap.add_argument("--only", help="comma-separated settings (dp: none, eps=1, …) or aggregators (robust)")
+    ap.add_argument("--flip-scale", type=float, default=5.0,
+                    help="sign-flip clients send -s·Δ; with 2 of 10 clients, s > 4 turns FedAvg's mean around")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
@@ -128,7 +132,7 @@ def main() -> None:
     if args.table == "dp":
         table_dp(args.rounds, args.clip, only, out)
     elif args.table == "robust":
-        table_robust(args.rounds, only, out)
+        table_robust(args.rounds, only, out, args.flip_scale)
     if args.render:
         render()
 
