@@ -207,31 +207,45 @@ def privacy_cmd(
     config: str = typer.Argument("bbc-lora", help="a built-in config name or a YAML file"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
 ) -> None:
-    """The client-level privacy a config would give, without training: ε at δ, q, z and the accountant."""
+    """The privacy a config would give, without training: ε at δ, the sampling, z and the accountant."""
     from .config import load_config
 
     try:
         cfg = load_config(config, list(overrides or []))
-        if cfg.privacy.mode != "client":
-            raise FedfmError(f"privacy.mode is {cfg.privacy.mode!r}: this config gives no differential-privacy "
-                             "guarantee (set privacy.mode=client with privacy.noise_multiplier or privacy.target_epsilon)")
+        if cfg.privacy.mode == "none":
+            raise FedfmError("privacy.mode is 'none': this config gives no differential-privacy guarantee (set "
+                             "privacy.mode=client or sample, with privacy.noise_multiplier or privacy.target_epsilon)")
         from .server import prepare
 
-        prepared = prepare(cfg)  # reads and partitions the data (the accountant needs N); loads no model
-        m, p = prepared.mechanism, cfg.privacy
-        eps = m.epsilon(cfg.federation.rounds, p.delta)
+        prepared = prepare(cfg)  # reads and partitions the data (the accountant needs N and n_k); loads no model
+        p, R = cfg.privacy, cfg.federation.rounds
+        derived = "" if p.noise_multiplier is not None else " (derived from privacy.target_epsilon)"
+        if cfg.privacy.mode == "client":
+            m = prepared.mechanism
+            rows = [("protects", "one client's whole data"), ("epsilon", f"{m.epsilon(R, p.delta):.4g}"),
+                    ("delta", f"{p.delta:g}"), ("rounds", str(R)),
+                    ("client sampling", f"{m.sampling}: q = {m.q:.4g} ({m.per_round} of {m.num_clients})"),
+                    ("noise multiplier z", f"{m.noise_multiplier:.4g}{derived}"),
+                    ("clip C", f"{p.clip:g}" + (" (adaptive)" if p.target_quantile is not None else "")),
+                    ("accountant", f"dp-accounting {m.accountant.upper()}")]
+        else:
+            sd = prepared.sample_dp
+            qs = [sd.rate(k) for k in range(len(sd.sizes))]
+            rows = [("protects", "one training example of a client"),
+                    ("epsilon (worst client)", f"{sd.worst_epsilon(R, p.delta):.4g} if sampled in every round"),
+                    ("delta", f"{p.delta:g}"), ("rounds", str(R)),
+                    ("example sampling", f"poisson per step: q_k = {min(qs):.4g} … {max(qs):.4g} "
+                                         f"(B = {cfg.client.batch_size}, n_k = {int(sd.sizes.min())} … {int(sd.sizes.max())})"),
+                    ("steps per round", f"{int(sd.steps.min())} … {int(sd.steps.max())}"),
+                    ("noise multiplier z", f"{sd.noise_multiplier:.4g}{derived}"),
+                    ("per-example clip C", f"{p.clip:g}"), ("accountant", f"dp-accounting {p.accountant.upper()}")]
     except FedfmError as e:
         _fail(e)
         return
-    table = Table(title=f"client-level DP of {cfg.name}")
+    table = Table(title=f"{cfg.privacy.mode}-level DP of {cfg.name}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for k, v in [("epsilon", f"{eps:.4g}"), ("delta", f"{p.delta:g}"), ("rounds", str(cfg.federation.rounds)),
-                 ("client sampling", f"{m.sampling}: q = {m.q:.4g} ({m.per_round} of {m.num_clients})"),
-                 ("noise multiplier z", f"{m.noise_multiplier:.4g}" + ("" if p.noise_multiplier is not None
-                                                                         else " (derived from privacy.target_epsilon)")),
-                 ("clip C", f"{p.clip:g}" + (" (adaptive)" if p.target_quantile is not None else "")),
-                 ("accountant", f"dp-accounting {m.accountant.upper()}")]:
+    for k, v in rows:
         table.add_row(k, v)
     console.print(table)
 

@@ -211,8 +211,9 @@ class OutputConfig(Section):
 
 
 class PrivacyConfig(Section):
-    mode: Literal["none", "client"] = "none"  # client: DP-FedAvg (McMahan et al. 2018) with a dp-accounting accountant
-    clip: float = Field(1.0, gt=0)  # C: each client update is scaled to L2 norm <= C (the initial C when adaptive)
+    # client: DP-FedAvg (McMahan et al. 2018); sample: DP-SGD in each client (Abadi et al. 2016); dp-accounting accountant
+    mode: Literal["none", "client", "sample"] = "none"
+    clip: float = Field(1.0, gt=0)  # C: each client update (client) / per-example gradient (sample) cut to L2 norm <= C
     noise_multiplier: Optional[float] = Field(None, ge=0)  # z: noise std z·C on the clipped sum
     delta: float = Field(1e-5, gt=0, lt=1)
     target_epsilon: Optional[float] = Field(None, gt=0)  # no z: derive z for the planned rounds; with z: stop when spent
@@ -263,6 +264,19 @@ class RunConfig(Section):
                 raise ValueError("privacy.mode 'client' needs privacy.noise_multiplier or privacy.target_epsilon")
             # the run samples clients the way the accountant assumes
             self.federation.sampling = "poisson" if self.privacy.sampling == "poisson" else "uniform"
+        if self.privacy.mode == "sample":
+            if self.privacy.noise_multiplier is None and self.privacy.target_epsilon is None:
+                raise ValueError("privacy.mode 'sample' needs privacy.noise_multiplier or privacy.target_epsilon")
+            if self.task.name == "lm":
+                raise ValueError("privacy.mode 'sample' protects one training example per per-example gradient; "
+                                 "task 'lm' cuts documents into several rows: use task 'instruction' or 'classification'")
+            if self.task.packing:
+                raise ValueError("privacy.mode 'sample' needs one example per row: set task.packing=false")
+            if self.client.grad_accum != 1:
+                raise ValueError("privacy.mode 'sample': each DP-SGD step is one Poisson batch; set client.grad_accum=1 "
+                                 "(client.batch_size is the expected batch size)")
+            if self.privacy.target_quantile is not None:
+                raise ValueError("privacy.target_quantile (adaptive clipping) is for privacy.mode 'client'")
         if self.partition.alpha <= 0:
             raise ValueError(f"partition.alpha must be > 0, got {self.partition.alpha}")
         if self.partition.power <= 0:

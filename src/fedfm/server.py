@@ -78,6 +78,7 @@ class Prepared:
     data: FederatedData
     mechanism: Any = None  # client-level DP: sampling, noise multiplier and accountant (privacy.mode: client)
     attack: Any = None  # attack.kind: the malicious clients, their data already poisoned
+    sample_dp: Any = None  # sample-level DP-SGD: each client's sampling rate and steps, the noise multiplier
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -116,7 +117,12 @@ def prepare(cfg: RunConfig) -> Prepared:
         from .privacy.accountant import mechanism
 
         mech = mechanism(cfg, n)
-    return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack)
+    sample_dp = None
+    if cfg.privacy.mode == "sample":
+        from .privacy.dpsgd import sample_level_dp
+
+        sample_dp = sample_level_dp(cfg, np.array([len(c.train) for c in data.clients]))
+    return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack, sample_dp=sample_dp)
 
 
 class Server:
@@ -170,6 +176,16 @@ class Server:
                 f"{m.num_clients} clients), noise multiplier z={m.noise_multiplier:.4g}, clip C={cfg.privacy.clip:g}; "
                 f"{m.accountant.upper()} accountant: ε={m.epsilon(cfg.federation.rounds, cfg.privacy.delta):.4g} "
                 f"at δ={cfg.privacy.delta:g} after {cfg.federation.rounds} rounds")
+        # sample-level DP: the mechanism, and what each client reported of its own accountant (ε, steps so far)
+        self.sample_dp, self.sample_eps, self.sample_steps = prepared.sample_dp, {}, {}
+        if self.sample_dp is not None:
+            sd, p = self.sample_dp, cfg.privacy
+            qs = [sd.rate(k) for k in range(len(sd.sizes))]
+            self.display.message(
+                f"privacy: sample-level DP-SGD in every client, Poisson batches q_k={min(qs):.3g}…{max(qs):.3g}, "
+                f"noise multiplier z={sd.noise_multiplier:.4g}, per-example clip C={p.clip:g}; {p.accountant.upper()} "
+                f"accountant: a client sampled in all {cfg.federation.rounds} rounds reaches at most "
+                f"ε={sd.worst_epsilon(cfg.federation.rounds, p.delta):.4g} at δ={p.delta:g}")
         self.server_opt = make_server_optimizer(cfg)
         state_dir = cfg.runtime.state_dir or (run_dir.path / "client_state" if run_dir is not None else None)
         self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
@@ -178,7 +194,7 @@ class Server:
             assign_ranks(cfg.adapter.rank_per_client, len(self.data.clients), cfg.federation.seed)
         self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, encoded=self.encoded,
                                  data=self.data, codec=self.codec, store=self.store, personal=self.personal,
-                                 personal_init=self.personal.flat(), ranks=self.ranks)
+                                 personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=self.sample_dp)
         self.client_algo = make_client(self.ctx)
         self.algo_server = type(self.client_algo).server_side(self.ctx)  # the algorithm's server half (SCAFFOLD's c)
         self.runtime = make_runtime(cfg, self.client_algo)
@@ -200,6 +216,7 @@ class Server:
                 "aggregator": self.aggregator.state_dict(), "server_opt": self.server_opt.state_dict(),
                 "client_algorithm": self.algo_server.state_dict(), "schedule": self.schedule.state_dict(),
                 "privacy": self.dp.state_dict() if self.dp is not None else {},
+                "sample_dp": {"eps": dict(self.sample_eps), "steps": dict(self.sample_steps)},
                 "store": self.store.state_dict()}
 
     def load_checkpoint_state(self, ck: dict[str, Any]) -> None:
@@ -213,6 +230,8 @@ class Server:
         self.schedule.load_state_dict(ck.get("schedule", {}))
         if self.dp is not None:
             self.dp.load_state_dict(ck.get("privacy", {}))
+        sdp = ck.get("sample_dp", {})
+        self.sample_eps, self.sample_steps = dict(sdp.get("eps", {})), dict(sdp.get("steps", {}))
         self.store.load_state_dict(ck["store"])
         self.start_round = ck["round"] + 1
 
@@ -408,6 +427,14 @@ class Server:
             row["aggregated"] = False
             self.display.message(f"round {rnd}: only {len(accepted)} client(s) returned a usable update "
                                  f"(federation.min_clients={cfg.federation.min_clients}); global model unchanged")
+        if self.sample_dp is not None:  # each client's own accountant; the run's guarantee is the worst client's
+            for res in results:
+                if "dp_epsilon" in res.metrics:
+                    self.sample_eps[res.client_id] = float(res.metrics["dp_epsilon"])
+                    self.sample_steps[res.client_id] = int(res.metrics["dp_steps"])
+            eps = list(self.sample_eps.values()) or [0.0]
+            row.update(epsilon=max(eps), epsilon_median=float(np.median(eps)), epsilon_clients=len(self.sample_eps),
+                       delta=cfg.privacy.delta, dp_noise_multiplier=self.sample_dp.noise_multiplier)
         every = cfg.eval.every
         if every and (rnd % every == 0 or rnd == cfg.federation.rounds):
             row.update(self.evaluate(rnd))
@@ -459,7 +486,18 @@ class Server:
         """With both privacy.noise_multiplier and privacy.target_epsilon: stop before the round that would spend
         more than the target."""
         p = self.cfg.privacy
-        if self.mechanism is None or p.target_epsilon is None or p.noise_multiplier is None:
+        if p.target_epsilon is None or p.noise_multiplier is None:
+            return False
+        if self.sample_dp is not None:  # each client refuses once spent; stop when none has a round left
+            sd = self.sample_dp
+            if any(sd.epsilon(k, self.sample_steps.get(k, 0) + int(sd.steps[k]), p.delta) <= p.target_epsilon
+                   for k in range(len(sd.sizes))):
+                return False
+            self.display.message(f"privacy budget spent: no client can train another round within "
+                                 f"privacy.target_epsilon={p.target_epsilon:g} at δ={p.delta:g}; stopping after "
+                                 f"round {rnd - 1}")
+            return True
+        if self.mechanism is None:
             return False
         eps = self.mechanism.epsilon(rnd, p.delta)
         if eps <= p.target_epsilon:

@@ -57,6 +57,7 @@ class ClientContext:
     personal: Any = None  # StateSpec of the parameters that stay on the client (adapter.personal, FedSA-LoRA's B)
     personal_init: Any = None  # their initial flat values: what a client starts from before it has its own
     ranks: Any = None  # per-client LoRA ranks (adapter.rank_per_client), or None: every client at adapter.r
+    sample_dp: Any = None  # privacy.mode sample: the per-example mechanism (privacy/dpsgd.SampleLevelDP)
 
     def view(self, client_id: int):
         """The names and shapes of what this client receives and sends (LoRA cut to its rank)."""
@@ -219,7 +220,14 @@ class LocalTraining:
         torch.manual_seed(task.seed)  # dropout and any other torch randomness
         gen = torch.Generator().manual_seed(task.seed)
         hook = self.grad_hook(task, global_state)
-        loss, steps = local_sgd(ctx, client.train, gen, grad_hook=hook)
+        dp_metrics: dict[str, Any] = {}
+        if ctx.sample_dp is not None:  # privacy.mode sample: DP-SGD, accounted by the client itself
+            refused = self._dp_budget_left(task.client_id)
+            if refused:
+                return ClientResult(client_id=task.client_id, error=refused)
+            loss, steps, dp_metrics = self._train_dp_sgd(task, client.train, gen, hook)
+        else:
+            loss, steps = local_sgd(ctx, client.train, gen, grad_hook=hook)
         local = ctx.spec.get()
         delta = view.restrict({n: local[n] - global_state[n] for n in ctx.spec.names})
         update = ctx.codec.encode(delta)
@@ -227,8 +235,40 @@ class LocalTraining:
         extras = self.finish(task, global_state, local, steps)
         return ClientResult(
             client_id=task.client_id, update=update, num_examples=int(len(ctx.task.rows(ctx.encoded, client.train))),
-            metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0}, extras=extras,
+            metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0, **dp_metrics},
+            extras=extras,
         )
+
+    # ------------------------------------------------------------------ privacy.mode: sample
+    def _dp_steps(self, cid: int) -> int:
+        from ..privacy.dpsgd import STEPS_KEY
+
+        stored = self.ctx.store.get(cid)
+        return int(stored[STEPS_KEY][0]) if stored and STEPS_KEY in stored else 0
+
+    def _dp_budget_left(self, cid: int) -> str | None:
+        """With both privacy.noise_multiplier and privacy.target_epsilon, a client refuses the round that would
+        take its own ε above the target (the reason, or None)."""
+        p, mech = self.ctx.cfg.privacy, self.ctx.sample_dp
+        if p.target_epsilon is None or p.noise_multiplier is None:
+            return None
+        eps = mech.epsilon(cid, self._dp_steps(cid) + int(mech.steps[cid]), p.delta)
+        if eps <= p.target_epsilon:
+            return None
+        return (f"privacy budget spent: this round would take the client to ε={eps:.4g} > "
+                f"privacy.target_epsilon={p.target_epsilon:g}")
+
+    def _train_dp_sgd(self, task: ClientTask, indices, gen, hook) -> tuple[float, int, dict[str, Any]]:
+        from ..privacy.dpsgd import STEPS_KEY, dp_sgd
+
+        ctx, cid, mech = self.ctx, task.client_id, self.ctx.sample_dp
+        noise_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([task.seed, 11]).generate_state(1)[0]))
+        loss, steps = dp_sgd(ctx, indices, gen, noise_gen, int(mech.steps[cid]), mech.noise_multiplier, hook)
+        total = self._dp_steps(cid) + steps
+        stored = dict(ctx.store.get(cid) or {})
+        stored[STEPS_KEY] = torch.tensor([total], dtype=torch.int64)
+        ctx.store.put(cid, stored)
+        return loss, steps, {"dp_steps": total, "dp_epsilon": mech.epsilon(cid, total, ctx.cfg.privacy.delta)}
 
 
 @CLIENT_ALGORITHMS.register("fedprox")

@@ -219,6 +219,8 @@ def why_not_batched(cfg, algo) -> str | None:
     """None when this run's clients can train batched; else the reason they run one after another."""
     if type(algo).__call__ is not LocalTraining.__call__:
         return f"client.algorithm {cfg.client.algorithm!r} replaces local training"
+    if cfg.privacy.mode == "sample":
+        return "privacy.mode 'sample' (DP-SGD needs each client's per-example gradients)"
     if cfg.client.grad_accum != 1:
         return "client.grad_accum > 1 (clients would step at different micro-batches)"
     ctx = algo.ctx

@@ -61,10 +61,13 @@ class Task:
         else:  # evaluation: rows of similar length together, so batches carry little padding
             idx = idx[torch.argsort(enc["lengths"][idx], stable=True)]
         for i in range(0, len(idx), batch_size):
-            sel = idx[i:i + batch_size]
-            width = int(enc["lengths"][sel].max())
-            yield {k: (v[sel, :width] if v.ndim == 2 else v[sel]).to(self.device)
-                   for k, v in enc.items() if k not in NOT_MODEL_INPUTS}
+            yield self.collate(enc, idx[i:i + batch_size])
+
+    def collate(self, enc: dict[str, torch.Tensor], sel: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batch of exactly the rows ``sel``, trimmed to the longest, on the model's device."""
+        width = int(enc["lengths"][sel].max())
+        return {k: (v[sel, :width] if v.ndim == 2 else v[sel]).to(self.device)
+                for k, v in enc.items() if k not in NOT_MODEL_INPUTS}
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.autocast():
