@@ -224,6 +224,17 @@ class PrivacyConfig(Section):
     count_noise: Optional[float] = Field(None, gt=0)  # adaptive clipping: σ_b (default: expected clients / 20)
 
 
+class SecureAggregationConfig(Section):
+    enabled: bool = False  # SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020): the server sees only masked vectors
+    neighbours: Optional[int] = Field(None, ge=2)  # k of the SecAgg+ graph (even); None: every pair (Bonawitz)
+    threshold: Optional[int] = Field(None, ge=1)  # t shares rebuild a secret; None: ⌊k/2⌋ + 1
+    bits: int = Field(32, ge=8, le=48)  # the ring Z_{2^bits} of the fixed-point encoding
+    clip: Optional[float] = Field(None, gt=0)  # each coordinate clamped to ±clip before encoding; None: privacy.clip
+    # (privacy.mode client) or 1.0
+    dp_noise: Literal["central", "distributed"] = "central"  # privacy.mode client: noise added by the server after
+    # unmasking, or by each client before masking (N(0, z²C²/federation.min_clients) each)
+
+
 class AttackConfig(Section):
     kind: str = "none"  # none | sign-flip | scale | gaussian | label-flip | backdoor
     fraction: float = Field(0.0, ge=0, le=1)  # of the clients, malicious for the whole run (seeded)
@@ -251,13 +262,17 @@ class RunConfig(Section):
     output: OutputConfig = OutputConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     attack: AttackConfig = AttackConfig()
+    secagg: SecureAggregationConfig = SecureAggregationConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         if self.privacy.mode == "client":
             if self.server.aggregator != "fedavg":
-                raise ValueError(f"privacy.mode 'client' sums clipped updates itself (DP-FedAvg); server.aggregator "
-                                 f"{self.server.aggregator!r} cannot be combined with it yet: use fedavg")
+                raise ValueError(f"privacy.mode 'client': DP-FedAvg's noise is calibrated to the clipped sum, which "
+                                 f"one client moves by at most C; server.aggregator {self.server.aggregator!r} has no "
+                                 f"such bound (one client can move a median by up to 2C per coordinate), so the "
+                                 f"accounted ε would not hold. Use fedavg (norm-bound is DP-FedAvg's clip), or "
+                                 f"privacy.mode=sample, which composes with every aggregator")
             if self.federation.schedule != "sync":
                 raise ValueError("privacy.mode 'client' is accounted per synchronous round: use federation.schedule: sync")
             if self.privacy.noise_multiplier is None and self.privacy.target_epsilon is None:
@@ -277,6 +292,26 @@ class RunConfig(Section):
                                  "(client.batch_size is the expected batch size)")
             if self.privacy.target_quantile is not None:
                 raise ValueError("privacy.target_quantile (adaptive clipping) is for privacy.mode 'client'")
+        if self.secagg.enabled:
+            if self.server.aggregator != "fedavg":
+                raise ValueError(f"secagg.enabled: the server sees only the sum of masked updates, so "
+                                 f"server.aggregator {self.server.aggregator!r} (which needs each update) cannot run; "
+                                 f"use fedavg")
+            if self.federation.schedule != "sync":
+                raise ValueError("secagg.enabled: one secure-aggregation instance per synchronous round; use "
+                                 "federation.schedule: sync")
+            if self.client.algorithm not in ("local", "fedprox"):
+                raise ValueError(f"secagg.enabled: client.algorithm {self.client.algorithm!r} sends state besides the "
+                                 f"update, which would travel unmasked; use local or fedprox")
+            if self.privacy.target_quantile is not None:
+                raise ValueError("secagg.enabled: adaptive clipping (privacy.target_quantile) counts unclipped updates "
+                                 "in the clear; use a fixed privacy.clip")
+            if self.secagg.neighbours is not None and self.secagg.neighbours % 2:
+                raise ValueError(f"secagg.neighbours must be even (k/2 on each side of the SecAgg+ ring), got "
+                                 f"{self.secagg.neighbours}")
+            if self.server.max_update_norm is not None:
+                raise ValueError("server.max_update_norm: under secagg the server never sees one update; bound "
+                                 "updates with privacy.mode=client (each client clips to privacy.clip)")
         if self.partition.alpha <= 0:
             raise ValueError(f"partition.alpha must be > 0, got {self.partition.alpha}")
         if self.partition.power <= 0:

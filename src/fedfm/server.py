@@ -205,6 +205,15 @@ class Server:
         self._payload_cache: dict = {}
         self.lora_rank = lora_rank(self.spec)
         self.client_sizes = np.array([len(self.task.rows(self.encoded, c.train)) for c in self.data.clients])
+        self.secure = None  # secagg.enabled: the sum is computed by SecAgg+ between the clients' own parties
+        if cfg.secagg.enabled:
+            from .privacy.secure import SecureAggregation
+
+            self.secure = SecureAggregation(cfg, self.spec, self.dp, int(self.client_sizes.max()), cfg.federation.seed)
+            k = cfg.secagg.neighbours
+            self.display.message(f"secure aggregation: SecAgg+ over Z_2^{cfg.secagg.bits}, "
+                                 f"{'every pair' if k is None else f'{k} neighbours'} per client, coordinates "
+                                 f"clamped to ±{self.secure.clip:g}; the server sees masked vectors and their sum")
         self.clock = SimClock(cfg.clock, len(self.data.clients), cfg.federation.seed)
         self.sampler = make_sampler(cfg.federation.sampling)
         self.schedule = make_schedule(self)
@@ -386,6 +395,8 @@ class Server:
         Σ w_k Δ_k / K instead of Σ w_k Δ_k / Σ w_k (FedBuff's staleness-scaled mean).
         """
         cfg = self.cfg
+        if self.secure is not None:
+            return self._aggregate_securely(rnd, results)
         accepted: list[tuple[ClientResult, torch.Tensor, float]] = []
         accepted_extras: list[tuple[ClientResult, dict]] = []
         dropped: list[dict[str, Any]] = []
@@ -415,18 +426,45 @@ class Server:
                 delta = self.aggregator(updates, w.float(), RoundInfo(x=self.global_flat, ranks=ranks, spec=self.spec))
                 if fixed_denominator:
                     delta = delta * float(w.sum() / len(accepted))
+        else:
+            delta = None
+        return self._conclude(rnd, row, results, dropped, delta, accepted_extras, [r for r, _, _ in accepted],
+                              f"only {len(accepted)} client(s) returned a usable update "
+                              f"(federation.min_clients={cfg.federation.min_clients})")
+
+    def _aggregate_securely(self, rnd: int, results: list[ClientResult]) -> dict[str, Any]:
+        """The secure-sum stage: each client's party decodes, checks, clips (and noises) its own update and masks
+        it; the server gets the unmasked aggregate only (privacy/secure.py)."""
+        row: dict[str, Any] = {"round": rnd}
+        delta, info, dropped = self.secure.aggregate(rnd, results, lambda res: self.decode_result(res)[0])
+        row.update(info)
+        if self.dp is not None:
+            row.update(epsilon=self.mechanism.epsilon(rnd, self.cfg.privacy.delta), delta=self.cfg.privacy.delta)
+        gone = {d["id"] for d in dropped}
+        return self._conclude(rnd, row, results, dropped, delta, [],
+                              [r for r in results if r.error is None and r.client_id not in gone],
+                              f"secure aggregation gave no update ({info.get('secagg_error')})")
+
+    def _conclude(self, rnd: int, row: dict[str, Any], results: list[ClientResult], dropped: list[dict[str, Any]],
+                  delta: Optional[torch.Tensor], accepted_extras: list, accepted: list[ClientResult],
+                  why_not: str) -> dict[str, Any]:
+        """Step the server optimizer with ``delta`` (None: the round changes nothing, and says why)."""
+        if delta is not None:
             self.global_flat = self.server_opt.step(self.global_flat, delta)
             self.global_version += 1
             self.spec.load_flat(self.global_flat)
             self.algo_server.absorb(accepted_extras)
             if accepted:
-                n = torch.tensor([float(r.num_examples) for r, _, _ in accepted])
-                row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r, _, _ in accepted) / n.sum())
-            row["aggregated"] = True
+                n = sum(float(r.num_examples) for r in accepted)
+                row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r in accepted) / n)
         else:
-            row["aggregated"] = False
-            self.display.message(f"round {rnd}: only {len(accepted)} client(s) returned a usable update "
-                                 f"(federation.min_clients={cfg.federation.min_clients}); global model unchanged")
+            self.display.message(f"round {rnd}: {why_not}; global model unchanged")
+        row["aggregated"] = delta is not None
+        return self._finish_row(rnd, row, results, dropped)
+
+    def _finish_row(self, rnd: int, row: dict[str, Any], results: list[ClientResult],
+                    dropped: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
         if self.sample_dp is not None:  # each client's own accountant; the run's guarantee is the worst client's
             for res in results:
                 if "dp_epsilon" in res.metrics:
@@ -438,7 +476,8 @@ class Server:
         every = cfg.eval.every
         if every and (rnd % every == 0 or rnd == cfg.federation.rounds):
             row.update(self.evaluate(rnd))
-        row["bytes_up"] = int(sum(r.nbytes for r in results))
+        # what travelled up: the codec's bytes, or under secagg every protocol message (masked vectors included)
+        row["bytes_up"] = int(row.pop("secagg_bytes_up", None) or sum(r.nbytes for r in results))
         row["dropped"] = dropped
         self._all_crashed = bool(results) and all(r.crashed for r in results)
         return row

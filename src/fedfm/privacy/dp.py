@@ -39,18 +39,32 @@ class DPFedAvg:
             self.z_delta = rest ** -0.5
 
     def __call__(self, updates: torch.Tensor, dim: int, rnd: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        total, unclipped, clipped_fraction = self.clipped_sum(updates, dim)
+        return self.release(total, unclipped, clipped_fraction, rnd)
+
+    def clip(self, update: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One update scaled to L2 norm ≤ C, and whether it was within C already (what a client does itself
+        under secure aggregation, where the server never sees an update alone)."""
+        norm = float(update.double().norm())
+        return update.double() * min(1.0, self.C / max(norm, 1e-12)), norm <= self.C
+
+    def clipped_sum(self, updates: torch.Tensor, dim: int) -> tuple[torch.Tensor, float, float]:
+        """Σ_k Δ_k · min(1, C / ‖Δ_k‖), the number of unclipped updates and the clipped fraction."""
+        if not updates.shape[0]:
+            return torch.zeros(dim, dtype=torch.float64), 0.0, 0.0
+        norms = updates.double().norm(dim=1)
+        scale = (self.C / norms.clamp_min(1e-12)).clamp(max=1.0)
+        total = (updates.double() * scale.unsqueeze(1)).sum(0)
+        return total, float((norms <= self.C).sum()), float((norms > self.C).double().mean())
+
+    def release(self, total: torch.Tensor, unclipped: float, clipped_fraction: float, rnd: int,
+                noise: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(clipped sum + N(0, (z_Δ C)² I)) / E[K]; ``noise=False`` when the clients already added their shares
+        of it (distributed noise under secure aggregation)."""
         g = torch.Generator().manual_seed(_seed(self.seed, 7, rnd))
-        C = self.C
-        if updates.shape[0]:
-            norms = updates.double().norm(dim=1)
-            scale = (C / norms.clamp_min(1e-12)).clamp(max=1.0)
-            total = (updates.double() * scale.unsqueeze(1)).sum(0)
-            unclipped = float((norms <= C).sum())
-            clipped_fraction = float((norms > C).double().mean())
-        else:
-            total, unclipped, clipped_fraction = torch.zeros(dim, dtype=torch.float64), 0.0, 0.0
-        noise = torch.randn(dim, generator=g, dtype=torch.float64) * (self.z_delta * C)
-        delta = ((total + noise) / self.denominator).float()
+        C, dim = self.C, total.numel()
+        z = torch.randn(dim, generator=g, dtype=torch.float64) * (self.z_delta * C)
+        delta = ((total.double() + (z if noise else 0.0)) / self.denominator).float()
         info = {"dp_clip": C, "dp_clipped_fraction": clipped_fraction, "dp_noise_std": self.z_delta * C / self.denominator}
         if self.gamma is not None:
             b = (unclipped + float(torch.randn(1, generator=g, dtype=torch.float64)) * self.sigma_b) / self.denominator

@@ -1,0 +1,140 @@
+"""Secure aggregation as a stage of the round: SecAgg+ between the clients' own parties gives the plain FedAvg /
+DP-FedAvg update within the quantisation step, through the codecs; the server receives only masked vectors; a client
+that drops after key sharing is unmasked out; DP noise is added after unmasking or by the clients."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedfm.client import ClientResult
+from fedfm.privacy import secagg
+from fedfm.server import Server, prepare
+
+
+def _server(tiny_config, **ov):
+    base = {"eval.every": 0, "partition.num_clients": 6, "federation.clients_per_round": 6}
+    return Server(prepare(tiny_config(**{**base, **ov})))
+
+
+def _results(server, seed=0, errors=()):
+    """One made-up update per client, as that client's codec sends it."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(len(server.data.clients)):
+        if k in errors:
+            out.append(ClientResult(client_id=k, error="crashed after ShareKeys", crashed=True))
+            continue
+        flat = torch.randn(server.spec.numel, generator=g) * 0.01
+        out.append(ClientResult(client_id=k, update=server.codec.encode(server.spec.unflatten(flat)),
+                                num_examples=10 + 7 * k, metrics={"train_loss": 1.0}))
+    return out
+
+
+@pytest.mark.parametrize("codec,neighbours", [("fp32", None), ("fp16", None), ("fp32", 2)])
+def test_a_secure_round_gives_the_fedavg_update_within_the_quantisation_step(tiny_config, codec, neighbours):
+    plain = _server(tiny_config, **{"codec.name": codec})
+    secure = _server(tiny_config, **{"codec.name": codec, "secagg.enabled": True, "secagg.neighbours": neighbours})
+    start = secure.global_flat.clone()
+    assert torch.equal(plain.global_flat, start)
+    row_p, row_s = plain.aggregate_results(1, _results(plain)), secure.aggregate_results(1, _results(secure))
+    assert row_s["aggregated"] and row_s["secagg_included"] == 6 and row_s["secagg_clamped_fraction"] == 0
+    step = row_s["secagg_step"]
+    err = (secure.global_flat - plain.global_flat).abs().max()
+    moved = (plain.global_flat - start).abs().max()
+    assert moved > 1e-3 and err <= 6 * step / 0.1 + 1e-6  # Σ of 6 roundings of w_k Δ_k, ÷ Σ w_k (≥ 0.1)
+    masked_vector_bytes = 6 * 4 * (secure.spec.numel + 2)
+    assert row_s["bytes_up"] > masked_vector_bytes  # the protocol's messages are counted too
+
+
+def test_the_server_receives_only_masked_vectors(tiny_config, monkeypatch):
+    server = _server(tiny_config, **{"secagg.enabled": True})
+    seen, inputs = [], {}
+    real_collect, real_contrib = secagg.SecAggServer.masked_input_collection, None
+    from fedfm.privacy import secure
+
+    real_contrib = secure.SecureClient.contribution
+
+    def spy_collect(self, msgs):
+        msgs = list(msgs)
+        seen.extend(msgs)
+        return real_collect(self, msgs)
+
+    def spy_contrib(self, flat, n, seed):
+        x = real_contrib(self, flat, n, seed)
+        inputs[self.party.u] = x
+        return x
+
+    monkeypatch.setattr(secagg.SecAggServer, "masked_input_collection", spy_collect)
+    monkeypatch.setattr(secure.SecureClient, "contribution", spy_contrib)
+    server.aggregate_results(1, _results(server))
+    assert {m.u for m in seen} == set(range(6)) and all(isinstance(m, secagg.MaskedInput) for m in seen)
+    for m in seen:
+        y = secagg.from_bytes(m.y, 32, server.spec.numel + 2).astype(np.float64)
+        x = inputs[m.u].astype(np.float64)
+        n = len(y)  # bounds at 5 standard errors: a false alarm about once in 10^6 checks
+        assert (y != x).mean() > 0.999
+        assert abs(y.mean() / 2 ** 32 - 0.5) < 5 * 12 ** -0.5 / n ** 0.5  # uniform over the ring (std 1/√12)
+        assert abs(np.corrcoef(x, y)[0, 1]) < 5 / n ** 0.5
+
+
+def test_a_client_that_drops_after_sharing_keys_is_unmasked_out(tiny_config):
+    plain = _server(tiny_config)
+    secure = _server(tiny_config, **{"secagg.enabled": True})
+    row_p = plain.aggregate_results(1, _results(plain, errors=(2,)))
+    row_s = secure.aggregate_results(1, _results(secure, errors=(2,)))
+    assert row_s["secagg_included"] == 5 and row_s["secagg_dropped"] == 1
+    assert [d["id"] for d in row_s["dropped"]] == [d["id"] for d in row_p["dropped"]] == [2]
+    assert torch.allclose(secure.global_flat, plain.global_flat, atol=1e-5)
+
+
+def test_too_few_survivors_abort_the_round_and_keep_the_model(tiny_config):
+    server = _server(tiny_config, **{"secagg.enabled": True, "secagg.neighbours": 2, "federation.min_clients": 1})
+    before = server.global_flat.clone()
+    row = server.aggregate_results(1, _results(server, errors=(0, 1, 2, 3)))
+    assert not row["aggregated"] and "secagg_error" in row and torch.equal(server.global_flat, before)
+
+
+def test_central_dp_noise_after_unmasking_equals_dp_fedavg(tiny_config):
+    dp = {"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 0.05}
+    plain = _server(tiny_config, **dp)
+    secure = _server(tiny_config, **dp, **{"secagg.enabled": True})
+    row_p, row_s = plain.aggregate_results(1, _results(plain)), secure.aggregate_results(1, _results(secure))
+    assert row_s["epsilon"] == row_p["epsilon"] and row_s["dp_clipped_fraction"] == pytest.approx(1.0)
+    assert torch.allclose(secure.global_flat, plain.global_flat, atol=1e-6)  # same clipped sum, same noise draw
+
+
+def test_distributed_noise_shares_add_up_to_the_accounted_noise(tiny_config):
+    z, C, m = 2.0, 0.05, 3
+    ov = {"privacy.mode": "client", "privacy.noise_multiplier": z, "privacy.clip": C, "secagg.enabled": True,
+          "federation.min_clients": m}
+    quiet = _server(tiny_config, **{**ov, "privacy.noise_multiplier": 0.0})
+    noisy = _server(tiny_config, **{**ov, "secagg.dp_noise": "distributed"})
+    quiet.aggregate_results(1, _results(quiet))
+    row = noisy.aggregate_results(1, _results(noisy))
+    noise = noisy.global_flat - quiet.global_flat  # the server optimizer is FedAvg with lr 1: the update itself
+    want = z * C * (6 / m) ** 0.5 / noisy.dp.denominator  # six shares of variance (zC)²/m, ÷ E[K]
+    assert row["dp_noise_std"] == pytest.approx(want)
+    assert float(noise.std()) == pytest.approx(want, rel=0.1)
+    assert row["secagg_clamped_fraction"] < 1e-4
+
+
+def test_a_secure_run_trains_like_the_plain_run(tiny_config):
+    ov = {"federation.rounds": 3, "runtime.name": "batched", "eval.every": 3, "eval.initial": True}
+    plain = _server(tiny_config, **ov).run()
+    rows = _server(tiny_config, **ov, **{"secagg.enabled": True, "secagg.neighbours": 2}).run()
+    assert rows[0]["round"] == 0 and all(r["aggregated"] and r["secagg_included"] == 6 for r in rows[1:])
+    assert rows[-1]["eval_loss"] == pytest.approx(plain[-1]["eval_loss"], abs=1e-4)
+    assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]
+
+
+@pytest.mark.parametrize("ov,needle", [({"server.aggregator": "median"}, "server.aggregator"),
+                                       ({"client.algorithm": "scaffold"}, "unmasked"),
+                                       ({"federation.schedule": "fedbuff"}, "synchronous"),
+                                       ({"server.max_update_norm": 1.0}, "never sees one update"),
+                                       ({"secagg.neighbours": 3}, "even")])
+def test_secagg_config_errors_name_the_field(tiny_config, ov, needle):
+    from fedfm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        tiny_config(**{"secagg.enabled": True, **ov})
