@@ -138,3 +138,13 @@ def test_secagg_config_errors_name_the_field(tiny_config, ov, needle):
 
     with pytest.raises(ConfigError, match=needle):
         tiny_config(**{"secagg.enabled": True, **ov})
+
+
+def test_the_stages_compose_sample_dp_then_secure_sum_through_a_lossy_codec_under_attack(tiny_config):
+    """DP-SGD in the clients → fp16 codec → a sign-flipping client → SecAgg+ → FedAdam: one run, no special case."""
+    server = _server(tiny_config, **{"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "codec.name": "fp16",
+                                     "secagg.enabled": True, "secagg.neighbours": 2, "attack.kind": "sign-flip",
+                                     "attack.fraction": 0.2, "server.optimizer": "fedadam", "federation.rounds": 2})
+    rows = server.run()
+    assert server.attack.malicious and all(r["aggregated"] and r["secagg_included"] == 6 for r in rows)
+    assert rows[-1]["epsilon"] == pytest.approx(max(server.sample_eps.values())) and rows[-1]["epsilon"] > 0
