@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +23,9 @@ import torch
 from ..errors import ConfigError
 
 STEPS_KEY = "dp_steps"  # what a client keeps in its state store: the DP-SGD steps it has taken so far
+# models whose trainable parameters Opacus's hooks do not all see (IA3's vectors, prompt embeddings, a full
+# fine-tune's broadcast position embeddings): their per-example gradients are taken one example at a time
+_HOOKS_MISS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def steps_per_round(ccfg, n: int) -> int:
@@ -157,7 +161,7 @@ def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_generator
     params = ctx.train_params()
     model.train()
     total_loss, seen = 0.0, 0
-    with per_example_gradients(model):
+    with per_example_gradients(model) as gsm:
         opt = DPOptimizer(make_optimizer(params, cfg.client), noise_multiplier=noise_multiplier,
                           max_grad_norm=cfg.privacy.clip, expected_batch_size=B, loss_reduction="mean",
                           generator=noise_generator)
@@ -165,8 +169,21 @@ def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_generator
             chosen = rows[(torch.rand(n, generator=generator) < q).numpy()]  # Poisson sampling: each row w.p. q
             if len(chosen):
                 batch = task.collate(ctx.encoded, torch.as_tensor(chosen))
-                losses = task.segment_losses(model, batch, [1] * len(chosen))  # ℓ_i, one per example
-                losses.sum().backward()
+                if model in _HOOKS_MISS:
+                    gsm.disable_hooks()
+                    losses = task.segment_losses(model, batch, [1] * len(chosen))  # ℓ_i, one per example
+                    one_at_a_time(losses, params)
+                else:
+                    losses = task.segment_losses(model, batch, [1] * len(chosen))
+                    losses.sum().backward()
+                    missed = [p for p in params if getattr(p, "grad_sample", None) is None
+                              or p.grad_sample.shape[0] != len(chosen)]
+                    if missed:  # Opacus's hooks did not see every parameter: redo this batch exactly, and every next
+                        _HOOKS_MISS[model] = f"{len(missed)} trainable tensors, e.g. of shape {tuple(missed[0].shape)}"
+                        gsm.disable_hooks()
+                        opt.zero_grad(set_to_none=True)
+                        losses = task.segment_losses(model, batch, [1] * len(chosen))
+                        one_at_a_time(losses, params)
                 total_loss += float(losses.detach().sum())
                 seen += len(chosen)
             else:  # an empty Poisson sample still releases noise
@@ -178,3 +195,15 @@ def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_generator
             opt.original_optimizer.step()
             opt.zero_grad(set_to_none=True)
     return total_loss / max(seen, 1), steps
+
+
+def one_at_a_time(losses: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
+    """p.grad_sample[i] = ∂ℓ_i/∂p by one backward pass per example through the batch's one forward graph: exact for
+    any layer, B times the backward cost of Opacus's hooks."""
+    per = [[] for _ in params]
+    for i in range(len(losses)):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < len(losses), allow_unused=True)
+        for j, (p, g) in enumerate(zip(params, grads)):
+            per[j].append(torch.zeros_like(p) if g is None else g)
+    for p, gs in zip(params, per):
+        p.grad_sample = torch.stack(gs)
