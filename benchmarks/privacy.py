@@ -71,12 +71,15 @@ def table_dp(rounds: int, clip: float, only: list[str] | None, out) -> None:
             emit(run_one(base + ov, {"table": "dp", "setting": name}, Path(tmp)), out)
 
 
-def table_robust(rounds: int, only: list[str] | None, out, flip_scale: float = 5.0) -> None:
+def table_robust(rounds: int, only: list[str] | None, out, flip_scale: float = 5.0,
+                 which: list[str] | None = None) -> None:
     base = ["partition.method=iid", "federation.clients_per_round=10", f"federation.rounds={rounds}", f"eval.every={rounds}",
             "server.norm_bound=0.05", "server.trim_fraction=0.2", "server.byzantine_fraction=0.2"]
     attacks = [("sign-flip", ["attack.kind=sign-flip", "attack.fraction=0.2", f"attack.scale={flip_scale:g}"]),
-               ("backdoor", ["attack.kind=backdoor", "attack.fraction=0.2", "attack.target_label=sport"])]
+               ("backdoor", ["attack.kind=backdoor", "attack.fraction=0.2", "attack.target_label=sports"])]
     for attack, aov in attacks:
+        if which and attack not in which:
+            continue
         for agg in ROBUST:
             if only and agg not in only:
                 continue
@@ -125,6 +128,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated settings (dp: none, eps=1, …) or aggregators (robust)")
     ap.add_argument("--flip-scale", type=float, default=5.0,
                     help="sign-flip clients send -s·Δ; with 2 of 10 clients, s > 4 turns FedAvg's mean around")
+    ap.add_argument("--attacks", help="robust: comma-separated attacks to run (sign-flip, backdoor); default both")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
@@ -133,7 +137,7 @@ def main() -> None:
     if args.table == "dp":
         table_dp(args.rounds, args.clip, only, out)
     elif args.table == "robust":
-        table_robust(args.rounds, only, out, args.flip_scale)
+        table_robust(args.rounds, only, out, args.flip_scale, args.attacks.split(",") if args.attacks else None)
     if args.render:
         render()
 
