@@ -76,7 +76,9 @@ def table_robust(rounds: int, only: list[str] | None, out, flip_scale: float = 5
     base = ["partition.method=iid", "federation.clients_per_round=10", f"federation.rounds={rounds}", f"eval.every={rounds}",
             "server.norm_bound=0.05", "server.trim_fraction=0.2", "server.byzantine_fraction=0.2"]
     attacks = [("sign-flip", ["attack.kind=sign-flip", "attack.fraction=0.2", f"attack.scale={flip_scale:g}"]),
-               ("backdoor", ["attack.kind=backdoor", "attack.fraction=0.2", "attack.target_label=sports"])]
+               ("backdoor", ["attack.kind=backdoor", "attack.fraction=0.2", "attack.target_label=sports"]),
+               # no malicious client, but the trigger test still runs: how often the trigger alone gives 'sports'
+               ("none", ["attack.kind=backdoor", "attack.fraction=0", "attack.target_label=sports"])]
     for attack, aov in attacks:
         if which and attack not in which:
             continue
@@ -105,6 +107,10 @@ def render() -> None:
                  if o.startswith("attack.scale=")), "?")
     lines += ["", f"(b) 20% malicious clients (2 of 10 IID clients, every round); sign-flip clients send −{flip}·Δ:", "",
               "| aggregator | accuracy under sign-flip | accuracy under backdoor | backdoor success |", "|---|---|---|---|"]
+    clean = latest.get(("robust", None, "none", "fedavg"))
+    if clean:
+        lines.append(f"| fedavg, no malicious client | {fmt(clean['accuracy'])} (clean) | — | "
+                     f"{fmt(clean['backdoor_success'])} (trigger alone) |")
     for agg in ROBUST:
         sf, bd = latest.get(("robust", None, "sign-flip", agg)), latest.get(("robust", None, "backdoor", agg))
         if sf or bd:
@@ -128,7 +134,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated settings (dp: none, eps=1, …) or aggregators (robust)")
     ap.add_argument("--flip-scale", type=float, default=5.0,
                     help="sign-flip clients send -s·Δ; with 2 of 10 clients, s > 4 turns FedAvg's mean around")
-    ap.add_argument("--attacks", help="robust: comma-separated attacks to run (sign-flip, backdoor); default both")
+    ap.add_argument("--attacks", help="robust: comma-separated attacks to run (sign-flip, backdoor, none); default all")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
