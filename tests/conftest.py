@@ -82,3 +82,14 @@ def tiny_config(tiny_csv, tmp_path):
         return load_config("bbc-lora", tiny_overrides(tiny_csv, tmp_path, **extra))
 
     return make
+
+
+def privacy_command(cfg, tmp_path, *overrides: str):
+    """``fedfm privacy`` on ``cfg`` written to a YAML file: the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    path = tmp_path / "privacy.yaml"
+    path.write_text(cfg.to_yaml())
+    return CliRunner().invoke(app, ["privacy", str(path), *overrides])

@@ -9,7 +9,6 @@ import dp_accounting as dpa
 import pytest
 import torch
 from dp_accounting import pld, rdp
-from typer.testing import CliRunner
 
 from fedfm.privacy.accountant import Mechanism
 from fedfm.privacy.dp import DPFedAvg
@@ -100,15 +99,13 @@ def test_target_epsilon_derives_the_noise_or_stops_the_run(tiny_config):
 
 
 def test_the_privacy_command_prints_epsilon_without_training(tiny_config, tmp_path):
-    from fedfm.cli import app
+    from tests.conftest import privacy_command
 
     cfg = tiny_config(**{"privacy.mode": "client", "privacy.noise_multiplier": 1.1, "federation.rounds": 7})
-    path = tmp_path / "dp.yaml"
-    path.write_text(cfg.to_yaml())
-    out = CliRunner().invoke(app, ["privacy", str(path)])
+    out = privacy_command(cfg, tmp_path)
     assert out.exit_code == 0, out.output
     m = prepare(cfg).mechanism
     assert f"{m.epsilon(7, 1e-5):.4g}" in out.output and "RDP" in out.output and "q = 0.5" in out.output
     assert not (tmp_path / "run").exists()  # nothing trained, no run directory
-    none = CliRunner().invoke(app, ["privacy", str(path), "privacy.mode=none"])
+    none = privacy_command(cfg, tmp_path, "privacy.mode=none")
     assert none.exit_code != 0 and "no differential-privacy guarantee" in none.output

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting import rdp
-from typer.testing import CliRunner
 
 from fedfm.privacy.dpsgd import SampleLevelDP, dp_sgd, per_example_gradients
 from fedfm.server import Server, prepare
@@ -152,12 +151,10 @@ def test_sample_dp_config_errors_name_the_field(tiny_config, ov, needle):
 
 
 def test_the_privacy_command_reports_the_worst_clients_epsilon(tiny_config, tmp_path):
-    from fedfm.cli import app
+    from tests.conftest import privacy_command
 
     cfg = tiny_config(**{"privacy.mode": "sample", "privacy.noise_multiplier": 1.1, "federation.rounds": 5})
-    path = tmp_path / "dp.yaml"
-    path.write_text(cfg.to_yaml())
-    out = CliRunner().invoke(app, ["privacy", str(path)])
+    out = privacy_command(cfg, tmp_path)
     assert out.exit_code == 0, out.output
     sd = prepare(cfg).sample_dp
     assert f"{sd.worst_epsilon(5, 1e-5):.4g}" in out.output and "one training example" in out.output
