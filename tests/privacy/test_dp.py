@@ -3,7 +3,6 @@ and divides as the paper says; ε is in every round's metrics; the budget derive
 reports a config's ε without training."""
 from __future__ import annotations
 
-import json
 
 import dp_accounting as dpa
 import pytest
