@@ -16,7 +16,6 @@ What a client masks:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
