@@ -262,7 +262,9 @@ class LocalTraining:
         from ..privacy.dpsgd import STEPS_KEY, dp_sgd
 
         ctx, cid, mech = self.ctx, task.client_id, self.ctx.sample_dp
-        noise_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([task.seed, 11]).generate_state(1)[0]))
+        from ..server import derive_seed
+
+        noise_gen = torch.Generator().manual_seed(derive_seed(task.seed, 11))
         loss, steps = dp_sgd(ctx, indices, gen, noise_gen, int(mech.steps[cid]), mech.noise_multiplier, hook)
         total = self._dp_steps(cid) + steps
         stored = dict(ctx.store.get(cid) or {})

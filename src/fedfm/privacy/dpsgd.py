@@ -171,19 +171,18 @@ def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_generator
                 batch = task.collate(ctx.encoded, torch.as_tensor(chosen))
                 if model in _HOOKS_MISS:
                     gsm.disable_hooks()
-                    losses = task.segment_losses(model, batch, [1] * len(chosen))  # ℓ_i, one per example
-                    one_at_a_time(losses, params)
-                else:
-                    losses = task.segment_losses(model, batch, [1] * len(chosen))
+                losses = task.segment_losses(model, batch, [1] * len(chosen))  # ℓ_i, one per example
+                if model not in _HOOKS_MISS:
                     losses.sum().backward()
                     missed = [p for p in params if getattr(p, "grad_sample", None) is None
                               or p.grad_sample.shape[0] != len(chosen)]
-                    if missed:  # Opacus's hooks did not see every parameter: redo this batch exactly, and every next
+                    if missed:  # Opacus's hooks did not see every parameter: this batch again and every next, exactly
                         _HOOKS_MISS[model] = f"{len(missed)} trainable tensors, e.g. of shape {tuple(missed[0].shape)}"
                         gsm.disable_hooks()
                         opt.zero_grad(set_to_none=True)
                         losses = task.segment_losses(model, batch, [1] * len(chosen))
-                        one_at_a_time(losses, params)
+                if model in _HOOKS_MISS:
+                    one_at_a_time(losses, params)
                 total_loss += float(losses.detach().sum())
                 seen += len(chosen)
             else:  # an empty Poisson sample still releases noise
