@@ -337,3 +337,33 @@ def test_cli_resume_continues_bit_for_bit(tiny_csv, tmp_path):
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+class _RunsCode:
+    """A pickled object that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code_when_unpickled(tiny_csv, tmp_path):
+    """Checkpoints are loaded with weights_only=True: a tampered one is refused with its path named, runs nothing,
+    and is left as it was."""
+    import torch
+
+    part = tmp_path / "part"
+    res = invoke("run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path, **{"federation.rounds": 1,
+                                                                            "output.dir": str(part)}))
+    assert res.exit_code == 0, res.output
+    ck = sorted((part / "checkpoints").glob("round_*.pt"))[-1]
+    state = torch.load(ck, weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**state, "schedule": {"sim_time": _RunsCode(marker)}}, ck)
+    before = ck.read_bytes()
+    res = invoke("run", "--resume", str(part), "federation.rounds=2")
+    assert res.exit_code != 0
+    assert ck.name in res.output and "not loaded" in res.output
+    assert not marker.exists() and ck.read_bytes() == before

@@ -116,10 +116,14 @@ def test_too_few_clients_leaves_global_unchanged(tiny_config):
     {}, {"server.optimizer": "fedyogi"}, {"client.algorithm": "scaffold"}, {"adapter.method": "fedsa-lora"},
     {"federation.schedule": "fedbuff", "federation.buffer_size": 2, "federation.concurrency": 3,
      "clock.speed_distribution": "lognormal"},
-], ids=["fedavg", "fedyogi-state", "scaffold-control-variates", "fedsa-personal-b", "fedbuff-in-flight"])
+    {"privacy.mode": "client", "privacy.noise_multiplier": 0.3, "privacy.target_quantile": 0.5, "privacy.count_noise": 1.0},
+    {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0},
+], ids=["fedavg", "fedyogi-state", "scaffold-control-variates", "fedsa-personal-b", "fedbuff-in-flight",
+        "dp-adaptive-clip", "dp-sample-epsilons"])
 def test_resume_is_bit_for_bit(tiny_config, tmp_path, algo):
     """A run interrupted after round 2 and resumed ends with the same global state as an uninterrupted one
-    (also when the server optimizer keeps state: its moments are in the checkpoint)."""
+    (also when the server optimizer keeps state: its moments are in the checkpoint). Checkpoints hold only tensors
+    and builtins: they load with ``torch.load(weights_only=True)``, which runs no pickled code."""
     over = {"federation.rounds": 4, "adapter.dropout": 0.1, "model.from_config.hidden_dropout_prob": 0.1, **algo}
     full, _ = _run(tiny_config(**{**over, "output.dir": str(tmp_path / "full")}), tmp_path / "full")
 

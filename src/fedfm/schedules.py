@@ -7,6 +7,7 @@ results have arrived, weighting each by its staleness. A "round" of a fedbuff ru
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from typing import Any, Callable
@@ -96,13 +97,15 @@ class FedBuff(Schedule):
         self.bytes_down = 0  # sent during the current server step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sim_time": self.sim_time, "version": self.version, "jobs": self.jobs, "in_flight": list(self.in_flight)}
+        # results as plain dicts, so that a checkpoint holds only tensors and builtins (loaded with weights_only=True)
+        flight = [(t, j, c, v, dataclasses.asdict(r)) for t, j, c, v, r in self.in_flight]
+        return {"sim_time": self.sim_time, "version": self.version, "jobs": self.jobs, "in_flight": flight}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.version = int(state.get("version", 0))
         self.jobs = int(state.get("jobs", 0))
-        self.in_flight = list(state.get("in_flight", []))
+        self.in_flight = [(t, j, c, v, ClientResult(**r)) for t, j, c, v, r in state.get("in_flight", [])]
         heapq.heapify(self.in_flight)
 
     def staleness_weight(self, tau: int) -> float:

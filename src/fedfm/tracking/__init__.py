@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -109,4 +110,9 @@ class RunDir:
         cks = self.list_checkpoints()
         if not cks:
             return None
-        return torch.load(cks[-1], map_location="cpu", weights_only=False)
+        try:  # tensors and builtins only: unpickling a checkpoint never constructs other objects or runs code
+            return torch.load(cks[-1], map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise FedfmError(f"checkpoint {cks[-1]}: holds objects other than tensors and builtins (written by an older "
+                             f"fedfm, or not by fedfm); it is not loaded, since unpickling them could run code "
+                             f"({str(e).splitlines()[-1][:200]})") from None
