@@ -78,7 +78,8 @@ class Sync(Schedule):
         row = s.aggregate_results(rnd, results)
         if s.attack.malicious:
             row["malicious"] = [int(c) for c in ids if int(c) in s.attack.malicious]
-        row.update({"bytes_down": int(sent),
+        # what travelled down: the broadcasts, plus under secagg the protocol's server-to-client messages
+        row.update({"bytes_down": int(sent) + int(row.get("secagg_bytes_down", 0)),
                     "clients": [int(c) for c in ids], "sim_time_s": self.sim_time,
                     "wall_s": time.perf_counter() - t0})
         return row

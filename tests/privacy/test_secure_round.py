@@ -127,6 +127,8 @@ def test_a_secure_run_trains_like_the_plain_run(tiny_config):
     assert rows[0]["round"] == 0 and all(r["aggregated"] and r["secagg_included"] == 6 for r in rows[1:])
     assert rows[-1]["eval_loss"] == pytest.approx(plain[-1]["eval_loss"], abs=1e-4)
     assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]
+    for r, p in zip(rows[1:], plain[1:]):  # the downlink counts the protocol's messages as well as the model
+        assert r["secagg_bytes_down"] > 0 and r["bytes_down"] == p["bytes_down"] + r["secagg_bytes_down"]
 
 
 @pytest.mark.parametrize("ov,needle", [({"server.aggregator": "median"}, "server.aggregator"),
