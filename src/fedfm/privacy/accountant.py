@@ -7,9 +7,21 @@ is what ``dp-accounting`` supports for it). R rounds compose.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+
+
+def new_accountant(kind: str, replace_one: bool = False):
+    """A fresh dp-accounting accountant: ``rdp`` or ``pld`` (add-or-remove-one), or RDP under replace-one."""
+    import dp_accounting as dpa
+    from absl import logging as absl_logging
+    from dp_accounting import pld, rdp
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # RDP orders it cannot evaluate are skipped, not a user error
+    if replace_one:
+        return rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    return rdp.RdpAccountant() if kind == "rdp" else pld.PLDAccountant()
 
 
 @dataclass
@@ -21,6 +33,7 @@ class Mechanism:
     per_round: int  # the expected (poisson) or exact (fixed) number of sampled clients
     noise_multiplier: float
     accountant: str = "rdp"  # rdp | pld
+    _eps: dict = field(default_factory=dict, repr=False, compare=False)  # (rounds, δ, z) -> ε
 
     @property
     def q(self) -> float:
@@ -37,25 +50,23 @@ class Mechanism:
         return dpa.SelfComposedDpEvent(one, rounds)
 
     def fresh_accountant(self):
-        import dp_accounting as dpa
-        from absl import logging as absl_logging
-        from dp_accounting import pld, rdp
-
-        absl_logging.set_verbosity(absl_logging.ERROR)  # RDP orders it cannot evaluate are skipped, not a user error
-        if self.sampling == "fixed":
-            if self.accountant != "rdp":
-                raise ConfigError("privacy.accountant: fixed-size client sampling is accounted with 'rdp' "
-                                  "(dp-accounting's PLD has no sampling without replacement); use privacy.sampling: "
-                                  "poisson for 'pld'")
-            return rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-        return rdp.RdpAccountant() if self.accountant == "rdp" else pld.PLDAccountant()
+        if self.sampling == "fixed" and self.accountant != "rdp":
+            raise ConfigError("privacy.accountant: fixed-size client sampling is accounted with 'rdp' "
+                              "(dp-accounting's PLD has no sampling without replacement); use privacy.sampling: "
+                              "poisson for 'pld'")
+        return new_accountant(self.accountant, replace_one=self.sampling == "fixed")
 
     def epsilon(self, rounds: int, delta: float) -> float:
+        """ε after ``rounds`` rounds at ``delta`` (computed once per (rounds, δ, z): the round's row and the budget
+        check ask for the same one)."""
         if rounds <= 0:
             return 0.0
-        acc = self.fresh_accountant()
-        acc.compose(self.event(rounds))
-        return float(acc.get_epsilon(delta))
+        key = (int(rounds), float(delta), float(self.noise_multiplier))
+        if key not in self._eps:
+            acc = self.fresh_accountant()
+            acc.compose(self.event(rounds))
+            self._eps[key] = float(acc.get_epsilon(delta))
+        return self._eps[key]
 
     def noise_for(self, target_epsilon: float, delta: float, rounds: int) -> float:
         """The smallest noise multiplier whose ``rounds`` rounds spend at most ``target_epsilon`` at ``delta``."""

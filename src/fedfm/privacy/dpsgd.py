@@ -59,11 +59,9 @@ class SampleLevelDP:
         return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), steps)
 
     def _fresh(self):
-        from absl import logging as absl_logging
-        from dp_accounting import pld, rdp
+        from .accountant import new_accountant
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
-        return rdp.RdpAccountant() if self.accountant == "rdp" else pld.PLDAccountant()
+        return new_accountant(self.accountant)
 
     def epsilon_at(self, q: float, steps: int, delta: float, z: float | None = None) -> float:
         z = self.noise_multiplier if z is None else z
