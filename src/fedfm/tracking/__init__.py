@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import FedfmError
@@ -25,6 +26,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def _builtin_scalars(obj: Any) -> Any:
+    """numpy scalars as Python ones, through dicts, lists and tuples, so the checkpoint loads with weights_only."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {_builtin_scalars(k): _builtin_scalars(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_builtin_scalars(v) for v in obj)
+    return obj
 
 
 class RunDir:
@@ -94,7 +106,7 @@ class RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         path = self.checkpoints / f"round_{rnd:04d}.pt"
         tmp = self.checkpoints / f".round_{rnd:04d}.pt.tmp"
-        torch.save(state, tmp)
+        torch.save(_builtin_scalars(state), tmp)
         os.replace(tmp, path)
         for old in self.list_checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
