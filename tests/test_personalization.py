@@ -90,6 +90,6 @@ def test_ffa_lora_average_of_b_is_the_average_of_the_products(tiny_config):
     new = server.spec.unflatten(server.global_flat)
     p = torch.tensor(weights, dtype=torch.float32) / sum(weights)
     for b in b_names:
-        A = params[b.replace(".lora_B.", LORA_A)].detach()
+        A = params[b.replace(".lora_B.", LORA_A)].detach().cpu()
         want = p[0] * (locals_[0][b] @ A) + p[1] * (locals_[1][b] @ A)
         assert torch.allclose(new[b] @ A, want, atol=1e-6)

@@ -35,7 +35,7 @@ def test_fedprox_equals_sgd_on_the_proximal_objective(tiny_config):
 
     server.spec.load(x0)
     anchors = [anchor[n] for n in server.spec.names]
-    ref = _reference(server, idx, lambda ps: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(ps, anchors)))
+    ref = _reference(server, idx, lambda ps: 0.5 * mu * sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(ps, anchors)))
     assert torch.allclose(ours, ref, atol=1e-6, rtol=1e-5)
     server.spec.load(x0)
     plain = _reference(server, idx, lambda ps: torch.zeros(()))
@@ -61,7 +61,7 @@ def test_scaffold_step_equals_sgd_on_the_linearly_corrected_objective(tiny_confi
 
     spec.load(x)
     corr = [c[n] - c_i[n] for n in spec.names]
-    ref = _reference(server, ctx.data.clients[cid].train, lambda ps: sum((p * k).sum() for p, k in zip(ps, corr)))
+    ref = _reference(server, ctx.data.clients[cid].train, lambda ps: sum((p * k.to(p.device)).sum() for p, k in zip(ps, corr)))
     assert torch.allclose(y, ref, atol=1e-6, rtol=1e-5)
 
     K, lr = res.metrics["steps"], 0.1

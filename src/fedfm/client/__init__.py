@@ -264,8 +264,8 @@ class LocalTraining:
         ctx, cid, mech = self.ctx, task.client_id, self.ctx.sample_dp
         from ..server import derive_seed
 
-        noise_gen = torch.Generator().manual_seed(derive_seed(task.seed, 11))
-        loss, steps = dp_sgd(ctx, indices, gen, noise_gen, int(mech.steps[cid]), mech.noise_multiplier, hook)
+        loss, steps = dp_sgd(ctx, indices, gen, derive_seed(task.seed, 11), int(mech.steps[cid]), mech.noise_multiplier,
+                             hook)
         total = self._dp_steps(cid) + steps
         stored = dict(ctx.store.get(cid) or {})
         stored[STEPS_KEY] = torch.tensor([total], dtype=torch.int64)

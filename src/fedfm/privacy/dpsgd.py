@@ -143,11 +143,12 @@ def per_example_gradients(model: torch.nn.Module):
                     delattr(p, attr)
 
 
-def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_generator: torch.Generator, steps: int,
+def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_seed: int, steps: int,
            noise_multiplier: float, grad_hook: Callable | None = None) -> tuple[float, int]:
     """``steps`` DP-SGD steps on the client's examples ``indices``: Poisson batches of expected size B, per-example
     clip to ``privacy.clip``, noise z·C on the sum, ÷ B. ``grad_hook`` (FedProx, SCAFFOLD) acts on the noised
-    gradient, so it is post-processing. Returns the mean loss over the sampled examples and the steps taken."""
+    gradient, so it is post-processing. The noise is drawn on the parameters' device from ``noise_seed``. Returns the
+    mean loss over the sampled examples and the steps taken."""
     from opacus.optimizers import DPOptimizer
 
     from ..client import make_optimizer
@@ -157,6 +158,7 @@ def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_generator
     n, B = len(rows), cfg.client.batch_size
     q = min(1.0, B / max(n, 1))
     params = ctx.train_params()
+    noise_generator = torch.Generator(device=params[0].device).manual_seed(int(noise_seed))
     model.train()
     total_loss, seen = 0.0, 0
     with per_example_gradients(model) as gsm:
