@@ -116,8 +116,9 @@ def test_too_few_clients_leaves_global_unchanged(tiny_config):
     {}, {"server.optimizer": "fedyogi"}, {"client.algorithm": "scaffold"}, {"adapter.method": "fedsa-lora"},
     {"federation.schedule": "fedbuff", "federation.buffer_size": 2, "federation.concurrency": 3,
      "clock.speed_distribution": "lognormal"},
-    {"privacy.mode": "client", "privacy.noise_multiplier": 0.3, "privacy.target_quantile": 0.5, "privacy.count_noise": 1.0},
-    {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0},
+    {"privacy.mode": "client", "privacy.noise_multiplier": 0.3, "privacy.target_quantile": 0.5, "privacy.count_noise": 1.0,
+     "privacy.randomness": "seeded"},
+    {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "privacy.randomness": "seeded"},
 ], ids=["fedavg", "fedyogi-state", "scaffold-control-variates", "fedsa-personal-b", "fedbuff-in-flight",
         "dp-adaptive-clip", "dp-sample-epsilons"])
 def test_resume_is_bit_for_bit(tiny_config, tmp_path, algo):

@@ -222,6 +222,9 @@ class PrivacyConfig(Section):
     target_quantile: Optional[float] = Field(None, gt=0, lt=1)  # adaptive clipping (Andrew et al. 2021): γ
     clip_lr: float = Field(0.2, gt=0)  # adaptive clipping: η_C, C ← C·exp(−η_C (b̄ − γ))
     count_noise: Optional[float] = Field(None, gt=0)  # adaptive clipping: σ_b (default: expected clients / 20)
+    # where the mechanism's random draws (client sample under client DP, DP noise, DP-SGD's Poisson batches) come
+    # from: the OS's CSPRNG (secret), or federation.seed (seeded: reproducible, and removable by whoever has the seed)
+    randomness: Literal["secret", "seeded"] = "secret"
 
 
 class SecureAggregationConfig(Section):

@@ -16,6 +16,7 @@ import numpy as np
 
 from .attacks import tamper_results
 from .client import ClientResult, ClientTask
+from .privacy import mechanism_seed
 from .registry import Registry
 
 SCHEDULES: Registry[Callable[..., "Schedule"]] = Registry("schedule")
@@ -45,12 +46,20 @@ class Sync(Schedule):
     """Synchronous rounds: sample → broadcast → train → aggregate; the round lasts as long as its slowest returning
     client (or ``clock.deadline_s``)."""
 
+    def sample_seed(self, rnd: int) -> list[int] | int:
+        """Round ``rnd``'s client sample: from the run seed, or secret under client-level DP (the accountant's
+        amplification by sampling assumes nobody knows who was sampled)."""
+        cfg = self.server.cfg
+        if cfg.privacy.mode == "client":
+            return mechanism_seed(cfg, 3, rnd)
+        return [cfg.federation.seed, 3, rnd]
+
     def run_round(self, rnd: int) -> dict[str, Any]:
         s, cfg = self.server, self.server.cfg
         clock, deadline = s.clock, cfg.clock.deadline_s
         t0 = time.perf_counter()
         self.sim_time = s.wait_for_clients(self.sim_time)
-        ids = s.sample(np.random.default_rng([cfg.federation.seed, 3, rnd]), s.num_sampled(), self.sim_time)
+        ids = s.sample(np.random.default_rng(self.sample_seed(rnd)), s.num_sampled(), self.sim_time)
         tasks, skipped, durations, sent = [], {}, {}, 0
         for c in ids:
             c = int(c)

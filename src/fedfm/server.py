@@ -170,7 +170,8 @@ class Server:
             from .privacy.dp import DPFedAvg
 
             m = self.mechanism
-            self.dp = DPFedAvg(cfg.privacy, m.noise_multiplier, m.per_round, cfg.federation.seed)
+            self.dp = DPFedAvg(cfg.privacy, m.noise_multiplier, m.per_round, cfg.federation.seed,
+                               secret=cfg.privacy.randomness == "secret")
             self.display.message(
                 f"privacy: client-level DP-FedAvg, {m.sampling} sampling q={m.q:.4g} ({m.per_round} of "
                 f"{m.num_clients} clients), noise multiplier z={m.noise_multiplier:.4g}, clip C={cfg.privacy.clip:g}; "

@@ -108,3 +108,22 @@ def test_the_privacy_command_prints_epsilon_without_training(tiny_config, tmp_pa
     assert not (tmp_path / "run").exists()  # nothing trained, no run directory
     none = privacy_command(cfg, tmp_path, "privacy.mode=none")
     assert none.exit_code != 0 and "no differential-privacy guarantee" in none.output
+
+
+FIXED = {"privacy.mode": "client", "privacy.sampling": "fixed", "federation.clients_per_round": 2}  # never empty
+
+
+@pytest.mark.parametrize("mode", [FIXED, {"privacy.mode": "sample"},
+                                  {**FIXED, "secagg.enabled": True, "secagg.dp_noise": "distributed"}],
+                         ids=["dp-fedavg", "dp-sgd", "secagg-distributed-noise"])
+def test_the_noise_is_secret_unless_seeded_runs_are_asked_for(tiny_config, mode):
+    """By default the mechanism's draws come from the OS: two runs with the same config and seed release different
+    models, so whoever holds the config cannot redraw the noise. ``privacy.randomness: seeded`` repeats them."""
+    def final(**ov):
+        server = Server(prepare(tiny_config(**{"federation.rounds": 1, "eval.every": 0, "privacy.noise_multiplier": 1.0,
+                                               **mode, **ov})))
+        server.run()
+        return server.global_flat
+
+    assert not torch.equal(final(), final())
+    assert torch.equal(final(**{"privacy.randomness": "seeded"}), final(**{"privacy.randomness": "seeded"}))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -264,8 +265,11 @@ class LocalTraining:
         ctx, cid, mech = self.ctx, task.client_id, self.ctx.sample_dp
         from ..server import derive_seed
 
-        loss, steps = dp_sgd(ctx, indices, gen, derive_seed(task.seed, 11), int(mech.steps[cid]), mech.noise_multiplier,
-                             hook)
+        if ctx.cfg.privacy.randomness == "secret":  # Poisson batches and noise that no holder of the run seed can redraw
+            gen, noise_seed = torch.Generator().manual_seed(secrets.randbits(63)), secrets.randbits(63)
+        else:
+            noise_seed = derive_seed(task.seed, 11)
+        loss, steps = dp_sgd(ctx, indices, gen, noise_seed, int(mech.steps[cid]), mech.noise_multiplier, hook)
         total = self._dp_steps(cid) + steps
         stored = dict(ctx.store.get(cid) or {})
         stored[STEPS_KEY] = torch.tensor([total], dtype=torch.int64)

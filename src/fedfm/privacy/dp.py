@@ -6,6 +6,7 @@ most C / denominator whatever the others do. Optional adaptive clipping (Andrew 
 from __future__ import annotations
 
 import math
+import secrets
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,9 @@ def _seed(*parts: int) -> int:
 class DPFedAvg:
     """Δ̄ = (Σ_k Δ_k · min(1, C / ‖Δ_k‖) + N(0, (z_Δ C)² I)) / E[K]."""
 
-    def __init__(self, pcfg, noise_multiplier: float, denominator: float, seed: int):
+    def __init__(self, pcfg, noise_multiplier: float, denominator: float, seed: int, secret: bool = False):
         self.C = float(pcfg.clip)
+        self.secret = secret  # noise seeds from the OS, not from ``seed`` (privacy.randomness: secret)
         self.z = float(noise_multiplier)
         self.denominator = float(denominator)
         self.seed = seed
@@ -61,7 +63,7 @@ class DPFedAvg:
                 noise: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
         """(clipped sum + N(0, (z_Δ C)² I)) / E[K]; ``noise=False`` when the clients already added their shares
         of it (distributed noise under secure aggregation)."""
-        g = torch.Generator().manual_seed(_seed(self.seed, 7, rnd))
+        g = torch.Generator().manual_seed(secrets.randbits(63) if self.secret else _seed(self.seed, 7, rnd))
         C, dim = self.C, total.numel()
         z = torch.randn(dim, generator=g, dtype=torch.float64) * (self.z_delta * C)
         delta = ((total.double() + (z if noise else 0.0)) / self.denominator).float()

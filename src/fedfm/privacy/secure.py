@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import mechanism_seed
 from .secagg import MaskedInput, RingCodec, SecAggAbort, SecAggClient, SecAggRound, UnmaskingRefused, UnmaskingRequest
 
 
@@ -103,7 +104,7 @@ class SecureAggregation:
                 try:
                     flat = decode(r)
                     x = clients[r.client_id].contribution(flat, r.num_examples,
-                                                          derive_seed(self.seed, 17, rnd, r.client_id))
+                                                          mechanism_seed(self.cfg, 17, rnd, r.client_id))
                 except Exception as e:  # the client's own validation: it does not send a masked input
                     dropped.append({"id": r.client_id, "error": f"rejected by the client before masking: {e}"})
                     continue
