@@ -46,6 +46,13 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
+def _randomness(cfg) -> str:
+    if cfg.privacy.randomness == "seeded":
+        return ("noise from federation.seed (privacy.randomness: seeded): reproducible, and removable by anyone who "
+                "holds the seed")
+    return "noise seeded from the OS at each draw (privacy.randomness: secret)"
+
+
 def num_sampled(fed, num_clients: int) -> int:
     """Clients per round: ``clients_per_round`` or ``max(min_clients, ceil(fraction·N))``, at most N."""
     if fed.fraction is not None:
@@ -176,7 +183,7 @@ class Server:
                 f"privacy: client-level DP-FedAvg, {m.sampling} sampling q={m.q:.4g} ({m.per_round} of "
                 f"{m.num_clients} clients), noise multiplier z={m.noise_multiplier:.4g}, clip C={cfg.privacy.clip:g}; "
                 f"{m.accountant.upper()} accountant: ε={m.epsilon(cfg.federation.rounds, cfg.privacy.delta):.4g} "
-                f"at δ={cfg.privacy.delta:g} after {cfg.federation.rounds} rounds")
+                f"at δ={cfg.privacy.delta:g} after {cfg.federation.rounds} rounds; {_randomness(cfg)}")
         # sample-level DP: the mechanism, and what each client reported of its own accountant (ε, steps so far)
         self.sample_dp, self.sample_eps, self.sample_steps = prepared.sample_dp, {}, {}
         if self.sample_dp is not None:
@@ -186,7 +193,7 @@ class Server:
                 f"privacy: sample-level DP-SGD in every client, Poisson batches q_k={min(qs):.3g}…{max(qs):.3g}, "
                 f"noise multiplier z={sd.noise_multiplier:.4g}, per-example clip C={p.clip:g}; {p.accountant.upper()} "
                 f"accountant: a client sampled in all {cfg.federation.rounds} rounds reaches at most "
-                f"ε={sd.worst_epsilon(cfg.federation.rounds, p.delta):.4g} at δ={p.delta:g}")
+                f"ε={sd.worst_epsilon(cfg.federation.rounds, p.delta):.4g} at δ={p.delta:g}; {_randomness(cfg)}")
         self.server_opt = make_server_optimizer(cfg)
         state_dir = cfg.runtime.state_dir or (run_dir.path / "client_state" if run_dir is not None else None)
         self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
