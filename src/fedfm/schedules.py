@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import secrets
 import time
 from typing import Any, Callable
 
@@ -16,7 +17,6 @@ import numpy as np
 
 from .attacks import tamper_results
 from .client import ClientResult, ClientTask
-from .privacy import mechanism_seed
 from .registry import Registry
 
 SCHEDULES: Registry[Callable[..., "Schedule"]] = Registry("schedule")
@@ -47,11 +47,11 @@ class Sync(Schedule):
     client (or ``clock.deadline_s``)."""
 
     def sample_seed(self, rnd: int) -> list[int] | int:
-        """Round ``rnd``'s client sample: from the run seed, or secret under client-level DP (the accountant's
-        amplification by sampling assumes nobody knows who was sampled)."""
+        """Round ``rnd``'s client sample: from the run seed, or from the OS under client-level DP with secret
+        randomness (the accountant's amplification by sampling assumes nobody knows who was sampled)."""
         cfg = self.server.cfg
-        if cfg.privacy.mode == "client":
-            return mechanism_seed(cfg, 3, rnd)
+        if cfg.privacy.mode == "client" and cfg.privacy.randomness == "secret":
+            return secrets.randbits(63)
         return [cfg.federation.seed, 3, rnd]
 
     def run_round(self, rnd: int) -> dict[str, Any]:
