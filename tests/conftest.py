@@ -93,3 +93,15 @@ def privacy_command(cfg, tmp_path, *overrides: str):
     path = tmp_path / "privacy.yaml"
     path.write_text(cfg.to_yaml())
     return CliRunner().invoke(app, ["privacy", str(path), *overrides])
+
+
+def reachable(graph, nodes: set) -> set:
+    """The nodes reachable from the smallest of ``nodes`` through edges between ``nodes`` (``graph[u]``: u's
+    neighbours): equal to ``nodes`` when they form a connected graph."""
+    reach, todo = set(), [min(nodes)]
+    while todo:
+        u = todo.pop()
+        if u not in reach:
+            reach.add(u)
+            todo += [v for v in graph[u] if v in nodes]
+    return reach

@@ -229,8 +229,14 @@ class PrivacyConfig(Section):
 
 class SecureAggregationConfig(Section):
     enabled: bool = False  # SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020): the server sees only masked vectors
-    neighbours: Optional[int] = Field(None, ge=2)  # k of the SecAgg+ graph (even); None: every pair (Bonawitz)
-    threshold: Optional[int] = Field(None, ge=1)  # t shares rebuild a secret; None: ⌊k/2⌋ + 1
+    # k of the SecAgg+ graph (even) and t; None: the sparsest (k, t) that Bell et al. 2020's bounds make safe for the
+    # round's roster with the fractions below (the complete graph of Bonawitz when no sparser one is)
+    neighbours: Optional[int] = Field(None, ge=2)
+    threshold: Optional[int] = Field(None, ge=1)  # t shares rebuild a secret; None: chosen with k (or ⌊k/2⌋ + 1)
+    corrupt_fraction: float = Field(0.05, ge=0, lt=1)  # γ: clients that may collude with the server
+    dropout_fraction: float = Field(0.05, ge=0, lt=1)  # δ: clients that may drop out mid-round
+    security_bits: int = Field(40, ge=1, le=128)  # a round leaks more than the sum with probability ≤ 2^−σ
+    correctness_bits: int = Field(20, ge=1, le=128)  # a round aborts with probability ≤ 2^−η
     bits: int = Field(32, ge=8, le=48)  # the ring Z_{2^bits} of the fixed-point encoding
     clip: Optional[float] = Field(None, gt=0)  # each coordinate clamped to ±clip before encoding; None: privacy.clip
     # (privacy.mode client) or 1.0

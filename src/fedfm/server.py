@@ -124,6 +124,10 @@ def prepare(cfg: RunConfig) -> Prepared:
         from .privacy.accountant import mechanism
 
         mech = mechanism(cfg, n)
+    if cfg.secagg.enabled:  # an explicit SecAgg+ graph must be safe for the planned round size
+        from .privacy.secure import check_graph
+
+        check_graph(cfg, num_sampled(fed, n))
     sample_dp = None
     if cfg.privacy.mode == "sample":
         from .privacy.dpsgd import sample_level_dp
@@ -218,10 +222,13 @@ class Server:
             from .privacy.secure import SecureAggregation
 
             self.secure = SecureAggregation(cfg, self.spec, self.dp, int(self.client_sizes.max()), cfg.federation.seed)
-            k = cfg.secagg.neighbours
-            self.display.message(f"secure aggregation: SecAgg+ over Z_2^{cfg.secagg.bits}, "
-                                 f"{'every pair' if k is None else f'{k} neighbours'} per client, coordinates "
-                                 f"clamped to ±{self.secure.clip:g}; the server sees masked vectors and their sum")
+            sa = cfg.secagg
+            k = f"{sa.neighbours} neighbours" if sa.neighbours is not None else \
+                f"neighbours chosen per round for ≤{sa.corrupt_fraction:g} corrupt and ≤{sa.dropout_fraction:g} dropping"
+            self.display.message(f"secure aggregation: SecAgg+ over Z_2^{sa.bits}, {k} (a leak at most "
+                                 f"2^-{sa.security_bits}, an abort at most 2^-{sa.correctness_bits} a round), "
+                                 f"coordinates clamped to ±{self.secure.clip:g}; the server sees masked vectors and "
+                                 f"their sum (honest-but-curious server)")
         self.clock = SimClock(cfg.clock, len(self.data.clients), cfg.federation.seed)
         self.sampler = make_sampler(cfg.federation.sampling)
         self.schedule = make_schedule(self)
@@ -462,9 +469,10 @@ class Server:
             self.global_version += 1
             self.spec.load_flat(self.global_flat)
             self.algo_server.absorb(accepted_extras)
-            if accepted:
-                n = sum(float(r.num_examples) for r in accepted)
-                row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r in accepted) / n)
+            told = [r for r in accepted if "train_loss" in r.metrics]  # withheld under DP (privacy.SENT_METRICS)
+            if told:
+                n = sum(float(r.num_examples) for r in told)
+                row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r in told) / n)
         else:
             self.display.message(f"round {rnd}: {why_not}; global model unchanged")
         row["aggregated"] = delta is not None

@@ -26,13 +26,6 @@ def test_epsilon_equals_dp_accounting_called_directly(q, z, rounds, delta, kind)
     assert m.epsilon(rounds, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
 
 
-def test_fixed_size_sampling_is_accounted_as_sampling_without_replacement():
-    m = Mechanism("fixed", 500, 10, 1.2, "rdp")
-    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(500, 10, dpa.GaussianDpEvent(1.2)), 50))
-    assert m.epsilon(50, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
-
-
 def test_noise_for_a_target_epsilon_spends_at_most_it():
     m = Mechanism("poisson", 1000, 10, 0.0, "rdp")
     z = m.noise_for(4.0, 1e-5, 100)
@@ -51,7 +44,7 @@ def test_dp_fedavg_clips_sums_and_divides_by_the_fixed_denominator():
     mech = DPFedAvg(_P(), noise_multiplier=0.0, denominator=4.0, seed=0)
     delta, info = mech(updates, 2, rnd=1)
     assert torch.allclose(delta, torch.tensor([(0.6 + 0.3) / 4, (0.8 + 0.4) / 4]))
-    assert info["dp_clipped_fraction"] == 0.5
+    assert set(info) == {"dp_clip", "dp_noise_std"}  # nothing exact about the clients (how many were clipped)
     # with noise: the std of the released coordinate is z·C / denominator, measured over many rounds
     noisy = DPFedAvg(_P(), noise_multiplier=2.0, denominator=4.0, seed=0)
     draws = torch.stack([noisy(torch.zeros(0, 2000), 2000, rnd=r)[0] for r in range(5)])
@@ -114,7 +107,8 @@ FIXED = {"privacy.mode": "client", "privacy.sampling": "fixed", "federation.clie
 
 
 @pytest.mark.parametrize("mode", [FIXED, {"privacy.mode": "sample"},
-                                  {**FIXED, "secagg.enabled": True, "secagg.dp_noise": "distributed"}],
+                                  {**FIXED, "secagg.enabled": True, "secagg.dp_noise": "distributed",
+                                   "secagg.corrupt_fraction": 0}],
                          ids=["dp-fedavg", "dp-sgd", "secagg-distributed-noise"])
 def test_the_noise_is_secret_unless_seeded_runs_are_asked_for(tiny_config, mode):
     """By default the mechanism's draws come from the OS: two runs with the same config and seed release different

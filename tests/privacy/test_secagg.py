@@ -316,3 +316,30 @@ def test_secagg_plus_at_scale_prints_its_timing():
     print(f"\nSecAgg+ n={n} k={k} t={t} D={dim}: {elapsed:.2f} s in all; server "
           f"{ {p: round(s, 3) for p, s in report.server_seconds.items()} }; clients (total) "
           f"{ {p: round(s, 3) for p, s in report.client_seconds.items()} }; {upload / 1e6:.2f} MB uploaded per client")
+
+
+def test_the_graph_bounds_are_upper_bounds_on_what_random_draws_show():
+    """Monte Carlo over fresh graphs with c corrupt and d dropping clients placed at random: how often an honest
+    client has ≥ t corrupt neighbours, the honest survivors split, or a client has < t live neighbours. Each rate
+    stays within graph_bounds' union bound (and is not zero, so the check has teeth)."""
+    from fedfm.privacy.secagg import graph_bounds
+    from tests.conftest import reachable
+
+    n, k, t = 40, 6, 4
+    b = graph_bounds(n, k, t, corrupt_fraction=0.15, dropout_fraction=0.1)  # bounds 0.0995, 0.486, 0.328
+    assert max(b.shares, b.split, b.stall) < 1
+    rng = np.random.default_rng(0)
+    shares = split = stall = 0
+    draws = 2000
+    for i in range(draws):
+        graph = neighbours(n, k, seed=int(rng.integers(2**62)))
+        order = rng.permutation(n)
+        corrupt, dropped = set(order[:b.corrupt].tolist()), set(order[b.corrupt:b.corrupt + b.dropouts].tolist())
+        honest = set(range(n)) - corrupt
+        shares += any(len(graph[u] & corrupt) >= t for u in honest)
+        stall += any(len(graph[u] - dropped) < t for u in range(n))
+        alive = honest - dropped
+        split += reachable(graph, alive) != alive
+    for name, count in (("shares", shares), ("split", split), ("stall", stall)):
+        rate, bound = count / draws, getattr(b, name)
+        assert 0 < rate <= bound + 3 * (bound * (1 - min(bound, 1)) / draws) ** 0.5 + 1e-9, (name, rate, bound)

@@ -12,8 +12,13 @@ from fedfm.privacy import secagg
 from fedfm.server import Server, prepare
 
 
+HONEST = {"secagg.corrupt_fraction": 0, "secagg.dropout_fraction": 0}  # what lets a 2-neighbour graph be safe
+
+
 def _server(tiny_config, **ov):
     base = {"eval.every": 0, "partition.num_clients": 6, "federation.clients_per_round": 6}
+    if ov.get("secagg.neighbours") == 2:
+        base.update(HONEST)
     return Server(prepare(tiny_config(**{**base, **ov})))
 
 
@@ -102,7 +107,7 @@ def test_central_dp_noise_after_unmasking_equals_dp_fedavg(tiny_config):
     plain = _server(tiny_config, **dp)
     secure = _server(tiny_config, **dp, **{"secagg.enabled": True})
     row_p, row_s = plain.aggregate_results(1, _results(plain)), secure.aggregate_results(1, _results(secure))
-    assert row_s["epsilon"] == row_p["epsilon"] and row_s["dp_clipped_fraction"] == pytest.approx(1.0)
+    assert row_s["epsilon"] == row_p["epsilon"] and "dp_clipped_fraction" not in row_s
     assert torch.allclose(secure.global_flat, plain.global_flat, atol=1e-6)  # same clipped sum, same noise draw
 
 
@@ -118,7 +123,7 @@ def test_distributed_noise_shares_add_up_to_the_accounted_noise(tiny_config):
     want = z * C * (6 / m) ** 0.5 / noisy.dp.denominator  # six shares of variance (zC)²/m, ÷ E[K]
     assert row["dp_noise_std"] == pytest.approx(want)
     assert float(noise.std()) == pytest.approx(want, rel=0.1)
-    assert row["secagg_clamped_fraction"] < 1e-4
+    assert "secagg_clamped_fraction" not in row  # under DP nothing but the noised update is unmasked
 
 
 def test_a_secure_run_trains_like_the_plain_run(tiny_config):
@@ -152,3 +157,76 @@ def test_the_stages_compose_sample_dp_then_secure_sum_through_a_lossy_codec_unde
     rows = server.run()
     assert server.attack.malicious and all(r["aggregated"] and r["secagg_included"] == 6 for r in rows)
     assert rows[-1]["epsilon"] == pytest.approx(max(server.sample_eps.values())) and rows[-1]["epsilon"] > 0
+
+
+# ------------------------------------------------------------------ what SecAgg+ promises, and its parameters
+
+def test_the_graph_is_drawn_fresh_every_round_unless_seeded(tiny_config, monkeypatch):
+    """The Harary graph's order comes from fresh randomness once the roster is fixed: colluders cannot know from the
+    config where they will sit. Only privacy.randomness: seeded repeats it."""
+    from fedfm.privacy import secure
+
+    seeds = []
+    real = secure.SecAggRound
+
+    def spy(*a, **k):
+        seeds.append(k["graph_seed"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(secure, "SecAggRound", spy)
+    for randomness in ("secret", "secret", "seeded", "seeded"):
+        server = _server(tiny_config, **{"secagg.enabled": True, "privacy.randomness": randomness})
+        server.aggregate_results(1, _results(server))
+    assert seeds[0] != seeds[1] and seeds[2] == seeds[3]
+
+
+def test_a_graph_two_colluders_can_cut_is_refused_and_the_chosen_one_holds(tiny_config):
+    """n = 10, k = 2, t = 2 with 20% corrupt: two colluders on either side of a client cut the ring and hand the
+    server the sums of the pieces. Refused at config time; left unset, k and t are chosen so that for every pair of
+    colluders and every dropout, the honest survivors stay connected and no client has t corrupt neighbours."""
+    from fedfm.errors import ConfigError
+    from fedfm.privacy.secagg import SecAggConfig
+    from fedfm.privacy.secure import graph_for
+    from tests.conftest import reachable
+
+    ten = {"partition.num_clients": 10, "federation.clients_per_round": 10, "secagg.enabled": True,
+           "secagg.corrupt_fraction": 0.2, "secagg.dropout_fraction": 0.1}
+    with pytest.raises(ConfigError, match=r"secagg.neighbours=2.*leaks more than the sum with probability up to 1"):
+        prepare(tiny_config(**ten, **{"secagg.neighbours": 2}))
+    cfg = prepare(tiny_config(**ten)).cfg
+    b = graph_for(cfg.secagg, 10)
+    assert (b.corrupt, b.dropouts) == (2, 1) and b.k < 9 and b.security <= 2.0 ** -40
+    import itertools
+
+    for seed in range(20):
+        graph = SecAggConfig(tuple(range(10)), 4, k=b.k, t=b.t, graph_seed=seed).graph
+        for removed in itertools.combinations(range(10), 3):  # 2 corrupt + 1 dropout, anywhere
+            honest = set(range(10)) - set(removed)
+            assert reachable(graph, honest) == honest
+            for corrupt in itertools.combinations(removed, 2):
+                assert all(len(graph[u] & set(corrupt)) < b.t for u in honest)
+
+
+def test_an_aborted_secure_round_under_dp_releases_noise_only(tiny_config):
+    """Whether a round aborts depends on who took part; under DP-FedAvg the model must not show it: the server
+    releases N(0, (zC)²)/E[K], as the plain path does when no client answers."""
+    ov = {"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 0.05, "secagg.enabled": True,
+          "secagg.neighbours": 2, "federation.min_clients": 1}
+    server = _server(tiny_config, **ov)
+    before = server.global_flat.clone()
+    row = server.aggregate_results(1, _results(server, errors=(0, 1, 2, 3)))
+    assert "secagg_error" in row and row["aggregated"] and row["dp_noise_only"]
+    moved = server.global_flat - before
+    assert float(moved.std()) == pytest.approx(1.0 * 0.05 / server.dp.denominator, rel=0.15)
+
+
+def test_clients_refuse_to_unmask_a_sum_with_too_few_noise_shares(tiny_config):
+    """Distributed noise: each of m = federation.min_clients inputs carries a share; with fewer survivors the sum would
+    carry less noise than accounted, so the clients refuse to unmask it and the server releases its own noise."""
+    ov = {"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 0.05, "secagg.enabled": True,
+          "secagg.dp_noise": "distributed", "federation.min_clients": 5, "secagg.corrupt_fraction": 0,
+          "secagg.dropout_fraction": 0.4}
+    server = _server(tiny_config, **ov)
+    row = server.aggregate_results(1, _results(server, errors=(0, 1)))  # 4 masked inputs < 5
+    assert row["dp_noise_only"] and "refuses Unmasking: only 4 masked inputs" in str(row["dropped"])
+    assert "secagg_included" not in row  # nothing was unmasked

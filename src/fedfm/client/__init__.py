@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..privacy import disclose
 from ..registry import Registry
 
 CLIENT_ALGORITHMS: Registry[type] = Registry("client algorithm")
@@ -234,11 +235,11 @@ class LocalTraining:
         update = ctx.codec.encode(delta)
         ctx.save_personal(task.client_id)
         extras = self.finish(task, global_state, local, steps)
-        return ClientResult(
+        return disclose(ctx.cfg, ClientResult(
             client_id=task.client_id, update=update, num_examples=int(len(ctx.task.rows(ctx.encoded, client.train))),
             metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0, **dp_metrics},
             extras=extras,
-        )
+        ))
 
     # ------------------------------------------------------------------ privacy.mode: sample
     def _dp_steps(self, cid: int) -> int:

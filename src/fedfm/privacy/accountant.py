@@ -1,9 +1,13 @@
 """The privacy accountant: client-level (ε, δ) of a run, computed by ``dp-accounting`` (RDP or PLD), never asserted.
 
-A round of DP-FedAvg is a Gaussian mechanism of noise multiplier z applied to a sample of the clients:
-Poisson-sampled with rate q (``privacy.sampling: poisson``; add-or-remove-one neighbouring, RDP or PLD), or a
-fixed-size sample of m of the N clients without replacement (``fixed``; replace-one neighbouring, RDP only, which
-is what ``dp-accounting`` supports for it). R rounds compose.
+A round of DP-FedAvg is a Gaussian mechanism applied to a sample of the clients: the sum of updates clipped to C,
+plus N(0, (zC)²). Poisson-sampled with rate q (``privacy.sampling: poisson``; add-or-remove-one neighbouring, RDP or
+PLD), or a fixed-size sample of m of the N clients without replacement (``fixed``; replace-one neighbouring, RDP
+only, which is what ``dp-accounting`` supports for it). R rounds compose.
+
+dp-accounting's formulas take the noise multiplier relative to the query's L2 sensitivity. Under add-or-remove-one
+that is C, so the multiplier is z. Under replace-one, one client's clipped update can go from +C to −C: the
+sensitivity is 2C and the multiplier is z/2 (google/differential-privacy issue #378), which ``event`` passes.
 """
 from __future__ import annotations
 
@@ -39,10 +43,19 @@ class Mechanism:
     def q(self) -> float:
         return self.per_round / self.num_clients
 
+    @property
+    def sensitivity(self) -> float:
+        """The L2 sensitivity of one round's clipped sum, in units of C: 1 (add or remove a client), or 2 (replace
+        one, fixed-size sampling: Δ_k = +C becomes −C)."""
+        return 2.0 if self.sampling == "fixed" else 1.0
+
     def event(self, rounds: int, noise_multiplier: float | None = None):
+        """R rounds as a dp-accounting event, with the Gaussian multiplier normalised by the sensitivity (z / 2
+        under replace-one)."""
         import dp_accounting as dpa
 
-        g = dpa.GaussianDpEvent(self.noise_multiplier if noise_multiplier is None else noise_multiplier)
+        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        g = dpa.GaussianDpEvent(z / self.sensitivity)
         if self.sampling == "poisson":
             one = dpa.PoissonSampledDpEvent(self.q, g)
         else:

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 __all__ = [
     "SHAMIR_PRIME", "SecAggAbort", "UnmaskingRefused", "InvalidShareCiphertext", "OutOfOrder", "RingCodec",
     "to_bytes", "from_bytes", "prg", "pairwise_mask", "shamir_share", "shamir_reconstruct", "neighbours",
+    "GraphBounds", "graph_bounds", "harary_parameters",
     "SecAggConfig", "AdvertiseKeys", "ShareKeysRequest", "ShareKeys", "MaskingRequest", "MaskedInput",
     "UnmaskingRequest", "UnmaskingResponse", "SecAggClient", "SecAggServer", "SecAggReport", "SecAggRound",
     "secure_sum",
@@ -312,6 +313,78 @@ def neighbours(n: int, k: int, seed: int) -> list[frozenset[int]]:
             graph[u].add(v)
             graph[v].add(u)
     return [frozenset(s) for s in graph]
+
+
+@dataclass(frozen=True)
+class GraphBounds:
+    """Union bounds on what can go wrong in one round on the random Harary graph H(n, k) with threshold t, when c of
+    the n clients are corrupt (they and the server pool what they know) and d drop out, both fixed before the graph
+    is drawn (Bell et al. 2020, the conditions of their Harary-graph analysis):
+    - ``shares``: some honest client has ≥ t corrupt neighbours, who could rebuild both its mask key and b_u;
+    - ``split``: the honest survivors' graph falls apart, so the server learns the sums of its pieces;
+    - ``stall``: some client has fewer than t surviving neighbours, and the round aborts.
+    ``security`` = shares + split; ``correctness`` = stall."""
+
+    n: int
+    k: int
+    t: int
+    corrupt: int
+    dropouts: int
+    shares: float
+    split: float
+    stall: float
+
+    @property
+    def security(self) -> float:
+        return min(1.0, self.shares + self.split)
+
+    @property
+    def correctness(self) -> float:
+        return min(1.0, self.stall)
+
+
+def _hypergeom_sf(population: int, marked: int, draws: int, at_least: int) -> float:
+    """P[X ≥ at_least] for X the marked items among ``draws`` taken without replacement (exact, integer binomials)."""
+    total = math.comb(population, draws)
+    return sum(math.comb(marked, i) * math.comb(population - marked, draws - i)
+               for i in range(max(at_least, 0), min(marked, draws) + 1)) / total
+
+
+def graph_bounds(n: int, k: int, t: int, corrupt_fraction: float, dropout_fraction: float) -> GraphBounds:
+    """The failure probabilities of one round (``GraphBounds``) for n clients, of which ⌈γn⌉ corrupt and ⌈δn⌉ drop."""
+    k = min(k, n - 1)
+    c, d = min(n, math.ceil(corrupt_fraction * n - 1e-9)), min(n, math.ceil(dropout_fraction * n - 1e-9))
+    shares = min(1.0, n * _hypergeom_sf(n - 1, c, k, t))  # an honest u's k neighbours, drawn from the other n − 1
+    stall = min(1.0, n * _hypergeom_sf(n - 1, d, k, k - t + 1))
+    r = c + d  # removed from the honest survivors' graph; H(n, k) stays connected after removing fewer than k nodes
+    if r < k or k >= n - 1:
+        split = 0.0 if n - r >= 1 else 1.0
+    else:  # it splits only where k/2 removed nodes sit side by side on the shuffled ring (twice); bound by once
+        half = k // 2
+        split = min(1.0, n * math.prod((r - j) / (n - j) for j in range(half)) if r >= half else 0.0)
+    return GraphBounds(n, k, t, c, d, shares, split, stall)
+
+
+def harary_parameters(n: int, corrupt_fraction: float, dropout_fraction: float, security_bits: int = 40,
+                      correctness_bits: int = 20) -> GraphBounds:
+    """The sparsest graph (smallest even k, then smallest t > k/2) whose round fails security with probability at
+    most 2^−security_bits and correctness with at most 2^−correctness_bits, for ⌈γn⌉ corrupt clients and ⌈δn⌉
+    dropouts. When no graph meets both, the complete graph (k = n − 1) with the smallest secure t: an abort releases
+    nothing, a leak cannot be undone, so only security is a must. Raises ValueError when even that is not secure."""
+    if n < 2:
+        raise ValueError(f"n={n}: secure aggregation needs at least 2 parties")
+    sec, cor = 2.0 ** -security_bits, 2.0 ** -correctness_bits
+    for k in [*range(2, n - 1, 2), n - 1]:
+        for t in range(k // 2 + 1, k + 1):
+            b = graph_bounds(n, k, t, corrupt_fraction, dropout_fraction)
+            if b.security <= sec and b.correctness <= cor:
+                return b
+    for t in range((n - 1) // 2 + 1, n):
+        b = graph_bounds(n, n - 1, t, corrupt_fraction, dropout_fraction)
+        if b.security <= sec:
+            return b
+    raise ValueError(f"no threshold makes secure aggregation of {n} clients safe with ⌈{corrupt_fraction:g}·n⌉ corrupt "
+                     f"(even the complete graph needs more than the corrupt among each client's neighbours)")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,15 @@ validation, DP clipping and, optionally, its share of the DP noise. The server g
 unmasks the sum and only then divides, adds central noise and steps the server optimizer.
 
 What a client masks:
-- plain FedAvg: (w_k Δ_k, w_k) with w_k = n_k / n_max (n_max, the largest client, is public), so the unmasked sum
-  gives Σ w_k Δ_k / Σ w_k, the example-weighted mean;
-- DP-FedAvg (``privacy.mode: client``): Δ_k clipped to L2 norm C, unweighted; with ``secagg.dp_noise:
-  distributed`` plus N(0, z²C² / m) with m = ``federation.min_clients``, so any m or more survivors carry at least
-  the noise the accountant assumes.
+- plain FedAvg: (w_k Δ_k, w_k, clamped fraction) with w_k = n_k / n_max (n_max, the largest client, is public), so
+  the unmasked sum gives Σ w_k Δ_k / Σ w_k, the example-weighted mean;
+- DP-FedAvg (``privacy.mode: client``): Δ_k clipped to L2 norm C, unweighted, and nothing else; with
+  ``secagg.dp_noise: distributed`` plus N(0, z²C² / m) with m = ``federation.min_clients``, so any m or more
+  survivors carry at least the noise the accountant assumes (a client refuses to help unmask fewer).
+
+The graph's k and t are chosen per round from Bell et al. 2020's bounds for the roster's size and the stated
+fractions of corrupt and dropping clients (``secagg.corrupt_fraction``, ``dropout_fraction``), and the graph itself
+is drawn from fresh randomness once the roster is fixed.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import numpy as np
 import torch
 
 from . import mechanism_seed
-from .secagg import MaskedInput, RingCodec, SecAggAbort, SecAggClient, SecAggRound, UnmaskingRefused, UnmaskingRequest
+from .secagg import (GraphBounds, MaskedInput, RingCodec, SecAggAbort, SecAggClient, SecAggRound, UnmaskingRefused,
+                     UnmaskingRequest, graph_bounds, harary_parameters)
 
 
 class SecureClient:
@@ -34,24 +39,68 @@ class SecureClient:
         self.stage, self.codec = stage, rnd.codec
 
     def contribution(self, flat: torch.Tensor, num_examples: int, seed: int) -> np.ndarray:
-        """The ring vector this client masks: its (clipped, noised or weighted) update, then two coordinates the
-        server may learn only summed: a = w_k (FedAvg) or 1 if Δ_k was within C (DP), and b = the fraction of
-        coordinates clamped to ±secagg.clip; both scaled by clip to stay in the ring's range."""
+        """The ring vector this client masks.
+
+        Under DP-FedAvg: its update clipped to C (plus, with distributed noise, its noise share), and nothing else,
+        so that everything the server unmasks is covered by the noise. Without DP: its weighted update w_k Δ_k, then
+        two coordinates the server learns only summed: w_k, and the fraction of coordinates clamped to
+        ±secagg.clip, both scaled by clip to stay in the ring's range."""
         st = self.stage
         if not torch.isfinite(flat).all():
             raise ValueError("the update has NaN or Inf values")
         if st.dp is not None:  # DP-FedAvg: the client clips itself; the server will never see Δ_k alone
-            vec, a = st.dp.clip(flat)
+            vec, _ = st.dp.clip(flat)
             if st.distributed_noise:
                 g = torch.Generator().manual_seed(seed)
-                share = st.dp.z_delta * st.dp.C / st.min_survivors ** 0.5
-                vec = vec + torch.randn(vec.numel(), generator=g, dtype=torch.float64) * share
-            vec, a = vec.numpy(), float(a)
-        else:
-            a = num_examples / st.max_examples
-            vec = flat.double().numpy() * a
+                vec = vec + torch.randn(vec.numel(), generator=g, dtype=torch.float64) * st.noise_share_std
+            return self.codec.encode(vec.numpy())
+        a = num_examples / st.max_examples
+        vec = flat.double().numpy() * a
         b = float((np.abs(vec) > self.codec.clip).mean())
         return self.codec.encode(np.concatenate([vec, [a * self.codec.clip, b * self.codec.clip]]))
+
+    def unmasking(self, request: UnmaskingRequest):
+        """Reveal shares only for a sum that carries enough noise: with distributed noise, at least
+        ``federation.min_clients`` masked inputs, each with its share (else the server would unmask a sum with less
+        noise than the accountant assumes)."""
+        st = self.stage
+        if st.distributed_noise and len(request.survivors) < st.min_survivors:
+            raise UnmaskingRefused(f"client {self.party.u} refuses Unmasking: only {len(request.survivors)} masked "
+                                   f"inputs carry noise shares, fewer than federation.min_clients={st.min_survivors}")
+        return self.party.unmasking(request)
+
+
+def check_graph(cfg, per_round: int) -> None:
+    """Refuse, before any model loads, a ``secagg.neighbours``/``secagg.threshold`` that Bell et al. 2020's bounds do
+    not make safe for the planned round size and the stated ``secagg.corrupt_fraction``/``dropout_fraction``."""
+    from ..errors import ConfigError
+
+    sa = cfg.secagg
+    if per_round < 2:
+        return
+    try:
+        b = graph_for(sa, per_round)
+    except ValueError as e:
+        raise ConfigError(f"secagg.corrupt_fraction: {e}; sample more clients per round, or state a lower "
+                          f"fraction") from None
+    if sa.neighbours is None:
+        return
+    if b.security > 2.0 ** -sa.security_bits or b.correctness > 2.0 ** -sa.correctness_bits:
+        raise ConfigError(
+            f"secagg.neighbours={sa.neighbours}, secagg.threshold={b.t}: with {per_round} clients a round, "
+            f"{b.corrupt} of them corrupt (secagg.corrupt_fraction={sa.corrupt_fraction:g}) and {b.dropouts} dropping "
+            f"out (secagg.dropout_fraction={sa.dropout_fraction:g}), a round leaks more than the sum with probability "
+            f"up to {b.security:.3g} (allowed 2^-{sa.security_bits}) and aborts with up to {b.correctness:.3g} "
+            f"(allowed 2^-{sa.correctness_bits}); leave secagg.neighbours unset to have k and t chosen")
+
+
+def graph_for(sa, n: int) -> GraphBounds:
+    """This round's (k, t) and their failure bounds: the configured ones, or the sparsest safe ones."""
+    if sa.neighbours is None:
+        return harary_parameters(n, sa.corrupt_fraction, sa.dropout_fraction, sa.security_bits, sa.correctness_bits)
+    k = min(int(sa.neighbours), n - 1)
+    t = int(sa.threshold) if sa.threshold is not None else k // 2 + 1
+    return graph_bounds(n, k, t, sa.corrupt_fraction, sa.dropout_fraction)
 
 
 class SecureAggregation:
@@ -68,14 +117,27 @@ class SecureAggregation:
         elif dp is None:
             self.clip = 1.0
         else:  # a clipped update's coordinates are within C; a noise share of std σ_s within 6σ_s but for ~2e-9
-            self.clip = dp.C + (6 * dp.z_delta * dp.C / self.min_survivors ** 0.5 if self.distributed_noise else 0.0)
-        self.dim = spec.numel + 2  # + the two summed-only coordinates of SecureClient.contribution
+            self.clip = dp.C + (6 * self.noise_share_std if self.distributed_noise else 0.0)
+        # under DP only the clipped (noised) update is masked; without, + the two summed-only coordinates
+        self.dim = spec.numel + (0 if dp is not None else 2)
+
+    @property
+    def noise_share_std(self) -> float:
+        """One client's share of the DP noise: N(0, z_Δ²C²/m), so that any m = federation.min_clients or more
+        survivors carry at least the noise the accountant assumes."""
+        return self.dp.z_delta * self.dp.C / self.min_survivors ** 0.5
+
+    def _noise_only(self, rnd: int, info: dict[str, Any], dropped: list[dict]):
+        """A round whose secure sum gives nothing still releases under DP, as the plain path does with no clients:
+        N(0, (z_Δ C)²) / E[K], so whether a round aborted (which depends on who took part) does not show."""
+        if self.dp is None:
+            return None, info, dropped
+        delta, dp_info = self.dp.release(torch.zeros(self.spec.numel, dtype=torch.float64), None, rnd)
+        return delta, {**info, **dp_info, "dp_noise_only": True}, dropped
 
     def aggregate(self, rnd: int, results: list, decode) -> tuple[torch.Tensor | None, dict[str, Any], list[dict]]:
         """``results``: the round's ClientResults (errors included: they completed ShareKeys and then dropped);
         ``decode(result)`` is the client's own decoding of its bytes. Returns (delta or None, info, dropped)."""
-        from ..server import derive_seed
-
         sa, t0 = self.cfg.secagg, time.perf_counter()
         roster = sorted(int(r.client_id) for r in results)
         dropped: list[dict] = []
@@ -84,14 +146,15 @@ class SecureAggregation:
             dropped = [{"id": r.client_id, "error": r.error or "alone in the round: secure aggregation needs 2 clients"}
                        for r in results]
             info["secagg_error"] = "fewer than 2 sampled clients"
-            if self.dp is not None and not self.distributed_noise:  # DP-FedAvg still releases noise every round
-                delta, dp_info = self.dp.release(torch.zeros(self.spec.numel, dtype=torch.float64), 0.0, 0.0, rnd)
-                return delta, {**info, **dp_info}, dropped
-            return None, info, dropped
+            return self._noise_only(rnd, info, dropped)
         # the sum of this round's len(roster) inputs, each coordinate within ±clip, must fit the ring
         codec = RingCodec.for_sum(self.clip, len(roster), sa.bits)
-        rnd_ = SecAggRound(roster, dim=self.dim, codec=codec, k=sa.neighbours, t=sa.threshold,
-                           graph_seed=derive_seed(self.seed, 13, rnd), session=b"fedfm round %d" % rnd)
+        # the graph: (k, t) for this roster, drawn from fresh randomness only now that the roster is fixed, so no
+        # client can know in advance where it will sit (seeded only under privacy.randomness: seeded)
+        g = graph_for(sa, len(roster))
+        info.update(secagg_k=g.k, secagg_t=g.t, secagg_security_bound=g.security, secagg_abort_bound=g.correctness)
+        rnd_ = SecAggRound(roster, dim=self.dim, codec=codec, k=g.k, t=g.t,
+                           graph_seed=mechanism_seed(self.cfg, 13, rnd), session=b"fedfm round %d" % rnd)
         clients = {u: SecureClient(u, rnd_, self) for u in roster}  # each holds only its own keys
         masked: list[MaskedInput] = []
         try:
@@ -113,35 +176,31 @@ class SecureAggregation:
             replies = []
             for u, ask in asks.items():
                 try:
-                    replies.append(clients[u].party.unmasking(UnmaskingRequest(ask.survivors, ask.dropped)))
+                    replies.append(clients[u].unmasking(UnmaskingRequest(ask.survivors, ask.dropped)))
                 except UnmaskingRefused as e:
                     dropped.append({"id": u, "error": str(e)})
             total = torch.from_numpy(rnd_.unmasking(replies))
-            total, (sum_a, sum_b) = total[:-2], (total[-2:] / codec.clip).tolist()
         except SecAggAbort as e:
             info.update(secagg_error=str(e), secagg_seconds=time.perf_counter() - t0)
-            return None, info, dropped
+            return self._noise_only(rnd, info, dropped)
         rep = rnd_.report
         info.update(secagg_included=len(rep.included), secagg_dropped=len(rep.dropped),
                     secagg_bytes_up=int(sum(sum(p.values()) for p in rep.bytes_sent.values())),
                     secagg_bytes_down=int(sum(sum(p.values()) for p in rep.bytes_received.values())),
-                    secagg_clamped_fraction=sum_b / max(len(rep.included), 1), secagg_step=codec.step,
-                    secagg_server_s=float(sum(rep.server_seconds.values())), secagg_seconds=time.perf_counter() - t0)
+                    secagg_step=codec.step, secagg_server_s=float(sum(rep.server_seconds.values())),
+                    secagg_seconds=time.perf_counter() - t0)
         n = len(rep.included)
-        if n < self.cfg.federation.min_clients and self.dp is None:
-            info["secagg_error"] = f"only {n} masked inputs (federation.min_clients={self.cfg.federation.min_clients})"
-            return None, info, dropped
         if self.dp is not None:
-            if self.distributed_noise and n < self.min_survivors:  # too little noise in the sum: release nothing
-                info["secagg_error"] = (f"only {n} masked inputs carry noise shares, fewer than federation.min_clients="
-                                        f"{self.min_survivors}; the sum is not released")
-                return None, info, dropped
-            delta, dp_info = self.dp.release(total, sum_a, 1.0 - sum_a / n if n else 0.0, rnd,
-                                             noise=not self.distributed_noise)
+            delta, dp_info = self.dp.release(total, None, rnd, noise=not self.distributed_noise)
             if self.distributed_noise:
-                dp_info["dp_noise_std"] = self.dp.z_delta * self.dp.C * (n / self.min_survivors) ** 0.5 / self.dp.denominator
+                dp_info["dp_noise_std"] = self.noise_share_std * n ** 0.5 / self.dp.denominator
             info.update(dp_info)
             return delta, info, dropped
+        total, (sum_a, sum_b) = total[:-2], (total[-2:] / codec.clip).tolist()
+        info["secagg_clamped_fraction"] = sum_b / max(n, 1)
+        if n < self.cfg.federation.min_clients:
+            info["secagg_error"] = f"only {n} masked inputs (federation.min_clients={self.cfg.federation.min_clients})"
+            return None, info, dropped
         if sum_a <= 0:
             info["secagg_error"] = "the summed weights are not positive"
             return None, info, dropped

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..client import ClientResult, ClientTask, LocalTraining, batch_stream, make_optimizer
+from ..privacy import disclose
 from . import RUNTIMES, Progress
 from .local import LocalRuntime
 
@@ -346,12 +347,12 @@ def train_together(algo: LocalTraining, tasks: list[ClientTask]) -> list[ClientR
             ctx.store_personal(t.client_id, ctx.personal.flatten({n: final[n] for n in personal}))
         extras = algo.finish(t, globals_[i], local, len(losses[i]))
         client = ctx.data.clients[t.client_id]
-        results.append(ClientResult(
+        results.append(disclose(ctx.cfg, ClientResult(
             client_id=t.client_id, update=ctx.codec.encode(delta),
             num_examples=int(len(task_def.rows(ctx.encoded, client.train))),
             metrics={"train_loss": sum(losses[i]) / max(len(losses[i]), 1), "steps": len(losses[i]),
                      "seconds": seconds, "batched_with": K},
-            extras=extras))
+            extras=extras)))
     return results
 
 
