@@ -370,9 +370,14 @@ def _check_registered(cfg: RunConfig) -> None:
     """Names that pick a registered algorithm must exist (checked here, before anything loads)."""
     from . import registries
 
-    for field, reg, value in registries.fields_of(cfg):
+    fields = registries.fields_of(cfg)
+    for field, reg, value in fields:
         if value not in reg:
             raise ValueError(f"{field}: {reg.unknown_message(value)}")
+    for _, reg, value in fields:  # what a chosen entry needs of the rest of the run (e.g. prefix: past_key_values)
+        check = getattr(reg.get(value), "check_config", None)
+        if check is not None:
+            check(cfg)
 
 
 # ---------------------------------------------------------------- loading

@@ -52,3 +52,25 @@ def test_lora_targets_and_rank(tiny_config):
     a = [n for n in server.spec.names if "lora_A" in n]
     assert a and all(".query." in n for n in a)
     assert all(server.spec.shapes[n][0] == 4 for n in a)
+
+
+def test_prefix_on_a_model_without_past_key_values_is_refused_at_config_time(tiny_config, monkeypatch):
+    """peft passes a classifier's prefixes as past_key_values, which BERT stopped taking in transformers 5: the
+    config is refused, naming the field and the model, instead of peft failing once the model is loaded."""
+    from fedfm.errors import ConfigError
+    from fedfm.models import adapters
+
+    monkeypatch.setattr(adapters, "takes_past_key_values", lambda model_type: False)
+    with pytest.raises(ConfigError, match=r"adapter.method 'prefix': model 'model.from_config' \(model_type 'bert'\)"):
+        tiny_config(**{"adapter.method": "prefix"})
+    tiny_config(**{"adapter.method": "prompt"})
+    tiny_config(**{"adapter.method": "prefix", "task.name": "lm", "partition.method": "iid"})  # a causal LM
+
+
+def test_past_key_values_are_read_from_the_installed_model_class():
+    import transformers
+
+    from fedfm.models.adapters import takes_past_key_values
+
+    assert takes_past_key_values("bert") is (int(transformers.__version__.split(".")[0]) < 5)
+    assert takes_past_key_values("no-such-model") is None

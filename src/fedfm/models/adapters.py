@@ -79,6 +79,44 @@ def prefix(model, cfg, task_type: str, head_names: list[str]):
         task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=head_names or None))
 
 
+def takes_past_key_values(model_type: str) -> bool | None:
+    """Whether transformers' base model class for ``model_type`` names ``past_key_values`` in its forward (read from
+    the class, no weights loaded); None for a model type transformers does not know."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING, MODEL_MAPPING
+
+    try:
+        cls = MODEL_MAPPING[CONFIG_MAPPING[model_type]]
+    except (KeyError, ValueError):
+        return None
+    return "past_key_values" in inspect.signature(cls.forward).parameters
+
+
+def _prefix_check(run_cfg) -> None:
+    """peft hands a classifier's prefixes to its model as a ``past_key_values`` argument (a causal LM gets them as a
+    keyword it passes on): refuse, before anything loads, a model that takes none, as BERT-like encoders do from
+    transformers 5 on."""
+    from ..tasks import TASKS
+    from .loader import peek_model_type
+
+    if TASKS.get(run_cfg.task.name).peft_task_type == "CAUSAL_LM":
+        return
+    model_type = peek_model_type(run_cfg.model)
+    if model_type is None or takes_past_key_values(model_type) is not False:
+        return
+    import transformers
+
+    model = run_cfg.model.name_or_path or "model.from_config"
+    raise ValueError(f"adapter.method 'prefix': model {model!r} (model_type {model_type!r}) takes no past_key_values "
+                     f"with transformers {transformers.__version__}, and peft's prefix tuning of a classifier passes "
+                     f"the prefixes through them; BERT-like encoders lost them in transformers 5 (pip install "
+                     f"'transformers<5'), or use adapter.method prompt or lora")
+
+
+prefix.check_config = _prefix_check
+
+
 @METHODS.register("ia3")
 def ia3(model, cfg, task_type: str, head_names: list[str]):
     """IA3 (Liu et al. 2022): learned rescaling vectors on keys, values and feed-forward activations."""

@@ -162,6 +162,23 @@ def check_model_config(model_cfg) -> None:
     model_path(model_cfg)
 
 
+def peek_model_type(model_cfg) -> str | None:
+    """The base's ``model_type`` from a config already at hand (``model.from_config``, a model directory, a shipped
+    encoder, the Hugging Face cache): no weights, no GGUF conversion, no network. None when it is not at hand."""
+    if model_cfg.from_config is not None:
+        return model_cfg.from_config.get("model_type")
+    name = model_cfg.name_or_path
+    if name is None or model_cfg.gguf_file or (name in ALIASES and ALIASES[name][0] is _smollm2_path):
+        return None  # a GGUF is converted to get at its config
+    try:
+        import transformers
+
+        path = resolve_name_or_path(name)
+        return transformers.AutoConfig.from_pretrained(path, revision=model_cfg.revision, local_files_only=True).model_type
+    except Exception:  # not at hand: loading the model reports what is wrong
+        return None
+
+
 def _hub_kwargs(path: str) -> dict:
     """Offline (HF_HUB_OFFLINE=1, read at call time), a hub id is looked up in the local cache only: no network wait."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
