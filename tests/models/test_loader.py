@@ -69,3 +69,19 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FEDFM_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
+
+
+def test_a_gguf_copy_is_reused_only_by_the_transformers_major_that_wrote_it(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from fedfm.models.loader import convert_gguf
+
+    monkeypatch.setenv("FEDFM_CACHE", str(tmp_path / "c"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.gguf").write_bytes(b"1234")
+    for major in ("4", "5"):
+        (tmp_path / "c" / "models" / f"m--x-4-transformers{major}").mkdir(parents=True)
+        (tmp_path / "c" / "models" / f"m--x-4-transformers{major}" / "config.json").write_text("{}")
+    for major in ("4", "5"):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: f"{major}.1.0")
+        assert convert_gguf(str(tmp_path / "m"), "x.gguf", "m").endswith(f"m--x-4-transformers{major}")

@@ -1,6 +1,7 @@
 """Resolve and load the frozen foundation model: a local directory, a Hugging Face id, a built-in alias, or a config."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -36,6 +37,8 @@ def convert_gguf(src: str, gguf_file: str, name: str) -> str:
     src_path = Path(src)
     local = src_path / gguf_file
     key = f"{Path(gguf_file).stem}-{local.stat().st_size}" if local.exists() else Path(gguf_file).stem
+    # the copy is in the format of the transformers that wrote it (5.x's tokenizer classes do not load in 4.x)
+    key += f"-transformers{importlib.metadata.version('transformers').split('.')[0]}"
     target = cache_root() / "models" / re.sub(r"[^\w.\-]+", "_", f"{name}--{key}")
     if (target / "config.json").exists():
         return str(target)
