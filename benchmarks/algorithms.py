@@ -40,7 +40,7 @@ BASE = ["partition.alpha=0.1", "eval.per_client=true", "eval.every=1", "runtime.
 ALGORITHMS = {
     "FedAvg": [],
     "FedProx": ["client.algorithm=fedprox", "client.mu=0.01"],
-    "SCAFFOLD": ["client.algorithm=scaffold"],
+    "SCAFFOLD": ["client.algorithm=scaffold", "client.optimizer=sgd", "client.lr=0.1"],  # its analysis is SGD's
     "FedAdam": ["server.optimizer=fedadam"],
     "FedYogi": ["server.optimizer=fedyogi"],
     "FFA-LoRA": ["adapter.method=ffa-lora"],

@@ -65,7 +65,8 @@ def child(n: int, cache: int, work: Path) -> dict:
         "data": {"source": str(data), "text_column": "text", "label_column": None, "client_column": "client"},
         "partition": {"method": "by_column", "local_test_fraction": 0.0},
         "federation": {"rounds": ROUNDS, "clients_per_round": PER_ROUND, "min_clients": 1, "seed": 0},
-        "client": {"algorithm": "scaffold", "steps": 1, "epochs": None, "batch_size": 4},
+        "client": {"algorithm": "scaffold", "optimizer": "sgd", "lr": 0.05, "steps": 1, "epochs": None,
+                   "batch_size": 4},
         "runtime": {"cache_clients": cache, "threads": 1},
         "eval": {"every": 0}, "output": {"dir": str(work / "run")},
     })

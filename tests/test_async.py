@@ -131,3 +131,48 @@ def test_per_client_availability_and_its_length_is_checked(tiny_config):
     assert all(a for a, _ in on) and sum(b for _, b in on) < 30
     with pytest.raises(ConfigError, match="clock.availability has 2 entries"):
         prepare(tiny_config(**{"clock.availability": [1.0, 0.5]}))
+
+
+def test_fedbuff_version_moves_only_on_a_step_and_a_rejected_update_keeps_k(tiny_config):
+    """Nguyen et al.'s Δ̄ = (1/K) Σ s(τ_i) Δ_i with K the buffer size: a buffered update that fails validation adds
+    zero, it does not shrink K; and a buffer with no usable update applies no step, so it does not age the model."""
+    cfg = tiny_config(**{"partition.num_clients": 3, "federation.schedule": "fedbuff", "federation.buffer_size": 2,
+                         "federation.concurrency": 3, "federation.rounds": 3, "client.steps": 1,
+                         "client.epochs": None, "clock.speeds": [1.0, 2.5, 4.0], "eval.every": 0,
+                         "server.max_update_norm": 1e3, "federation.min_clients": 1})
+    server = Server(prepare(cfg))
+    server.cfg.server.max_update_norm = 1e3 * math.sqrt(server.spec.numel)  # 1 and 100 pass, 1e6 does not
+    x0 = server.global_flat.clone()
+    # client 0 sends 1.0 everywhere; client 1 a huge update the norm bound rejects; client 2 sends 100
+    _constant_updates(server, [1.0, 1e6, 100.0])
+    rows = server.run()
+    # arrivals as in test_fedbuff_by_hand: [c0, c0] -> step 1; [c1 (rejected), c0] -> step 2 with K = 2;
+    # [c2, c0] -> step 3
+    assert [r["clients"] for r in rows] == [[0, 0], [1, 0], [2, 0]]
+    assert "rejected" in rows[1]["dropped"][0]["error"]
+    want = 1.0 + 1.0 / 2 + (100 / math.sqrt(3) + 1) / 2  # round 2: (0 + 1)/K with K = 2, not 1/1
+    assert torch.allclose(server.global_flat - x0, torch.full_like(x0, want), atol=1e-4)
+
+
+def test_fedbuff_does_not_age_the_model_when_no_step_is_applied(tiny_config):
+    cfg = tiny_config(**{"partition.num_clients": 3, "federation.schedule": "fedbuff", "federation.buffer_size": 2,
+                         "federation.concurrency": 3, "federation.rounds": 3, "client.steps": 1,
+                         "client.epochs": None, "clock.speeds": [1.0, 2.5, 4.0], "eval.every": 0,
+                         "server.max_update_norm": 1e3, "federation.min_clients": 2})
+    server = Server(prepare(cfg))
+    server.cfg.server.max_update_norm = 1e3 * math.sqrt(server.spec.numel)
+    _constant_updates(server, [1.0, 1e6, 100.0])
+    rows = server.run()
+    # round 2's buffer [c1 (rejected), c0] has 1 usable update < min_clients: no step, the version stays 1, so c2
+    # (started at version 0) is 1 step stale in round 3, not 2
+    assert [r["aggregated"] for r in rows] == [True, False, True]
+    assert rows[2]["clients"] == [2, 0] and rows[2]["staleness"] == [1, 0]
+
+
+@pytest.mark.parametrize("aggregator", ["flexlora", "hetlora"])
+def test_heterogeneous_rank_lora_is_refused_under_fedbuff(tiny_config, aggregator):
+    from fedfm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"server.aggregator '{aggregator}'.*fedbuff"):
+        tiny_config(**{"server.aggregator": aggregator, "federation.schedule": "fedbuff", "adapter.r": 8,
+                       "adapter.rank_per_client": {4: 0.5, 8: 0.5}})

@@ -113,7 +113,8 @@ def test_too_few_clients_leaves_global_unchanged(tiny_config):
 
 
 @pytest.mark.parametrize("algo", [
-    {}, {"server.optimizer": "fedyogi"}, {"client.algorithm": "scaffold"}, {"adapter.method": "fedsa-lora"},
+    {}, {"server.optimizer": "fedyogi"}, {"client.algorithm": "scaffold", "client.optimizer": "sgd", "client.lr": 0.05},
+    {"adapter.method": "fedsa-lora"},
     {"federation.schedule": "fedbuff", "federation.buffer_size": 2, "federation.concurrency": 3,
      "clock.speed_distribution": "lognormal"},
     {"privacy.mode": "client", "privacy.noise_multiplier": 0.3, "privacy.target_quantile": 0.5, "privacy.count_noise": 1.0,

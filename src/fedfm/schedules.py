@@ -164,8 +164,10 @@ class FedBuff(Schedule):
             buffer.append(res)
             stale.append(self.version - started)
         weights = [self.staleness_weight(t) for t in stale] + [0.0] * len(failed)
-        row = s.aggregate_results(rnd, buffer + failed, weights=weights, fixed_denominator=True)
-        self.version += 1
+        # K is the buffer size, as in the paper: an update that fails validation counts as zero, not as absent
+        row = s.aggregate_results(rnd, buffer + failed, weights=weights, fixed_denominator=len(buffer))
+        if row["aggregated"]:  # the model version (what staleness counts) moves only when the server steps
+            self.version += 1
         row.update({"bytes_down": int(self.bytes_down), "clients": [r.client_id for r in buffer],
                     "staleness": stale, "sim_time_s": self.sim_time, "wall_s": time.perf_counter() - t0})
         return row

@@ -403,11 +403,12 @@ class Server:
         return self.spec.flatten(delta), decoded_extras
 
     def aggregate_results(self, rnd: int, results: list[ClientResult], weights: Optional[list[float]] = None,
-                          fixed_denominator: bool = False) -> dict[str, Any]:
+                          fixed_denominator: Optional[int] = None) -> dict[str, Any]:
         """Validate the results, aggregate the usable ones, step the server optimizer, evaluate when due.
 
-        ``weights`` (one per result) replace the example counts; with ``fixed_denominator`` the aggregate is
-        Σ w_k Δ_k / K instead of Σ w_k Δ_k / Σ w_k (FedBuff's staleness-scaled mean).
+        ``weights`` (one per result) replace the example counts; with ``fixed_denominator`` K the aggregate is
+        Σ w_k Δ_k / K instead of Σ w_k Δ_k / Σ w_k (FedBuff's staleness-scaled mean; an update rejected by validation
+        counts as zero, it does not shrink K).
         """
         cfg = self.cfg
         if self.secure is not None:
@@ -439,8 +440,8 @@ class Server:
                 ranks = [int(self.ranks[r.client_id]) if self.ranks is not None else self.lora_rank
                          for r, _, _ in accepted]
                 delta = self.aggregator(updates, w.float(), RoundInfo(x=self.global_flat, ranks=ranks, spec=self.spec))
-                if fixed_denominator:
-                    delta = delta * float(w.sum() / len(accepted))
+                if fixed_denominator is not None:
+                    delta = delta * float(w.sum() / fixed_denominator)
         else:
             delta = None
         return self._conclude(rnd, row, results, dropped, delta, accepted_extras, [r for r, _, _ in accepted],

@@ -1,4 +1,5 @@
 """FedProx and SCAFFOLD against independent formulations of the same objective, and numbers worked by hand."""
+import pytest
 import torch
 
 from fedfm.client import ClientTask, local_sgd
@@ -87,7 +88,8 @@ def test_scaffold_server_control_variate_by_hand(tiny_config):
 def test_scaffold_through_the_yaml_keeps_control_variates_and_doubles_upload(tiny_config):
     plain = Server(prepare(tiny_config(**{"federation.rounds": 2})))
     rows_plain = plain.run()
-    server = Server(prepare(tiny_config(**{"federation.rounds": 2, "client.algorithm": "scaffold"})))
+    server = Server(prepare(tiny_config(**{"federation.rounds": 2, "client.algorithm": "scaffold",
+                                           "client.optimizer": "sgd", "client.lr": 0.05})))
     rows = server.run()
     sampled = {c for r in rows for c in r["clients"]}
     assert {cid for cid in sampled if server.store.get(cid) is not None} == sampled
@@ -107,3 +109,31 @@ def test_fedprox_through_the_yaml_differs_from_fedavg_and_mu_zero_is_fedavg(tiny
     prox.run()
     assert torch.allclose(prox0.global_flat, fedavg.global_flat, atol=1e-7)
     assert not torch.allclose(prox.global_flat, fedavg.global_flat, atol=1e-6)
+
+
+def test_scaffold_option_two_holds_with_momentum_and_clipping(tiny_config):
+    """With SGD momentum 0.9 and grad_clip 1.0, c_i⁺ is still the paper's c_i − c + (x − y)/(K η_l) (the mean of the
+    raw gradients, which the old code took, is 52% off it here)."""
+    server = _server(tiny_config, **{"client.algorithm": "scaffold", "client.momentum": 0.9, "client.grad_clip": 1.0,
+                                     "client.steps": 4})
+    spec, ctx, algo = server.spec, server.ctx, server.client_algo
+    x = spec.get()
+    g = torch.Generator().manual_seed(3)
+    c = {n: 0.1 * torch.randn(spec.shapes[n], generator=g) for n in spec.names}
+    task = ClientTask(client_id=2, round=1, payload=ctx.codec.encode(x), seed=5, extras={"c": ctx.codec.encode(c)})
+    res = algo(task)
+    y = spec.flat()
+    K, lr = res.metrics["steps"], 0.1
+    want = -spec.flatten(c) + (spec.flatten(x) - y) / (K * lr)  # c_i = 0 before
+    assert K == 4 and torch.allclose(ctx.store.get(2)[algo.KEY], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("ov,needle", [
+    ({"client.optimizer": "adamw"}, "client.optimizer 'adamw' is not covered"),
+    ({"privacy.mode": "client", "privacy.noise_multiplier": 1.0}, "un-noised"),
+])
+def test_scaffold_refuses_what_its_analysis_and_the_accountant_do_not_cover(tiny_config, ov, needle):
+    from fedfm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        tiny_config(**{**SGD, "client.algorithm": "scaffold", **ov})

@@ -105,3 +105,18 @@ def hetlora(cfg=None) -> Aggregator:
 def flexlora(cfg=None) -> Aggregator:
     """FlexLoRA (Bai et al. 2024): average the products B_k A_k, SVD back to each client's rank."""
     return Aggregator([], FlexLoRA())
+
+
+def _synchronous_only(cfg) -> None:
+    """Both rebuild each client's factors from the current global state x (A_k = A[:r_k] + δA_k); under FedBuff a late
+    client's δ is relative to an older x, and the SVD basis moves at every step, so its B_k A_k would be wrong (a
+    client one step late: 278% off). Refused rather than aggregated on the wrong model."""
+    if cfg.federation.schedule != "sync":
+        raise ValueError(f"server.aggregator {cfg.server.aggregator!r} rebuilds each client's LoRA factors from the "
+                         f"global state the round started from; under federation.schedule "
+                         f"{cfg.federation.schedule!r} a stale client started from an older one: use "
+                         f"federation.schedule=sync, or server.aggregator=fedavg")
+
+
+hetlora.check_config = _synchronous_only
+flexlora.check_config = _synchronous_only

@@ -324,9 +324,10 @@ class Scaffold(LocalTraining):
     """SCAFFOLD (Karimireddy et al. 2020), option II: y ← y − η_l (g_i(y) − c_i + c);
     c_i⁺ = c_i − c + (x − y)/(K η_l); send Δy and Δc_i = c_i⁺ − c_i. c_i lives in the client state store.
 
-    Under SGD, (x − y)/(K η_l) = mean_k g_i(y_k) − c_i + c, so option II's c_i⁺ is exactly the mean of the K local
-    gradients g_i(y_k). That mean is what is computed here, so c_i⁺ stays a gradient estimate under AdamW as well
-    (where (x − y)/(K η_l) would be a mean of Adam steps, not of gradients).
+    Option II exactly as the paper writes it, from the displacement x − y of the K local steps (with SGD momentum or
+    gradient clipping it is no longer the mean of the raw gradients, and it is the displacement the paper uses).
+    The analysis is for SGD: AdamW clients are refused (``check_config``), as is client-level DP, whose noise would
+    not cover c (the server's c = (1/N) Σ Δc_i is built from raw, unclipped Δc_i and broadcast to every client).
     """
 
     server_side = ScaffoldServer
@@ -335,7 +336,20 @@ class Scaffold(LocalTraining):
 
     def __init__(self, ctx: ClientContext):
         super().__init__(ctx)
-        self._pending: dict[int, tuple] = {}  # client id -> (c_i, Σ g, step count) while it trains
+        self._pending: dict[int, tuple] = {}  # client id -> (c_i, c) while it trains
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        if cfg.client.optimizer != "sgd":
+            raise ValueError(f"client.algorithm 'scaffold': its control variates and option II's c_i⁺ = c_i − c + "
+                             f"(x − y)/(K η_l) are for SGD steps (Karimireddy et al. 2020); client.optimizer "
+                             f"{cfg.client.optimizer!r} is not covered: set client.optimizer=sgd (and a client.lr "
+                             f"for SGD)")
+        if cfg.privacy.mode == "client":
+            raise ValueError("client.algorithm 'scaffold' with privacy.mode 'client': the server control variate "
+                             "c = (1/N) Σ Δc_i is built from each client's raw, unclipped, un-noised Δc_i and sent to "
+                             "every client, so the accounted ε would not cover it; use client.algorithm local or "
+                             "fedprox, or privacy.mode sample")
 
     def grad_hook(self, task, global_state):
         ctx = self.ctx
@@ -343,17 +357,13 @@ class Scaffold(LocalTraining):
         stored = ctx.store.get(task.client_id)
         c_i = ctx.spec.unflatten(stored[self.KEY]) if stored and self.KEY in stored \
             else {n: torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names}
-        grad_sum = [torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names]
-        counter = [0]
-        # per client, so that clients training together (the batched runtime) keep their own c_i and sums
-        self._pending[task.client_id] = (c_i, grad_sum, counter)
+        # per client, so that clients training together (the batched runtime) keep their own c_i
+        self._pending[task.client_id] = (c_i, c)
         corrections = [c[n] - c_i[n] for n in ctx.spec.names]
 
         def correct(params):
-            counter[0] += 1
-            for p, corr, acc in zip(params, corrections, grad_sum):
+            for p, corr in zip(params, corrections):
                 if p.grad is not None:
-                    acc.add_(p.grad.detach().to(acc.device))  # g_i(y_k), before the correction
                     p.grad.add_(corr.to(p.grad.device))
 
         return correct
@@ -361,8 +371,9 @@ class Scaffold(LocalTraining):
     def finish(self, task, global_state, local, steps):
         ctx = self.ctx
         names = ctx.spec.names
-        c_i, grad_sum, counter = self._pending.pop(task.client_id)
-        new_c_i = {n: g / max(counter[0], 1) for n, g in zip(names, grad_sum)}
+        c_i, c = self._pending.pop(task.client_id)
+        K_eta = max(steps, 1) * ctx.cfg.client.lr
+        new_c_i = {n: c_i[n] - c[n] + (global_state[n] - local[n].detach().to(c_i[n].device)) / K_eta for n in names}
         delta_c = {n: new_c_i[n] - c_i[n] for n in names}
         stored = dict(ctx.store.get(task.client_id) or {})
         stored[self.KEY] = ctx.spec.flatten(new_c_i)
