@@ -109,6 +109,91 @@ def test_saved_dataset_dict_test_split_is_held_out(tiny_config, tmp_path, rows_d
     assert sorted(fed.test.tolist()) == np.flatnonzero(ex.is_test).tolist()
     client_idx = np.concatenate([np.concatenate([c.train, c.test]) for c in fed.clients])
     assert sorted(client_idx.tolist()) == np.flatnonzero(~ex.is_test).tolist()
+    assert fed.notes == [f"held-out set: split 'test' of {path} (40 examples)"]
+    assert fed.describe()["notes"] == fed.notes  # partition.json says so too
+
+
+def _glue_like(path, rows_df, test_label_feature):
+    """train 160 / validation 40 / test 40 rows, labels as ``datasets`` ClassLabel ids; the test split is unlabelled
+    (-1 everywhere, as GLUE ships it)."""
+    import datasets
+
+    ids = rows_df["label"].map(TINY_NAMES.index).tolist()
+    labelled = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=TINY_NAMES)})
+    unlabelled = datasets.Features({"text": datasets.Value("string"), "label": test_label_feature})
+    part = {name: {"text": rows_df["text"].tolist()[a:b], "label": ids[a:b]}
+            for name, (a, b) in {"train": (0, 160), "validation": (160, 200), "test": (200, 240)}.items()}
+    part["test"]["label"] = [-1] * 40
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(part["train"], features=labelled),
+        "validation": datasets.Dataset.from_dict(part["validation"], features=labelled),
+        "test": datasets.Dataset.from_dict(part["test"], features=unlabelled),
+    }).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize("test_label_feature", ["ClassLabel", "int64"])
+def test_unlabelled_test_split_leaves_the_validation_split_held_out(tiny_config, tmp_path, rows_df, test_label_feature):
+    import datasets
+
+    feature = datasets.ClassLabel(names=TINY_NAMES) if test_label_feature == "ClassLabel" else datasets.Value("int64")
+    path = tmp_path / "glue_like"
+    _glue_like(path, rows_df, feature)
+    cfg = tiny_config(**{"data.source": str(path)})
+    ex = load_examples(cfg.data, needs_labels=True)
+    assert len(ex) == 200  # the 40 unlabelled test rows are left out
+    assert ex.label_names == ["0", "1", "2", "3"]  # four classes; -1 is none of them
+    assert sorted(t for t, flag in zip(ex.texts, ex.is_test) if flag) == sorted(rows_df["text"][160:200])
+    assert ex.notes == ["data.source: split 'test' has no labels (each is -1 or missing): its 40 examples are left out",
+                        f"held-out set: split 'validation' of {path} (40 examples)"]
+    fed = build_federated_data(cfg, ex)
+    assert sorted(ex.texts[i] for i in fed.test) == sorted(rows_df["text"][160:200])
+    assert fed.notes == ex.notes
+
+
+def test_unlabelled_test_split_and_no_validation_split_hold_out_a_fraction(tiny_config, tmp_path, rows_df):
+    import datasets
+
+    path = tmp_path / "no_validation"
+    _glue_like(path, rows_df, datasets.ClassLabel(names=TINY_NAMES))
+    ds = datasets.load_from_disk(str(path))
+    other = tmp_path / "train_and_unlabelled_test"
+    datasets.DatasetDict({"train": ds["train"], "test": ds["test"]}).save_to_disk(str(other))
+    cfg = tiny_config(**{"data.source": str(other), "data.test_fraction": 0.25})
+    ex = load_examples(cfg.data, needs_labels=True)
+    assert len(ex) == 160 and ex.is_test is None and ex.num_classes == 4
+    fed = build_federated_data(cfg, ex)
+    assert len(fed.test) == 40  # 25% of each of the 4 classes of 40
+    assert fed.notes == ["data.source: split 'test' has no labels (each is -1 or missing): its 40 examples are left out",
+                         "held-out set: 40 of 160 examples (data.test_fraction=0.25, stratified by label)"]
+
+
+def test_unlabelled_rows_within_a_labelled_split_are_left_out(tiny_config, tmp_path, rows_df):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=TINY_NAMES)})
+    ids = rows_df["label"].map(TINY_NAMES.index).tolist()
+    ids[:5] = [-1] * 5  # datasets' mark of a missing ClassLabel
+    path = tmp_path / "holes"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": rows_df["text"][:200].tolist(), "label": ids[:200]},
+                                                              features=features),
+                          "test": datasets.Dataset.from_dict({"text": rows_df["text"][200:].tolist(), "label": ids[200:]},
+                                                             features=features)}).save_to_disk(str(path))
+    ex = _load(tiny_config, path)
+    assert len(ex) == 235 and ex.num_classes == 4
+    assert not set(rows_df["text"][:5]) & set(ex.texts)
+    assert ex.notes == ["data.source: 5 examples of split 'train' have no label and are left out",
+                        f"held-out set: split 'test' of {path} (40 examples)"]
+
+
+def test_negative_labels_of_a_file_are_a_class(tiny_config, tmp_path, rows_df):
+    df = rows_df.copy()
+    df["label"] = [(-1, 0, 1)[i % 3] for i in range(len(df))]  # e.g. negative / neutral / positive sentiment
+    df.loc[0, "label"] = None
+    path = tmp_path / "sentiment.csv"
+    df.to_csv(path, index=False)
+    ex = _load(tiny_config, path)
+    assert len(ex) == 239 and ex.label_names == ["-1.0", "0.0", "1.0"]
+    assert ex.notes == [f"data.source: 1 of the 240 rows of {path} have no label and are left out"]
 
 
 def test_saved_dataset_dict_without_test_split(tiny_config, tmp_path, rows_df):

@@ -1,7 +1,7 @@
 """Federated data: the held-out test set, the clients' partition, and each client's local train/test split."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class FederatedData:
     test: np.ndarray  # the global held-out test set
     clients: list[ClientData]
     method: str
+    notes: list[str] = field(default_factory=list)  # how the data was read and the held-out set chosen, for the run to print
 
     def public_texts(self) -> list[str]:
         """The server's own text (the held-out split): what a tokenizer may be trained on without client data."""
@@ -40,6 +41,7 @@ class FederatedData:
             "num_clients": len(self.clients),
             "label_names": ex.label_names,
             "test_size": int(len(self.test)),
+            "notes": list(self.notes),
             "clients": [
                 {"id": c.id, "name": c.name, "n_train": int(len(c.train)), "n_test": int(len(c.test)),
                  "label_counts": counts[i] if counts else None}
@@ -63,14 +65,21 @@ def stratified_split(n: int, labels: np.ndarray | None, fraction: float, rng: np
     return rest, held
 
 
+def _held_out(cfg, examples: Examples, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(pool, held-out set, a note saying how it was chosen): the source's own split, else ``data.test_fraction`` of
+    the examples, stratified by label."""
+    n, f = len(examples), cfg.data.test_fraction
+    if examples.is_test is not None:  # load_examples said which of the source's splits
+        return np.flatnonzero(~examples.is_test), np.flatnonzero(examples.is_test), []
+    pool, test = stratified_split(n, examples.labels, f, rng)
+    how = "stratified by label" if examples.labels is not None else "at random"
+    return pool, test, [f"held-out set: {len(test)} of {n} examples (data.test_fraction={f:g}, {how})"]
+
+
 def build_federated_data(cfg, examples: Examples) -> FederatedData:
-    """Hold out the test set (stratified), partition the rest into clients, split each client train/test."""
+    """Hold out the test set, partition the rest into clients, split each client train/test."""
     rng = np.random.default_rng([cfg.federation.seed, 1])
-    n = len(examples)
-    if examples.is_test is not None:
-        pool, test = np.flatnonzero(~examples.is_test), np.flatnonzero(examples.is_test)
-    else:
-        pool, test = stratified_split(n, examples.labels, cfg.data.test_fraction, rng)
+    pool, test, notes = _held_out(cfg, examples, rng)
     p = cfg.partition
     spec = PartitionSpec(num_clients=p.num_clients, alpha=p.alpha, shards_per_client=p.shards_per_client,
                          power=p.power, min_size=p.min_size)
@@ -88,4 +97,5 @@ def build_federated_data(cfg, examples: Examples) -> FederatedData:
         if len(idx) - k < 1:
             k = 0
         clients.append(ClientData(id=cid, name=names[cid], train=np.sort(perm[k:]), test=np.sort(perm[:k])))
-    return FederatedData(examples=examples, test=test, clients=clients, method=p.method)
+    return FederatedData(examples=examples, test=test, clients=clients, method=p.method,
+                         notes=examples.notes + notes)

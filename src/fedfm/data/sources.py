@@ -30,6 +30,7 @@ class Examples:
     is_test: Optional[np.ndarray] = None  # a test split that came with the source
     source: str = ""
     messages: Optional[list[list[dict]]] = None  # instruction data: one conversation (role/content dicts) per example
+    notes: list[str] = field(default_factory=list)  # what the run should tell the user about reading the data
 
     def __len__(self) -> int:
         for rows in (self.texts, self.input_ids, self.messages):
@@ -186,7 +187,20 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _dataset_table(ds) -> Table:
+    """A ``datasets.Dataset`` as columns; a ``ClassLabel`` of -1 (how ``datasets`` marks an unlabelled example, as
+    in GLUE's test splits) becomes a missing value."""
+    from datasets import ClassLabel
+
+    table = ds.to_dict()
+    for name, feature in ds.features.items():
+        if isinstance(feature, ClassLabel):
+            table[name] = [None if v is not None and v < 0 else v for v in table[name]]
+    return table
+
+
 def _read_saved_dataset(path: Path) -> Table:
+    """A ``save_to_disk`` directory; the splits of a ``DatasetDict`` are named in the ``__split__`` column."""
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -194,13 +208,8 @@ def _read_saved_dataset(path: Path) -> Table:
     except Exception as e:
         raise DataError(f"data.source: could not load the saved dataset {path}: {e}") from None
     if isinstance(ds, DatasetDict):
-        parts = []
-        for split, part in ds.items():
-            t = part.to_dict()
-            t["__split__"] = ["test" if split in ("test", "validation") and "train" in ds else "train"] * len(part)
-            parts.append(t)
-        return _concat(parts)
-    return ds.to_dict()
+        return _concat([{**_dataset_table(part), "__split__": [split] * len(part)} for split, part in ds.items()])
+    return _dataset_table(ds)
 
 
 def read_table(source: str) -> Table:
@@ -310,16 +319,64 @@ def _conversations(table: Table, data_cfg) -> list[list[dict] | None]:
             if _present(p) and _present(c) else None for p, c in zip(table["prompt"], table["completion"])]
 
 
+HELD_OUT_SPLITS = ("test", "validation")  # a source's splits that form the held-out set, beside a train split
+
+
+def _labelled(values: list, splits: Optional[np.ndarray]) -> np.ndarray:
+    """Per row, whether it has a label. A split whose labels are all negative or missing has none (GLUE's unlabelled
+    test splits hold -1 everywhere; -1 is then no class)."""
+    has = np.array([_present(v) for v in values])
+    if splits is not None:
+        negative = np.array([isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v < 0
+                             for v in values])
+        for name in np.unique(splits):
+            in_split = splits == name
+            if not (has & ~negative)[in_split].any():
+                has[in_split] = False
+    return has
+
+
+def _unlabelled_notes(dropped: np.ndarray, has_label: np.ndarray, splits: Optional[np.ndarray], src: str) -> list[str]:
+    """Say how many examples were left out for want of a label, and from which split."""
+    if splits is None:
+        k = int(dropped.sum())
+        return [f"data.source: {k} of the {len(dropped)} rows of {src} have no label and are left out"] if k else []
+    notes = []
+    for name in map(str, np.unique(splits[dropped])):
+        in_split = splits == name
+        k = int(dropped[in_split].sum())
+        if has_label[in_split].any():
+            notes.append(f"data.source: {k} examples of split {name!r} have no label and are left out")
+        else:
+            notes.append(f"data.source: split {name!r} has no labels (each is -1 or missing): its {k} examples are "
+                         "left out")
+    return notes
+
+
+def _held_out_splits(splits: np.ndarray, src: str) -> tuple[Optional[np.ndarray], list[str]]:
+    """The examples of the source's test and validation splits are the held-out set, when other examples remain to
+    train on; else (None) ``data.test_fraction`` draws it."""
+    is_test = np.isin(splits, HELD_OUT_SPLITS)
+    if not is_test.any() or is_test.all():
+        return None, []
+    names = " and ".join(repr(s) for s in HELD_OUT_SPLITS if (splits == s).any())
+    return is_test, [f"held-out set: split {names} of {src} ({int(is_test.sum())} examples)"]
+
+
 def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = False) -> Examples:
     """Read the source and map its columns; labels become ids with names taken from the data.
 
-    ``chat``: the task learns from conversations (Alpaca, chat ``messages`` or prompt/completion rows).
+    ``chat``: the task learns from conversations (Alpaca, chat ``messages`` or prompt/completion rows). A source
+    with splits (a saved ``DatasetDict``, or a ``__split__`` column) holds out its test and validation splits;
+    examples without a label are left out first, so an unlabelled test split leaves the validation split held out.
     """
     table = read_table(data_cfg.source)
     src = data_cfg.source
     n = len(next(iter(table.values()))) if table else 0
     if n == 0:
         raise DataError(f"data.source: {src} has no rows")
+    splits = np.array([str(v) for v in table["__split__"]]) if "__split__" in table else None
+    notes: list[str] = []
     pre_tokenized = "input_ids" in table and data_cfg.text_column not in table and not needs_labels
     keep = np.ones(n, dtype=bool)
     convs = None
@@ -331,7 +388,9 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
     if needs_labels:
         if not data_cfg.label_column:
             raise DataError("data.label_column: this task needs a label column")
-        keep &= np.array([_present(v) for v in _column(table, "data.label_column", data_cfg.label_column, src)])
+        has_label = _labelled(_column(table, "data.label_column", data_cfg.label_column, src), splits)
+        notes += _unlabelled_notes(keep & ~has_label, has_label, splits, src)
+        keep &= has_label
     if data_cfg.client_column == "file" and "file" not in table:
         raise DataError(f"data.client_column: {src} has no 'file' column (partition.method 'by_file' needs a source "
                         f"read from files: a .txt file or a folder of data files); columns are: {', '.join(map(str, table))}")
@@ -349,7 +408,7 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
         values = table[name]
         return [values[i] for i in rows]
 
-    ex = Examples(texts=None, source=src)
+    ex = Examples(texts=None, source=src, notes=notes)
     if chat:
         ex.messages = [convs[i] for i in rows]
     elif pre_tokenized:
@@ -370,8 +429,7 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
         ex.label_names = [str(u) for u in uniq]
     if data_cfg.client_column:
         ex.groups = np.array([str(v) for v in col(data_cfg.client_column)])
-    if "__split__" in table:
-        ex.is_test = np.array([v == "test" for v in col("__split__")])
-        if not ex.is_test.any():
-            ex.is_test = None
+    if splits is not None:
+        ex.is_test, held_out = _held_out_splits(splits[rows], src)
+        ex.notes += held_out
     return ex
