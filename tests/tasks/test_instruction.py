@@ -156,6 +156,29 @@ def test_chatterbot_qa_has_one_client_per_category():
     assert all(c[-1]["role"] == "assistant" for c in ex.messages)
 
 
+def test_held_out_prompts_are_scored_only_against_held_out_answers(tokenizer, tmp_path):
+    from fedfm.data import build_federated_data
+
+    # Alpaca rows: 30 instructions (some with an input) answered 1 to 3 times, every answer different
+    rows = [{"instruction": f"Name a colour, number {q}", "input": "in one word" if q % 2 else "",
+             "output": f"colour {q}-{a}"} for q in range(30) for a in range(1 + q % 3)]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig(task={"name": "instruction"}, data={"source": str(path), "label_column": None, "test_fraction": 0.3},
+                    partition={"method": "iid", "num_clients": 2, "local_test_fraction": 0.0},
+                    federation={"clients_per_round": 2})
+    ex = load_examples(cfg.data, needs_labels=False, chat=True)
+    fed = build_federated_data(cfg, ex)
+    task = _task(tokenizer, CHATML)
+    task.encode(ex)
+    train = np.concatenate([c.train for c in fed.clients])
+    held_answers = {task.answers[i] for i in fed.test}
+    assert len(fed.test) == 18  # round(0.3 * 60), reached by whole prompts
+    assert not {task.prompts[i] for i in fed.test} & {task.prompts[i] for i in train}
+    for j in fed.test:  # every reference a held-out answer is scored against is itself held out
+        assert set(task.references[task.prompts[j]]) <= held_answers
+
+
 def test_exact_match_normalisation():
     assert normalize_answer("The Sky is  blue!") == normalize_answer("sky is blue")
     assert normalize_answer("Paris") != normalize_answer("Lyon")
@@ -165,7 +188,10 @@ def test_tiny_instruction_run_learns_and_writes_generations(tmp_path):
     from fedfm.server import Server, prepare
     from fedfm.tracking import RunDir
 
-    rows = [{"prompt": q, "completion": a, "site": f"s{i % 2}"} for i, (q, a) in enumerate(QA * 12)]
+    # 48 distinct prompts: each question under 12 lead-ins. The held-out set is drawn by prompt, so the model is
+    # scored on lead-ins it never saw, with answers it learnt under the other lead-ins.
+    asked = [(f"question {k}: {q}", a) for k in range(12) for q, a in QA]
+    rows = [{"prompt": q, "completion": a, "site": f"s{i % 2}"} for i, (q, a) in enumerate(asked)]
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ov = {"name": "tiny-chat", "model": {"name_or_path": None, "from_config": TINY_LLAMA, "tokenizer": "minilm"},

@@ -65,12 +65,68 @@ def stratified_split(n: int, labels: np.ndarray | None, fraction: float, rng: np
     return rest, held
 
 
+def _normalise(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def prompt_groups(conversations: list[list[dict]]) -> np.ndarray:
+    """One group id per conversation, such that conversations answering the same prompt share a group.
+
+    The prompt of an assistant turn is the user turns before it (normalised: case-folded, single spaces). Two
+    conversations that answer the same prompt anywhere, not only in their last turn, are joined (union-find), so a
+    model trained on one has never seen an answer to a prompt of the other when they are split apart.
+    """
+    parent = list(range(len(conversations)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, ...], int] = {}  # prompt -> the first conversation that answers it
+    for i, conv in enumerate(conversations):
+        users: list[str] = []
+        for m in conv:
+            if m["role"] == "user":
+                users.append(_normalise(m["content"]))
+            elif m["role"] == "assistant":
+                parent[root(i)] = root(first.setdefault(tuple(users), i))
+    return np.unique([root(i) for i in range(len(conversations))], return_inverse=True)[1].reshape(-1)
+
+
+def grouped_split(groups: np.ndarray, fraction: float, rng: np.random.Generator):
+    """Split range(n) into (rest, held_out) holding out whole groups, about ``fraction`` of the examples.
+
+    The groups are visited in random order; one joins the held-out set when that brings its size nearer to
+    round(fraction·n), until the size is reached.
+    """
+    groups = np.asarray(groups)
+    target = int(round(fraction * len(groups)))
+    ids, sizes = np.unique(groups, return_counts=True)
+    chosen, total = [], 0
+    for g in rng.permutation(len(ids)):
+        if total >= target:
+            break
+        if abs(total + sizes[g] - target) < target - total:
+            chosen.append(ids[g])
+            total += sizes[g]
+    held = np.isin(groups, chosen)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def _held_out(cfg, examples: Examples, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(pool, held-out set, a note saying how it was chosen): the source's own split, else ``data.test_fraction`` of
-    the examples, stratified by label."""
+    the examples drawn by prompt for conversations (a prompt never sits on both sides), stratified by label otherwise."""
     n, f = len(examples), cfg.data.test_fraction
     if examples.is_test is not None:  # load_examples said which of the source's splits
         return np.flatnonzero(~examples.is_test), np.flatnonzero(examples.is_test), []
+    if examples.messages is not None:
+        groups = prompt_groups(examples.messages)
+        pool, test = grouped_split(groups, f, rng)
+        return pool, test, [f"held-out set: {len(test)} of {n} conversations (data.test_fraction={f:g}), drawn by "
+                            f"prompt ({len(np.unique(groups[test]))} of {groups.max() + 1} prompt groups): no prompt "
+                            "is answered in both training and the held-out set"]
     pool, test = stratified_split(n, examples.labels, f, rng)
     how = "stratified by label" if examples.labels is not None else "at random"
     return pool, test, [f"held-out set: {len(test)} of {n} examples (data.test_fraction={f:g}, {how})"]
