@@ -158,7 +158,7 @@ class Server:
             self.encoded, self.tokenized_from_cache = encode_cached(self.task, self.data.examples, cache_root())
         else:
             self.encoded, self.tokenized_from_cache = self.task.encode(self.data.examples), False
-        for note in getattr(self.task, "notes", []):
+        for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too
             self.display.message(note)
         self.eval_indices = self._fixed_sample(self.data.test, cfg.eval.max_examples, 5)
         n_gen = cfg.eval.generation.num_prompts if hasattr(self.task, "generate") else 0

@@ -110,3 +110,16 @@ def test_labelled_data_keeps_its_stratified_held_out_set(tiny_config):
                                    np.random.default_rng([cfg.federation.seed, 1]))
     assert np.array_equal(fed.test, expected)
     assert np.bincount(ex.labels[fed.test]).tolist() == [12, 12, 12, 12]  # 20% of each class of 60
+
+
+def test_the_run_says_how_the_held_out_set_was_chosen(tiny_config):
+    from fedfm.server import Display, Server, prepare
+
+    said = []
+
+    class Listen(Display):
+        def message(self, text):
+            said.append(text)
+
+    Server(prepare(tiny_config(**{"federation.rounds": 1})), display=Listen())
+    assert any(s.startswith("held-out set:") for s in said), said
