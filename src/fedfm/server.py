@@ -274,7 +274,7 @@ class Server:
         for k, v in task.evaluate(self.model, enc, self.eval_indices, cfg.eval.batch_size).items():
             out[f"eval_{k}"] = v
         if len(self.prompt_indices):
-            metrics, records = task.generate(self.model, self.prompt_indices)
+            metrics, records = task.generate(self.model, self.prompt_indices, pool=self.data.test)
             out.update({f"eval_{k}": v for k, v in metrics.items()})
             if self.run_dir is not None:
                 self.run_dir.write_generations(rnd, records)

@@ -175,8 +175,25 @@ def test_held_out_prompts_are_scored_only_against_held_out_answers(tokenizer, tm
     held_answers = {task.answers[i] for i in fed.test}
     assert len(fed.test) == 18  # round(0.3 * 60), reached by whole prompts
     assert not {task.prompts[i] for i in fed.test} & {task.prompts[i] for i in train}
-    for j in fed.test:  # every reference a held-out answer is scored against is itself held out
-        assert set(task.references[task.prompts[j]]) <= held_answers
+    for j in fed.test:  # no held-out prompt has an answer in training
+        assert not {task.answers[i] for i in train if task.prompts[i] == task.prompts[j]}
+    assert held_answers
+
+
+def test_references_come_from_the_held_out_set_only_whatever_split_the_data_came_with(tokenizer, monkeypatch):
+    """A source with its own split can put one prompt on both sides: the training answer is then never a
+    reference for the held-out one."""
+    from fedfm.tasks import instruction
+
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}] for a in ("hello", "hey", "yo")]
+    task = _task(tokenizer, CHATML)
+    task.encode(_examples(convs))
+    monkeypatch.setattr(instruction, "generate_text", lambda model, tok, prompts, *a, **k: ["hello"] * len(prompts))
+    held_out = np.array([1, 2])  # example 0 ("hello") is a training example
+    _, records = task.generate(None, held_out, pool=held_out)
+    assert [r["num_references"] for r in records] == [2, 2] and all(r["rougeL"] == 0 for r in records)
+    _, pooled = task.generate(None, held_out, pool=np.array([0, 1, 2]))  # what pooling over all examples did
+    assert all(r["rougeL"] == 1 for r in pooled)
 
 
 def test_exact_match_normalisation():

@@ -67,4 +67,4 @@ def test_instruction_prompts_come_back_with_the_cached_rows(tmp_path, monkeypatc
     first, second = Server(prepare(cfg)), Server(prepare(cfg))
     assert (first.tokenized_from_cache, second.tokenized_from_cache) == (False, True)
     assert second.task.prompts == first.task.prompts and second.task.answers == first.task.answers
-    assert second.task.references == first.task.references
+    assert second.task.questions == first.task.questions

@@ -35,14 +35,13 @@ class InstructionTuning(CausalLM):
     """Supervised instruction tuning on conversations (Alpaca, chat ``messages`` or prompt/completion rows)."""
 
     reads_chat = True
-    cached_attrs = ("questions", "prompts", "answers", "references", "notes")
+    cached_attrs = ("questions", "prompts", "answers", "notes")
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self.prompts: list[str] = []
         self.answers: list[str] = []
         self.questions: list[str] = []
-        self.references: dict[str, list[str]] = {}
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ rendering
@@ -104,9 +103,6 @@ class InstructionTuning(CausalLM):
                           for c in examples.messages]
         self.prompts = [r[2] for r in rendered]
         self.answers = [r[3] for r in rendered]
-        self.references = {}
-        for p, a in zip(self.prompts, self.answers):
-            self.references.setdefault(p, []).append(a)
         n_trunc = int(sum(len(r) >= L for r in tok["input_ids"]))
         n_empty = int(((labels != -100).sum(1) == 0).sum())
         self.notes = []
@@ -142,21 +138,28 @@ class InstructionTuning(CausalLM):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def generate(self, model, indices: np.ndarray) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Greedy answers to the prompts of ``indices``; mean exact match and ROUGE-L F1 (best over references)."""
+    def generate(self, model, indices: np.ndarray, pool: np.ndarray | None = None
+                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Greedy answers to the prompts of ``indices``; mean exact match and ROUGE-L F1 (best over references).
+
+        A prompt's references are the answers to it among ``pool`` (the held-out set; default ``indices``) only,
+        so that no answer seen in training is a reference, whatever split the data came with."""
         from rouge_score import rouge_scorer
 
         gcfg = self.cfg.eval.generation
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         records = []
         # batches of similar length waste less on padding; prompts longer than training rows keep their end
+        held: dict[str, list[str]] = {}
+        for k in (indices if pool is None else pool):
+            held.setdefault(self.prompts[int(k)], []).append(self.answers[int(k)])
         order = sorted((int(j) for j in indices), key=lambda j: len(self.prompts[j]))
         for i in range(0, len(order), gcfg.batch_size):
             chunk = order[i:i + gcfg.batch_size]
             answers = generate_text(model, self.tokenizer, [self.prompts[j] for j in chunk], gcfg.max_new_tokens,
                                     self.device, self.autocast, max_prompt_tokens=self.cfg.task.max_length)
             for j, answer in zip(chunk, answers):
-                refs = self.references.get(self.prompts[j], [self.answers[j]])
+                refs = held.get(self.prompts[j], [self.answers[j]])
                 em = max(float(normalize_answer(answer) == normalize_answer(r)) for r in refs)
                 rl = max(scorer.score(r, answer)["rougeL"].fmeasure for r in refs)
                 records.append({"example": j, "question": self.questions[j], "prompt": self.prompts[j], "reference": self.answers[j],
