@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .randomness import Randomness
 from .registry import Registry
 
 ATTACKS: Registry[type] = Registry("attack")
@@ -23,7 +24,7 @@ ATTACKS: Registry[type] = Registry("attack")
 
 def malicious_clients(fraction: float, num_clients: int, seed: int) -> set[int]:
     k = int(math.floor(fraction * num_clients))
-    rng = np.random.default_rng([seed, 11])
+    rng = Randomness(seed).rng("attackers")
     return {int(c) for c in rng.choice(num_clients, size=k, replace=False)} if k else set()
 
 
@@ -68,7 +69,7 @@ class GaussianNoise(Attack):
     """Send pure noise N(0, σ²) of the update's shape (σ = ``attack.noise_std``)."""
 
     def tamper(self, delta, cid, rnd):
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 12, rnd, cid]).generate_state(1)[0]))
+        g = Randomness(self.seed).torch("attack_noise", rnd, cid)
         return {n: torch.randn(t.shape, generator=g, dtype=t.dtype) * self.cfg.noise_std for n, t in delta.items()}
 
 
@@ -115,7 +116,7 @@ class Backdoor(Attack):
         ex = _labelled(data, "backdoor")
         labels, texts = np.array(ex.labels, copy=True), list(ex.texts)
         target = self.target(ex)
-        rng = np.random.default_rng([self.seed, 13])
+        rng = Randomness(self.seed).rng("backdoor")
         for c in sorted(self.malicious):
             idx = np.asarray(data.clients[c].train)
             chosen = idx[rng.random(len(idx)) < self.cfg.poison_fraction]

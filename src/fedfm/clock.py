@@ -12,10 +12,12 @@ import math
 
 import numpy as np
 
+from .randomness import Randomness
 
-def _uniform(*key: int) -> float:
-    """A reproducible U[0, 1) draw for one key."""
-    return float(np.random.default_rng([int(k) for k in key]).random())
+
+def _uniform(seed: int, purpose: str, *key: int) -> float:
+    """A reproducible U[0, 1) draw for one (purpose, client, period or job)."""
+    return float(Randomness(seed).rng(purpose, *key).random())
 
 
 class SimClock:
@@ -26,7 +28,7 @@ class SimClock:
                 raise ValueError(f"clock.speeds has {len(cfg.speeds)} entries, expected one per client ({num_clients})")
             speed = np.asarray(cfg.speeds, dtype=np.float64)
         elif cfg.speed_distribution == "lognormal":
-            speed = np.random.default_rng([seed, 20]).lognormal(0.0, cfg.speed_sigma, size=num_clients)
+            speed = Randomness(seed).rng("clock_speed").lognormal(0.0, cfg.speed_sigma, size=num_clients)
         else:
             speed = np.ones(num_clients)
         self.speed = speed  # seconds-per-step multiplier: 2.0 is a client twice as slow as the reference
@@ -46,7 +48,7 @@ class SimClock:
         if self.availability[client] >= 1.0:
             return True
         period = int(math.floor(t / self.cfg.period_s))
-        return _uniform(self.seed, 21, client, period) < self.availability[client]
+        return _uniform(self.seed, "availability", client, period) < self.availability[client]
 
     def online_clients(self, t: float) -> np.ndarray:
         if (self.availability >= 1.0).all():  # the default: no per-client draws
@@ -58,4 +60,4 @@ class SimClock:
 
     def drops_out(self, client: int, job: int) -> bool:
         """Whether the client that starts job number ``job`` (a round, or an async dispatch) never returns."""
-        return self.cfg.dropout > 0 and _uniform(self.seed, 22, client, job) < self.cfg.dropout
+        return self.cfg.dropout > 0 and _uniform(self.seed, "dropout", client, job) < self.cfg.dropout

@@ -1,13 +1,10 @@
 """Which config field picks from which registry (used to validate a config before anything loads)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .config import RunConfig
-
-
-def fields_of(cfg: "RunConfig"):
+def fields_of(cfg):
+    """(config field, registry, chosen name) for every field of a run config (a ``RunConfig``) that picks a
+    registered entry."""
     from .aggregation import AGGREGATORS
     from .attacks import ATTACKS
     from .aggregation.server_opt import SERVER_OPTIMIZERS

@@ -6,11 +6,22 @@ sampler's ``online_only`` flag.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .registry import Registry
 
 SAMPLERS: Registry["Sampler"] = Registry("client sampler")
+
+
+def num_sampled(fed, num_clients: int) -> int:
+    """Clients per round: ``clients_per_round`` or ``max(min_clients, ceil(fraction·N))``, at most N."""
+    if fed.fraction is not None:
+        k = max(fed.min_clients, int(math.ceil(fed.fraction * num_clients)))
+    else:
+        k = fed.clients_per_round
+    return min(k, num_clients)
 
 
 class Sampler:

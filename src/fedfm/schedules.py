@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import secrets
 import time
 from typing import Any, Callable
 
@@ -46,20 +45,14 @@ class Sync(Schedule):
     """Synchronous rounds: sample → broadcast → train → aggregate; the round lasts as long as its slowest returning
     client (or ``clock.deadline_s``)."""
 
-    def sample_seed(self, rnd: int) -> list[int] | int:
-        """Round ``rnd``'s client sample: from the run seed, or from the OS under client-level DP with secret
-        randomness (the accountant's amplification by sampling assumes nobody knows who was sampled)."""
-        cfg = self.server.cfg
-        if cfg.privacy.mode == "client" and cfg.privacy.randomness == "secret":
-            return secrets.randbits(63)
-        return [cfg.federation.seed, 3, rnd]
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         s, cfg = self.server, self.server.cfg
         clock, deadline = s.clock, cfg.clock.deadline_s
         t0 = time.perf_counter()
         self.sim_time = s.wait_for_clients(self.sim_time)
-        ids = s.sample(np.random.default_rng(self.sample_seed(rnd)), s.num_sampled(), self.sim_time)
+        # from the OS under client-level DP with secret randomness: amplification by sampling assumes nobody knows it
+        ids = s.sample(s.random.rng("client_sample", rnd), s.num_sampled(), self.sim_time)
         tasks, skipped, durations, sent = [], {}, {}, 0
         for c in ids:
             c = int(c)
@@ -76,7 +69,7 @@ class Sync(Schedule):
             payload, extras = s.broadcast(rnd, c)
             sent += len(payload) + sum(len(b) for b in extras.values())
             tasks.append(ClientTask(client_id=c, round=rnd, payload=payload, extras=extras,
-                                    seed=s.derive_seed(4, rnd, c)))
+                                    seed=s.random.seed("client_task", rnd, c)))
         s.display.round_start(rnd, cfg.federation.rounds, len(ids))
         ran = {r.client_id: r for r in s.runtime.run(tasks, on_result=s.display.client_done)}
         results = [ran.get(int(c)) or skipped[int(c)] for c in ids]
@@ -125,7 +118,7 @@ class FedBuff(Schedule):
         """Start one more client on the current global model; False if no client can start now."""
         s, fed = self.server, self.server.cfg.federation
         busy = {c for _, _, c, _, _ in self.in_flight}
-        rng = np.random.default_rng([fed.seed, 9, self.jobs])
+        rng = s.random.rng("async_sample", self.jobs)
         ids = s.sample(rng, 1, self.sim_time, exclude=busy, online_only=True)  # async clients check in when online
         if len(ids) == 0:
             return False
@@ -136,7 +129,7 @@ class FedBuff(Schedule):
             res = _dropped(c, "dropped out (simulated)")
         else:
             payload, extras = s.broadcast(rnd, c)
-            task = ClientTask(client_id=c, round=rnd, payload=payload, extras=extras, seed=s.derive_seed(8, job, c))
+            task = ClientTask(client_id=c, round=rnd, payload=payload, extras=extras, seed=s.random.seed("async_task", job, c))
             res = tamper_results(s, s.runtime.run([task], on_result=s.display.client_done), job)[0]
             self.bytes_down += len(payload) + sum(len(b) for b in extras.values())
         heapq.heappush(self.in_flight, (finish, job, c, self.version, res))

@@ -24,7 +24,8 @@ from .models.loader import check_model_config
 from .models.ranks import assign_ranks, lora_rank
 from .runtime import make_runtime
 from .runtime.state_store import ClientStateStore
-from .sampling import make_sampler
+from .randomness import Randomness, derive_seed  # noqa: F401  (derive_seed: re-exported for callers of old)
+from .sampling import make_sampler, num_sampled
 from .schedules import make_schedule
 from .tasks import TASKS
 from .tracking import RunDir
@@ -41,11 +42,6 @@ class Display:
     def message(self, text: str) -> None: ...
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed for one (run seed, purpose, round, client) tuple, independent of call order."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
-
-
 def _randomness(cfg) -> str:
     if cfg.privacy.randomness == "seeded":
         return ("noise from federation.seed (privacy.randomness: seeded): reproducible, and removable by anyone who "
@@ -53,20 +49,11 @@ def _randomness(cfg) -> str:
     return "noise seeded from the OS at each draw (privacy.randomness: secret)"
 
 
-def num_sampled(fed, num_clients: int) -> int:
-    """Clients per round: ``clients_per_round`` or ``max(min_clients, ceil(fraction·N))``, at most N."""
-    if fed.fraction is not None:
-        k = max(fed.min_clients, int(math.ceil(fed.fraction * num_clients)))
-    else:
-        k = fed.clients_per_round
-    return min(k, num_clients)
-
-
 def sample_clients(fed, num_clients: int, rnd: int) -> np.ndarray:
     """Seeded uniform sampling without replacement (the ``uniform`` sampler with every client a candidate)."""
     from .sampling import Uniform
 
-    rng = np.random.default_rng([fed.seed, 3, rnd])
+    rng = Randomness(fed.seed, secret=False).rng("client_sample", rnd)
     return Uniform()(rng, num_sampled(fed, num_clients), np.arange(num_clients), np.ones(num_clients))
 
 
@@ -160,9 +147,10 @@ class Server:
             self.encoded, self.tokenized_from_cache = self.task.encode(self.data.examples), False
         for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too
             self.display.message(note)
-        self.eval_indices = self._fixed_sample(self.data.test, cfg.eval.max_examples, 5)
+        self.random = Randomness.from_config(cfg)  # every draw of the run, by purpose
+        self.eval_indices = self._fixed_sample(self.data.test, cfg.eval.max_examples, "eval_sample")
         n_gen = cfg.eval.generation.num_prompts if hasattr(self.task, "generate") else 0
-        self.prompt_indices = self._fixed_sample(self.data.test, n_gen, 6) if n_gen else np.zeros(0, dtype=np.int64)
+        self.prompt_indices = self._fixed_sample(self.data.test, n_gen, "prompt_sample") if n_gen else np.zeros(0, dtype=np.int64)
         self.display.model({"trainable": self.spec.numel, "total": sum(p.numel() for p in self.model.parameters()),
                             "seconds": time.perf_counter() - t0, "method": cfg.adapter.method})
         self.codec = make_codec(cfg.codec.name)
@@ -182,7 +170,7 @@ class Server:
 
             m = self.mechanism
             self.dp = DPFedAvg(cfg.privacy, m.noise_multiplier, m.per_round, cfg.federation.seed,
-                               secret=cfg.privacy.randomness == "secret")
+                               secret=self.random.secret)
             self.display.message(
                 f"privacy: client-level DP-FedAvg, {m.sampling} sampling q={m.q:.4g} ({m.per_round} of "
                 f"{m.num_clients} clients), noise multiplier z={m.noise_multiplier:.4g}, clip C={cfg.privacy.clip:g}; "
@@ -260,11 +248,11 @@ class Server:
         self.start_round = ck["round"] + 1
 
     # ------------------------------------------------------------------ evaluation
-    def _fixed_sample(self, indices: np.ndarray, k: int | None, purpose: int) -> np.ndarray:
+    def _fixed_sample(self, indices: np.ndarray, k: int | None, purpose: str) -> np.ndarray:
         """The same seeded subset of ``indices`` at every eval (all of them when ``k`` is None or large enough)."""
         if k is None or k >= len(indices):
             return indices
-        rng = np.random.default_rng([self.cfg.federation.seed, purpose])
+        rng = self.random.rng(purpose)
         return np.sort(rng.choice(indices, size=k, replace=False))
 
     def evaluate(self, rnd: int = 0) -> dict[str, Any]:
@@ -315,8 +303,8 @@ class Server:
                 per["_personal"][str(c.id)] = score(c)
                 self._load_global()
             if "_finetuned" in per and len(c.train):
-                gen = torch.Generator().manual_seed(self.derive_seed(10, rnd, i))
-                torch.manual_seed(self.derive_seed(10, rnd, i))
+                gen = self.random.torch("eval_finetune", rnd, i)
+                torch.manual_seed(self.random.seed("eval_finetune", rnd, i))
                 local_sgd(self.ctx, c.train, gen, num_steps=cfg.eval.finetune_steps)
                 per["_finetuned"][str(c.id)] = score(c)
                 self._load_global()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from dp_accounting import rdp
 
+from fedfm.client import make_optimizer
 from fedfm.privacy.dpsgd import SampleLevelDP, dp_sgd, per_example_gradients
 from fedfm.server import Server, prepare
 
@@ -79,7 +80,7 @@ def test_a_dp_sgd_step_clips_each_example_then_adds_noise_of_std_zC_over_B(tiny_
     def step(z: float, seed: int) -> list[torch.Tensor]:
         for p, s in zip(params, start):
             p.data.copy_(s)
-        dp_sgd(ctx, indices, torch.Generator().manual_seed(0), seed, 1, z)
+        dp_sgd(ctx, indices, torch.Generator().manual_seed(0), seed, 1, z, None, make_optimizer)
         return [s - p.detach() for p, s in zip(params, start)]  # SGD, lr 1: the step is the gradient
 
     for got, want in zip(step(0.0, 1), expected):

@@ -218,6 +218,9 @@ def test_distributed_noise_shares_sum_to_the_std_the_accountant_assumes(tiny_con
         class federation:
             min_clients = m
 
+        class privacy:
+            mode, randomness = "client", "secret"
+
     dp = DPFedAvg(_P(), z, denominator=m, seed=0, secret=True)
     stage = SecureAggregation(Cfg, Spec, dp, max_examples=1, seed=0)
     rnd = SecAggRound(range(m), dim=Spec.numel, codec=RingCodec.for_sum(stage.clip, m, 32), k=None)

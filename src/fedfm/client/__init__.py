@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..privacy import disclose
+from ..randomness import Randomness
 from ..registry import Registry
 
 CLIENT_ALGORITHMS: Registry[type] = Registry("client algorithm")
@@ -264,13 +265,11 @@ class LocalTraining:
         from ..privacy.dpsgd import STEPS_KEY, dp_sgd
 
         ctx, cid, mech = self.ctx, task.client_id, self.ctx.sample_dp
-        from ..server import derive_seed
-
-        if ctx.cfg.privacy.randomness == "secret":  # Poisson batches and noise that no holder of the run seed can redraw
-            gen, noise_seed = torch.Generator().manual_seed(secrets.randbits(63)), secrets.randbits(63)
-        else:
-            noise_seed = derive_seed(task.seed, 11)
-        loss, steps = dp_sgd(ctx, indices, gen, noise_seed, int(mech.steps[cid]), mech.noise_multiplier, hook)
+        # Poisson batches and noise that no holder of the run seed can redraw (unless privacy.randomness: seeded)
+        random = Randomness.from_config(ctx.cfg)
+        gen, noise_seed = random.torch("dpsgd_batches", base=task.seed), random.seed("dpsgd_noise", base=task.seed)
+        loss, steps = dp_sgd(ctx, indices, gen, noise_seed, int(mech.steps[cid]), mech.noise_multiplier, hook,
+                             make_optimizer)
         total = self._dp_steps(cid) + steps
         stored = dict(ctx.store.get(cid) or {})
         stored[STEPS_KEY] = torch.tensor([total], dtype=torch.int64)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..randomness import Randomness
 from .partition import PartitionSpec, label_counts, partition
 from .sources import Examples, load_examples
 
@@ -134,7 +135,7 @@ def _held_out(cfg, examples: Examples, rng: np.random.Generator) -> tuple[np.nda
 
 def build_federated_data(cfg, examples: Examples) -> FederatedData:
     """Hold out the test set, partition the rest into clients, split each client train/test."""
-    rng = np.random.default_rng([cfg.federation.seed, 1])
+    rng = Randomness(cfg.federation.seed).rng("data_split")
     pool, test, notes = _held_out(cfg, examples, rng)
     p = cfg.partition
     spec = PartitionSpec(num_clients=p.num_clients, alpha=p.alpha, shards_per_client=p.shards_per_client,
@@ -147,7 +148,7 @@ def build_federated_data(cfg, examples: Examples) -> FederatedData:
     clients = []
     for cid, local in enumerate(parts):
         idx = pool[local]
-        crng = np.random.default_rng([cfg.federation.seed, 2, cid])
+        crng = Randomness(cfg.federation.seed).rng("local_split", cid)
         perm = crng.permutation(idx)
         k = int(np.floor(p.local_test_fraction * len(idx)))
         if len(idx) - k < 1:

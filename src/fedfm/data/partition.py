@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..randomness import Randomness
 from ..registry import Registry
 
 Partitioner = Callable[..., list]
@@ -251,7 +252,7 @@ def partition(
                 f"partition.num_clients ({spec.num_clients}) x partition.min_size ({spec.min_size}) "
                 f"needs at least {need} examples, got {size}"
             )
-    parts = PARTITIONERS.get(method)(labels, groups, spec, np.random.default_rng(seed), n=size)
+    parts = PARTITIONERS.get(method)(labels, groups, spec, Randomness(seed).rng("partition"), n=size)
     parts = [np.asarray(p) for p in parts]
     check_partition(parts, size if size is not None else sum(len(p) for p in parts))
     return parts

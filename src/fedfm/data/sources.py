@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import DataError
+from ..randomness import Randomness
 from ..registry import Registry
 
 BUILTIN_DATASETS: Registry[Callable[[], "object"]] = Registry("built-in dataset")
@@ -401,7 +402,7 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
         what = "conversation with an assistant answer" if chat else "text and a label" if needs_labels else "text"
         raise DataError(f"data.source: {src} has no row with a {what}")
     if data_cfg.max_examples and len(rows) > data_cfg.max_examples:
-        rng = np.random.default_rng(seed)
+        rng = Randomness(seed).rng("subsample")
         rows = np.sort(rng.choice(rows, data_cfg.max_examples, replace=False))
 
     def col(name: str) -> list:

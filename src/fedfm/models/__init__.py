@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..randomness import Randomness
 from .adapters import apply_adapter
 from .loader import load_base, load_tokenizer
 from .state import StateSpec
@@ -37,7 +38,7 @@ def build_base(cfg, tokenizer, examples) -> tuple[Any, torch.nn.Module]:
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None and tokenizer is not None:
         kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(cfg.federation.seed)
+    torch.manual_seed(Randomness(cfg.federation.seed).seed("model_init"))
     return task, load_base(cfg.model, task.auto_class, **kwargs)
 
 

@@ -14,6 +14,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..randomness import Randomness
+
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
@@ -99,4 +101,4 @@ def assign_ranks(rank_per_client, num_clients: int, seed: int) -> np.ndarray:
     for i in np.argsort(-(exact - counts), kind="stable")[: num_clients - counts.sum()]:
         counts[i] += 1
     ranks = np.repeat([r for r, _ in tiers], counts)
-    return np.random.default_rng([seed, 30]).permutation(ranks).astype(np.int64)
+    return Randomness(seed).rng("ranks").permutation(ranks).astype(np.int64)

@@ -1,20 +1,6 @@
-"""Privacy: client-level DP (DP-FedAvg), sample-level DP (DP-SGD), secure aggregation, and where their randomness
-comes from."""
+"""Privacy: client-level DP (DP-FedAvg), sample-level DP (DP-SGD), secure aggregation, and what a client discloses
+(its randomness comes from ``fedfm.randomness``)."""
 from __future__ import annotations
-
-import secrets
-
-
-def mechanism_seed(cfg, *parts: int) -> int:
-    """The seed of one draw of a privacy mechanism: ``derive_seed(federation.seed, *parts)`` under
-    ``privacy.randomness: seeded`` (reproducible, so anyone who holds the seed can re-draw the noise and remove it),
-    else 63 fresh bits from the operating system's CSPRNG."""
-    if cfg.privacy.randomness == "seeded":
-        from ..server import derive_seed
-
-        return derive_seed(cfg.federation.seed, *parts)
-    return secrets.randbits(63)
-
 
 # What a client's result carries besides its (encoded, or under secagg masked) update, by privacy setting. Everything
 # else a client measures (its exact training loss, its wall time, the steps its data size implies) is computed from

@@ -93,7 +93,7 @@ class Mechanism:
 def mechanism(cfg, num_clients: int) -> Mechanism:
     """The run's mechanism: ``privacy.*`` and the client sample size; the noise multiplier derived from
     ``privacy.target_epsilon`` for the planned rounds when none is given."""
-    from ..server import num_sampled
+    from ..sampling import num_sampled
 
     p = cfg.privacy
     per_round = num_sampled(cfg.federation, num_clients)

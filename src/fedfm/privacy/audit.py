@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..randomness import Randomness
+
 
 def roc_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
     """P(a member scores above a non-member) + ½ P(tie): the Mann-Whitney form of the ROC AUC."""
@@ -46,7 +48,7 @@ def example_losses(task, model, encoded, rows: np.ndarray, batch_size: int) -> n
 def membership_audit(server, max_examples: int = 500) -> dict[str, Any]:
     """Loss-threshold MIA on the current global model: members are clients' training examples, non-members the
     held-out test set; the same seeded number of each."""
-    rng = np.random.default_rng([server.cfg.federation.seed, 14])
+    rng = Randomness(server.cfg.federation.seed).rng("audit")
     members = np.concatenate([np.asarray(c.train) for c in server.data.clients])
     nonmembers = np.asarray(server.data.test)
     k = int(min(max_examples, len(members), len(nonmembers)))

@@ -7,17 +7,12 @@ the paper so that its sensitivity is ½ and the budget split below holds.
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+from ..randomness import Randomness
 
 
 class DPFedAvg:
@@ -25,10 +20,9 @@ class DPFedAvg:
 
     def __init__(self, pcfg, noise_multiplier: float, denominator: float, seed: int, secret: bool = False):
         self.C = float(pcfg.clip)
-        self.secret = secret  # noise seeds from the OS, not from ``seed`` (privacy.randomness: secret)
+        self.random = Randomness(seed, "client", secret)  # secret: noise seeds from the OS, never from ``seed``
         self.z = float(noise_multiplier)
         self.denominator = float(denominator)
-        self.seed = seed
         self.gamma = pcfg.target_quantile
         self.eta = pcfg.clip_lr
         self.sigma_b = pcfg.count_noise if pcfg.count_noise is not None else self.denominator / 20.0
@@ -71,7 +65,7 @@ class DPFedAvg:
         of it (distributed noise under secure aggregation). With adaptive clipping, ``count`` is the centred count
         Σ(b_k − ½): b̄ = (count + N(0, σ_b²)) / E[K] + ½ is released noised, and C follows it. Nothing exact about
         the clients is returned in the measurements."""
-        g = torch.Generator().manual_seed(secrets.randbits(63) if self.secret else _seed(self.seed, 7, rnd))
+        g = self.random.torch("dp_noise", rnd)
         C, dim = self.C, total.numel()
         z = torch.randn(dim, generator=g, dtype=torch.float64) * (self.z_delta * C)
         delta = ((total.double() + (z if noise else 0.0)) / self.denominator).float()

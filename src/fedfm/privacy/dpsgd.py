@@ -144,14 +144,13 @@ def per_example_gradients(model: torch.nn.Module):
 
 
 def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_seed: int, steps: int,
-           noise_multiplier: float, grad_hook: Callable | None = None) -> tuple[float, int]:
+           noise_multiplier: float, grad_hook: Callable | None, make_optimizer: Callable) -> tuple[float, int]:
     """``steps`` DP-SGD steps on the client's examples ``indices``: Poisson batches of expected size B, per-example
     clip to ``privacy.clip``, noise z·C on the sum, ÷ B. ``grad_hook`` (FedProx, SCAFFOLD) acts on the noised
     gradient, so it is post-processing. The noise is drawn on the parameters' device from ``noise_seed``. Returns the
-    mean loss over the sampled examples and the steps taken."""
+    mean loss over the sampled examples and the steps taken. ``make_optimizer(params, client_cfg)`` builds the
+    client's optimizer, which DP-SGD wraps."""
     from opacus.optimizers import DPOptimizer
-
-    from ..client import make_optimizer
 
     cfg, model, task = ctx.cfg, ctx.model, ctx.task
     rows = np.asarray(task.rows(ctx.encoded, indices))

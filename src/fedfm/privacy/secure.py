@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import mechanism_seed
+from ..randomness import Randomness
 from .secagg import (GraphBounds, MaskedInput, RingCodec, SecAggAbort, SecAggClient, SecAggRound, UnmaskingRefused,
                      UnmaskingRequest, graph_bounds, harary_parameters)
 
@@ -108,7 +108,8 @@ class SecureAggregation:
 
     def __init__(self, cfg, spec, dp, max_examples: int, seed: int):
         sa = cfg.secagg
-        self.cfg, self.spec, self.dp, self.seed = cfg, spec, dp, seed
+        self.cfg, self.spec, self.dp = cfg, spec, dp
+        self.random = Randomness(seed, cfg.privacy.mode, cfg.privacy.randomness == "secret")
         self.max_examples = max(int(max_examples), 1)
         self.distributed_noise = dp is not None and sa.dp_noise == "distributed"
         self.min_survivors = cfg.federation.min_clients
@@ -154,7 +155,7 @@ class SecureAggregation:
         g = graph_for(sa, len(roster))
         info.update(secagg_k=g.k, secagg_t=g.t, secagg_security_bound=g.security, secagg_abort_bound=g.correctness)
         rnd_ = SecAggRound(roster, dim=self.dim, codec=codec, k=g.k, t=g.t,
-                           graph_seed=mechanism_seed(self.cfg, 13, rnd), session=b"fedfm round %d" % rnd)
+                           graph_seed=self.random.seed("secagg_graph", rnd), session=b"fedfm round %d" % rnd)
         clients = {u: SecureClient(u, rnd_, self) for u in roster}  # each holds only its own keys
         masked: list[MaskedInput] = []
         try:
@@ -167,7 +168,7 @@ class SecureAggregation:
                 try:
                     flat = decode(r)
                     x = clients[r.client_id].contribution(flat, r.num_examples,
-                                                          mechanism_seed(self.cfg, 17, rnd, r.client_id))
+                                                          self.random.seed("noise_share", rnd, r.client_id))
                 except Exception as e:  # the client's own validation: it does not send a masked input
                     dropped.append({"id": r.client_id, "error": f"rejected by the client before masking: {e}"})
                     continue
