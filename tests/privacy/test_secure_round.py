@@ -230,3 +230,13 @@ def test_clients_refuse_to_unmask_a_sum_with_too_few_noise_shares(tiny_config):
     row = server.aggregate_results(1, _results(server, errors=(0, 1)))  # 4 masked inputs < 5
     assert row["dp_noise_only"] and "refuses Unmasking: only 4 masked inputs" in str(row["dropped"])
     assert "secagg_included" not in row  # nothing was unmasked
+
+
+def test_a_round_too_small_for_any_safe_graph_releases_noise_only_and_the_run_goes_on(tiny_config):
+    """With Poisson sampling a round can draw 2 clients, one of which may be corrupt (⌈0.05·2⌉ = 1): no threshold
+    keeps the other's input secret, so nothing is summed; under DP the round still releases noise."""
+    server = _server(tiny_config, **{"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 0.05,
+                                     "secagg.enabled": True, "federation.min_clients": 1,
+                                     "secagg.corrupt_fraction": 0.05})
+    row = server.aggregate_results(1, _results(server)[:2])
+    assert "no threshold" in row["secagg_error"] and row["dp_noise_only"] and row["aggregated"]

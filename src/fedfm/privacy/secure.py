@@ -152,7 +152,12 @@ class SecureAggregation:
         codec = RingCodec.for_sum(self.clip, len(roster), sa.bits)
         # the graph: (k, t) for this roster, drawn from fresh randomness only now that the roster is fixed, so no
         # client can know in advance where it will sit (seeded only under privacy.randomness: seeded)
-        g = graph_for(sa, len(roster))
+        try:
+            g = graph_for(sa, len(roster))
+        except ValueError as e:  # too few clients this round for any safe graph (a small Poisson sample): no sum
+            dropped = [{"id": r.client_id, "error": r.error or f"not aggregated: {e}"} for r in results]
+            info["secagg_error"] = str(e)
+            return self._noise_only(rnd, info, dropped)
         info.update(secagg_k=g.k, secagg_t=g.t, secagg_security_bound=g.security, secagg_abort_bound=g.correctness)
         rnd_ = SecAggRound(roster, dim=self.dim, codec=codec, k=g.k, t=g.t,
                            graph_seed=self.random.seed("secagg_graph", rnd), session=b"fedfm round %d" % rnd)
