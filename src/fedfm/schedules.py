@@ -12,16 +12,15 @@ import heapq
 import time
 from typing import Any, Callable
 
-import numpy as np
-
 from .attacks import tamper_results
 from .client import ClientResult, ClientTask
 from .registry import Registry
+from .stateful import Stateful
 
 SCHEDULES: Registry[Callable[..., "Schedule"]] = Registry("schedule")
 
 
-class Schedule:
+class Schedule(Stateful):
     def __init__(self, server):
         self.server = server
         self.sim_time = 0.0
@@ -116,7 +115,7 @@ class FedBuff(Schedule):
 
     def _dispatch(self, rnd: int) -> bool:
         """Start one more client on the current global model; False if no client can start now."""
-        s, fed = self.server, self.server.cfg.federation
+        s = self.server
         busy = {c for _, _, c, _, _ in self.in_flight}
         rng = s.random.rng("async_sample", self.jobs)
         ids = s.sample(rng, 1, self.sim_time, exclude=busy, online_only=True)  # async clients check in when online

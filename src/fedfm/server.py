@@ -26,6 +26,7 @@ from .runtime import make_runtime
 from .runtime.state_store import ClientStateStore
 from .randomness import Randomness, derive_seed  # noqa: F401  (derive_seed: re-exported for callers of old)
 from .sampling import make_sampler, num_sampled
+from .stateful import Stateful
 from .schedules import make_schedule
 from .tasks import TASKS
 from .tracking import RunDir
@@ -223,28 +224,26 @@ class Server:
         self.start_round = 1
 
     # ------------------------------------------------------------------ state
+    def _stateful_parts(self) -> dict[str, Any]:
+        """Each checkpoint key and the part whose ``state_dict`` it holds: the keys are named here only."""
+        return {"aggregator": self.aggregator, "server_opt": self.server_opt, "client_algorithm": self.algo_server,
+                "schedule": self.schedule, "privacy": self.dp if self.dp is not None else Stateful(),
+                "store": self.store}
+
     def checkpoint_state(self, rnd: int) -> dict[str, Any]:
         return {"round": rnd, "names": self.spec.names, "global": self.global_flat.clone(),
-                "aggregator": self.aggregator.state_dict(), "server_opt": self.server_opt.state_dict(),
-                "client_algorithm": self.algo_server.state_dict(), "schedule": self.schedule.state_dict(),
-                "privacy": self.dp.state_dict() if self.dp is not None else {},
-                "sample_dp": {"eps": dict(self.sample_eps), "steps": dict(self.sample_steps)},
-                "store": self.store.state_dict()}
+                **{key: part.state_dict() for key, part in self._stateful_parts().items()},
+                "sample_dp": {"eps": dict(self.sample_eps), "steps": dict(self.sample_steps)}}
 
     def load_checkpoint_state(self, ck: dict[str, Any]) -> None:
         if ck["names"] != self.spec.names:
             raise FedfmError("checkpoint does not match this config's trainable parameters (was the config changed?)")
         self.global_flat = ck["global"].clone()
         self.spec.load_flat(self.global_flat)
-        self.aggregator.load_state_dict(ck["aggregator"])
-        self.server_opt.load_state_dict(ck["server_opt"])
-        self.algo_server.load_state_dict(ck.get("client_algorithm", {}))
-        self.schedule.load_state_dict(ck.get("schedule", {}))
-        if self.dp is not None:
-            self.dp.load_state_dict(ck.get("privacy", {}))
+        for key, part in self._stateful_parts().items():
+            part.load_state_dict(ck.get(key, {}))
         sdp = ck.get("sample_dp", {})
         self.sample_eps, self.sample_steps = dict(sdp.get("eps", {})), dict(sdp.get("steps", {}))
-        self.store.load_state_dict(ck["store"])
         self.start_round = ck["round"] + 1
 
     # ------------------------------------------------------------------ evaluation

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..registry import Registry
+from ..stateful import Stateful
 
 AGGREGATORS: Registry[Callable[..., "Aggregator"]] = Registry("aggregator")
 
@@ -25,32 +26,20 @@ class RoundInfo:
     spec: Any
 
 
-class Stage:
+class Stage(Stateful):
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class WeightedMean:
+class WeightedMean(Stateful):
     """FedAvg's reducer (McMahan et al. 2017): sum_k n_k Δ_k / sum_k n_k."""
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor, info=None) -> torch.Tensor:
         w = weights.to(updates.dtype)
         return (w / w.sum()) @ updates
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class Aggregator:
+class Aggregator(Stateful):
     """``stages`` in order, then ``reduce``."""
 
     def __init__(self, stages: Sequence[Stage], reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):

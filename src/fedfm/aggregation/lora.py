@@ -7,11 +7,11 @@ averaged as in FedAvg. Both return Δ = x_new − x, so any server optimizer can
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from ..models.ranks import lora_pairs
+from ..stateful import Stateful
 from . import AGGREGATORS, Aggregator
 
 
@@ -40,13 +40,7 @@ def _client_factors(info, updates, name_a, name_b, sl):
     return out
 
 
-class _LoRAReducer:
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
+class _LoRAReducer(Stateful):
     def fedavg(self, updates, weights, x):
         w = weights.to(updates.dtype)
         return x + (w / w.sum()) @ updates

@@ -6,19 +6,15 @@ Each works on the flat stacked updates ``[K, D]``. ``f``, the number of clients 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
+from ..stateful import Stateful
 from . import AGGREGATORS, Aggregator, Stage, WeightedMean
 
 
-class _Reducer:
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+class _Reducer(Stateful):
+    """A robust reducer: no state of its own."""
 
 
 class CoordinateMedian(_Reducer):

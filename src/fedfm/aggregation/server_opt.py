@@ -11,19 +11,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..registry import Registry
+from ..stateful import Stateful
 
 SERVER_OPTIMIZERS: Registry[Callable[..., "ServerOptimizer"]] = Registry("server optimizer")
 
 
-class ServerOptimizer:
+class ServerOptimizer(Stateful):
     def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class _Stateful(ServerOptimizer):

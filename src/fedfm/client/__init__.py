@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -12,6 +11,7 @@ import torch
 
 from ..privacy import disclose
 from ..randomness import Randomness
+from ..stateful import Stateful
 from ..registry import Registry
 
 CLIENT_ALGORITHMS: Registry[type] = Registry("client algorithm")
@@ -174,7 +174,7 @@ def local_sgd(ctx: ClientContext, indices: np.ndarray, generator: torch.Generato
     return total_loss / max(n_batches, 1), steps
 
 
-class ServerSide:
+class ServerSide(Stateful):
     """The server's half of a client algorithm: what it sends with the global state and what it does with the
     results (SCAFFOLD's server control variate). Its state is checkpointed with the run."""
 
@@ -186,12 +186,6 @@ class ServerSide:
 
     def absorb(self, accepted: list[tuple["ClientResult", dict[str, torch.Tensor]]]) -> None:
         """``accepted``: each usable result with its decoded extras."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 @CLIENT_ALGORITHMS.register("local")

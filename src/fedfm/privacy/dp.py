@@ -13,9 +13,10 @@ import torch
 
 from ..errors import ConfigError
 from ..randomness import Randomness
+from ..stateful import Stateful
 
 
-class DPFedAvg:
+class DPFedAvg(Stateful):
     """Δ̄ = (Σ_k Δ_k · min(1, C / ‖Δ_k‖) + N(0, (z_Δ C)² I)) / E[K]."""
 
     def __init__(self, pcfg, noise_multiplier: float, denominator: float, seed: int, secret: bool = False):
