@@ -58,8 +58,11 @@ class AdapterConfig(Section):
             raise ValueError(f"adapter.rank_per_client: the largest rank ({max(ranks)}) must equal adapter.r ({self.r})")
         if isinstance(rpc, dict) and abs(sum(rpc.values()) - 1.0) > 1e-6:
             raise ValueError(f"adapter.rank_per_client: tier fractions must sum to 1, got {sum(rpc.values()):.4g}")
-        if self.method not in ("lora", "fedsa-lora"):
-            raise ValueError(f"adapter.rank_per_client needs a LoRA method (lora, fedsa-lora), got {self.method!r}")
+        from .registries import capability, having
+
+        if not capability("adapter.method", self.method, "lora_ranks"):
+            lora = ", ".join(having("adapter.method", "lora_ranks"))
+            raise ValueError(f"adapter.rank_per_client needs a LoRA method ({lora}), got {self.method!r}")
         return self
 
 
@@ -275,14 +278,20 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
+        from .registries import capability
+
+        linear_sum = capability("server.aggregator", self.server.aggregator, "linear_sum")
+        synchronous = capability("federation.schedule", self.federation.schedule, "synchronous")
+        sends_state = bool(capability("client.algorithm", self.client.algorithm, "extra_names", default=(),
+                                      unknown=()))
         if self.privacy.mode == "client":
-            if self.server.aggregator != "fedavg":
+            if not linear_sum:
                 raise ValueError(f"privacy.mode 'client': DP-FedAvg's noise is calibrated to the clipped sum, which "
                                  f"one client moves by at most C; server.aggregator {self.server.aggregator!r} has no "
                                  f"such bound (one client can move a median by up to 2C per coordinate), so the "
                                  f"accounted ε would not hold. Use fedavg (norm-bound is DP-FedAvg's clip), or "
                                  f"privacy.mode=sample, which composes with every aggregator")
-            if self.federation.schedule != "sync":
+            if not synchronous:
                 raise ValueError("privacy.mode 'client' is accounted per synchronous round: use federation.schedule: sync")
             if self.privacy.noise_multiplier is None and self.privacy.target_epsilon is None:
                 raise ValueError("privacy.mode 'client' needs privacy.noise_multiplier or privacy.target_epsilon")
@@ -302,14 +311,14 @@ class RunConfig(Section):
             if self.privacy.target_quantile is not None:
                 raise ValueError("privacy.target_quantile (adaptive clipping) is for privacy.mode 'client'")
         if self.secagg.enabled:
-            if self.server.aggregator != "fedavg":
+            if not linear_sum:
                 raise ValueError(f"secagg.enabled: the server sees only the sum of masked updates, so "
                                  f"server.aggregator {self.server.aggregator!r} (which needs each update) cannot run; "
                                  f"use fedavg")
-            if self.federation.schedule != "sync":
+            if not synchronous:
                 raise ValueError("secagg.enabled: one secure-aggregation instance per synchronous round; use "
                                  "federation.schedule: sync")
-            if self.client.algorithm not in ("local", "fedprox"):
+            if sends_state:
                 raise ValueError(f"secagg.enabled: client.algorithm {self.client.algorithm!r} sends state besides the "
                                  f"update, which would travel unmasked; use local or fedprox")
             if self.privacy.target_quantile is not None:
@@ -349,9 +358,6 @@ class RunConfig(Section):
                 raise ValueError(f"federation.min_clients ({fed.min_clients}) is more than partition.num_clients ({n})")
         if self.client.epochs is None and self.client.steps is None:
             raise ValueError("client: give client.epochs or client.steps")
-        if self.adapter.rank_per_client is not None and self.client.algorithm == "scaffold":
-            raise ValueError("client.algorithm 'scaffold' cannot be combined with adapter.rank_per_client "
-                             "(its gradient correction would fill the components a low-rank client must keep at zero)")
         if self.federation.schedule == "fedbuff" and self.federation.buffer_size < fed.min_clients:
             raise ValueError(f"federation.buffer_size ({self.federation.buffer_size}) is less than "
                              f"federation.min_clients ({fed.min_clients}): no server step could ever happen")

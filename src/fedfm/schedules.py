@@ -41,6 +41,7 @@ def _dropped(cid: int, why: str) -> ClientResult:
 
 @SCHEDULES.register("sync")
 class Sync(Schedule):
+    synchronous = True  # one round at a time: what per-round accounting and a secure sum need
     """Synchronous rounds: sample → broadcast → train → aggregate; the round lasts as long as its slowest returning
     client (or ``clock.deadline_s``)."""
 

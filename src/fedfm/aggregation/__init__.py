@@ -69,6 +69,9 @@ def fedavg(cfg=None) -> Aggregator:
     return Aggregator([], WeightedMean())
 
 
+fedavg.linear_sum = True  # a (weighted) sum of the updates: what DP-FedAvg's noise and a secure sum need
+
+
 def make_aggregator(cfg) -> Aggregator:
     return AGGREGATORS.get(cfg.server.aggregator)(cfg)
 

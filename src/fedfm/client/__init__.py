@@ -338,6 +338,9 @@ class Scaffold(LocalTraining):
                              f"(x − y)/(K η_l) are for SGD steps (Karimireddy et al. 2020); client.optimizer "
                              f"{cfg.client.optimizer!r} is not covered: set client.optimizer=sgd (and a client.lr "
                              f"for SGD)")
+        if cfg.adapter.rank_per_client is not None:
+            raise ValueError("client.algorithm 'scaffold' cannot be combined with adapter.rank_per_client "
+                             "(its gradient correction would fill the components a low-rank client must keep at zero)")
         if cfg.privacy.mode == "client":
             raise ValueError("client.algorithm 'scaffold' with privacy.mode 'client': the server control variate "
                              "c = (1/N) Σ Δc_i is built from each client's raw, unclipped, un-noised Δc_i and sent to "

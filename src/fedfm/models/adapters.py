@@ -117,6 +117,10 @@ def _prefix_check(run_cfg) -> None:
 prefix.check_config = _prefix_check
 
 
+lora.lora_ranks = True  # heterogeneous ranks (adapter.rank_per_client) need LoRA factors to cut
+fedsa_lora.lora_ranks = True
+
+
 @METHODS.register("ia3")
 def ia3(model, cfg, task_type: str, head_names: list[str]):
     """IA3 (Liu et al. 2022): learned rescaling vectors on keys, values and feed-forward activations."""
