@@ -32,28 +32,25 @@ def fields_of(cfg):
     ]
 
 
+def _registry_of(key: str):
+    from .aggregation import AGGREGATORS
+    from .client import CLIENT_ALGORITHMS
+    from .models.adapters import METHODS
+    from .schedules import SCHEDULES
+
+    return {"server.aggregator": AGGREGATORS, "federation.schedule": SCHEDULES, "client.algorithm": CLIENT_ALGORITHMS,
+            "adapter.method": METHODS}[key]
+
+
 def capability(key: str, name: str, what: str, default=False, unknown=True):
     """What the registered entry ``name`` of the registry behind config key ``key`` declares about itself (an attribute
     of the entry: ``linear_sum`` for an aggregator, ``synchronous`` for a schedule, ``extra_names`` for a client
     algorithm, ``lora_ranks`` for an adaptation method); ``default`` when the entry does not declare it, ``unknown``
     for a name nobody registered (reported apart, with "did you mean")."""
-    from .aggregation import AGGREGATORS
-    from .client import CLIENT_ALGORITHMS
-    from .models.adapters import METHODS
-    from .schedules import SCHEDULES
-
-    reg = {"server.aggregator": AGGREGATORS, "federation.schedule": SCHEDULES, "client.algorithm": CLIENT_ALGORITHMS,
-           "adapter.method": METHODS}[key]
+    reg = _registry_of(key)
     return getattr(reg.get(name), what, default) if name in reg else unknown
 
 
 def having(key: str, what: str) -> list[str]:
     """The registered names under config key ``key`` that declare ``what`` (for the messages that suggest them)."""
-    from .aggregation import AGGREGATORS
-    from .client import CLIENT_ALGORITHMS
-    from .models.adapters import METHODS
-    from .schedules import SCHEDULES
-
-    reg = {"server.aggregator": AGGREGATORS, "federation.schedule": SCHEDULES, "client.algorithm": CLIENT_ALGORITHMS,
-           "adapter.method": METHODS}[key]
-    return [n for n in reg if capability(key, n, what)]
+    return [n for n in _registry_of(key) if capability(key, n, what)]
