@@ -2,6 +2,8 @@
 (its randomness comes from ``fedfm.randomness``)."""
 from __future__ import annotations
 
+import dataclasses
+
 # What a client's result carries besides its (encoded, or under secagg masked) update, by privacy setting. Everything
 # else a client measures (its exact training loss, its wall time, the steps its data size implies) is computed from
 # its data without noise, so it stays on the client wherever the guarantee covers what the server sees.
@@ -23,11 +25,10 @@ def disclose(cfg, result):
     """The ``ClientResult`` as it leaves the client: metrics cut to ``SENT_METRICS``; under DP-FedAvg with secure
     aggregation the example count too (reported as 1: DP-FedAvg weighs every client alike, and the count is the
     client's data)."""
-    allowed = SENT_METRICS[disclosure(cfg)]
+    setting = disclosure(cfg)
+    allowed = SENT_METRICS[setting]
     if allowed is None or result.error is not None:
         return result
-    import dataclasses
-
     metrics = {k: v for k, v in result.metrics.items() if k in allowed}
-    n = 1 if disclosure(cfg) == "client+secagg" else result.num_examples
+    n = 1 if setting == "client+secagg" else result.num_examples
     return dataclasses.replace(result, metrics=metrics, num_examples=n)
