@@ -54,13 +54,13 @@ def run_one(name: str, rounds: int) -> dict:
     import torch
 
     from fedfm.config import load_config
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     torch.set_num_threads(2)
     overrides = BASE + [f"federation.rounds={rounds}"] + ALGORITHMS[name]
     cfg = load_config("bbc-lora", overrides)
     t0 = time.perf_counter()
-    rows = Server(prepare(cfg)).run()
+    rows = Simulation(prepare(cfg)).run()
     acc = [r["eval_accuracy"] for r in rows]
     reached = next((r["round"] for r in rows if r["eval_accuracy"] >= TARGET), None)
     return {

@@ -36,13 +36,13 @@ def run(schedule: str, updates: int) -> dict:
     import torch
 
     from fedfm.config import load_config
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     torch.set_num_threads(2)
     overrides = COMMON + SCHEDULES[schedule] + [f"federation.rounds={updates // 5}"]
     cfg = load_config("bbc-lora", overrides)
     t0 = time.perf_counter()
-    rows = Server(prepare(cfg)).run()
+    rows = Simulation(prepare(cfg)).run()
     reached = next((r["sim_time_s"] for r in rows if r["eval_accuracy"] >= TARGET), None)
     return {"benchmark": "async_vs_sync", "schedule": schedule, "overrides": overrides, "client_updates": updates,
             "sim_time_s": [r["sim_time_s"] for r in rows], "accuracy": [r["eval_accuracy"] for r in rows],

@@ -71,7 +71,7 @@ def llama_config(work: Path, clients: int, steps: int) -> dict:
 
 def build(workload: str, kmax: int, steps: int, work: Path, extra: list[str]):
     from fedfm.config import load_config, validate_config
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     if workload == "llama":
         from fedfm.config import apply_overrides
@@ -89,7 +89,7 @@ def build(workload: str, kmax: int, steps: int, work: Path, extra: list[str]):
                                            f"output.dir={work / 'run'}", *extra])
     else:
         raise SystemExit(f"--workload: unknown workload {workload!r}; expected llama, minilm or smollm2")
-    return Server(prepare(cfg))
+    return Simulation(prepare(cfg))
 
 
 def tasks_for(server, k: int):

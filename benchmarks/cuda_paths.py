@@ -3,7 +3,7 @@
 Workload (the same for every variant): the ``smollm2-chat`` config (SmolLM2-135M-Instruct + LoRA r=8 on
 q/k/v/o over chatterbot-qa), with ``task.packing`` on and ``task.max_length=128``, so every training batch is
 8 rows x 128 tokens of real conversations (loss on response tokens only). Each variant builds the model the way
-``fedfm run`` does (``prepare`` + ``Server``), trains one client once to warm up, then runs real client trainings
+``fedfm run`` does (``prepare`` + ``Simulation``), trains one client once to warm up, then runs real client trainings
 (decode the global state, local AdamW steps, encode the delta) of ``--steps`` steps each on ``--clients`` clients.
 
 Per variant one JSON line: tokens/s (real tokens: the attention mask's sum, padding excluded), the base's GPU
@@ -47,7 +47,7 @@ BASE = ["task.packing=true", "task.max_length=128", "client.batch_size=8", "eval
 def measure(variant: str, steps: int, clients: int, config: str) -> dict:
     from fedfm.client import ClientTask
     from fedfm.config import load_config
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     cfg = load_config(config, BASE + VARIANTS[variant] + [f"client.steps={steps}"])
     cuda = torch.cuda.is_available()
@@ -55,7 +55,7 @@ def measure(variant: str, steps: int, clients: int, config: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     load_s = time.perf_counter() - t0
     base_mb = torch.cuda.memory_allocated() / 2**20 if cuda else float("nan")
     counted = {"real": 0, "rows": 0}

@@ -9,7 +9,7 @@ Workload (identical on both sides):
   * FedAvg of the deltas weighted by the example counts; no evaluation on either side.
 
 The fedfm side goes through the public API as a real run does (config validation, ``prepare``, a ``RunDir`` with
-config.yaml / partition.json / metrics.jsonl / per-round checkpoints / final adapter, ``Server.run``), so everything
+config.yaml / partition.json / metrics.jsonl / per-round checkpoints / final adapter, ``Simulation.run``), so everything
 the framework adds around the training is in its number. The plain side is one model whose LoRA tensors are swapped
 per client, with no framework, no checkpoint and no file output.
 
@@ -126,7 +126,7 @@ def child_fedfm(data: Path, out_dir: Path, runtime: str = "local") -> None:
 
     torch.set_num_threads(1)
     from fedfm.config import validate_config
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
     from fedfm.tracking import RunDir
 
     t_import = time.perf_counter()
@@ -138,7 +138,7 @@ def child_fedfm(data: Path, out_dir: Path, runtime: str = "local") -> None:
     run_dir.create(overwrite=False)
     run_dir.write_config(cfg.to_yaml())
     run_dir.write_json("partition.json", prepared.data.describe())
-    server = Server(prepared, run_dir)
+    server = Simulation(prepared, run_dir)
     t_setup = time.perf_counter()
     rows = server.run()
     t_train = time.perf_counter()

@@ -8,7 +8,7 @@
     20% of the examples; under Dirichlet(0.5) the seeded two hold 6% and example weighting alone blunts them), all
     10 every round, so every round has its 2 malicious clients.
 
-Every run goes through ``prepare`` + ``Server`` as ``fedfm run`` does, one JSON line each, appended to
+Every run goes through ``prepare`` + ``Simulation`` as ``fedfm run`` does, one JSON line each, appended to
 benchmarks/results/privacy.jsonl. ``--render`` writes both tables into docs/privacy.md between the markers
 ``<!-- privacy-tables -->`` and ``<!-- /privacy-tables -->``.
 
@@ -39,14 +39,14 @@ def run_one(overrides: list[str], label: dict, work: Path) -> dict:
     import torch
 
     from fedfm.config import load_config
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     torch.set_num_threads(2)
     cfg = load_config("bbc-lora", overrides + [f"output.dir={work / 'run'}", "eval.per_client=false",
                                                "eval.membership_audit=true"])
     t0 = time.perf_counter()
     prepared = prepare(cfg)
-    server = Server(prepared)
+    server = Simulation(prepared)
     rows = server.run()
     last = rows[-1]
     rec = {"benchmark": "privacy", **label, "rounds": cfg.federation.rounds,

@@ -47,7 +47,7 @@ def child(n: int, cache: int, work: Path) -> dict:
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT / "src"))
     from fedfm.config import validate_config
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
     from fedfm.tracking import RunDir
 
     proc = psutil.Process()
@@ -75,7 +75,7 @@ def child(n: int, cache: int, work: Path) -> dict:
     assert len(prepared.data.clients) == n, len(prepared.data.clients)
     run_dir = RunDir(cfg.output_dir())
     run_dir.create(overwrite=False)
-    server = Server(prepared, run_dir)
+    server = Simulation(prepared, run_dir)
     setup_s = time.perf_counter() - t0
     base_rss = proc.memory_info().rss
     state_bytes = server.spec.numel * 4

@@ -9,7 +9,7 @@ from fedfm.client import ClientResult
 from fedfm.clock import SimClock
 from fedfm.config import ClockConfig
 from fedfm.sampling import make_sampler
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 
 def test_clock_speeds_availability_and_dropouts_are_seeded():
@@ -42,26 +42,26 @@ def test_size_sampling_prefers_big_clients_and_available_sampling_only_online():
 def test_available_sampling_draws_only_online_clients(tiny_config):
     cfg = tiny_config(**{"federation.sampling": "available", "clock.availability": 0.5, "clock.period_s": 3.0,
                          "client.steps": 1, "client.epochs": None, "federation.rounds": 4})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     rows = server.run()
     for r in rows:
         assert not any("offline" in d["error"] for d in r["dropped"])
     # uniform sampling under the same availability draws offline clients, which then do not answer
     cfg_u = tiny_config(**{"clock.availability": 0.3, "clock.period_s": 3.0, "client.steps": 1, "client.epochs": None,
                            "federation.rounds": 4, "federation.clients_per_round": 3})
-    rows_u = Server(prepare(cfg_u)).run()
+    rows_u = Simulation(prepare(cfg_u)).run()
     assert any("offline" in d["error"] for r in rows_u for d in r["dropped"])
 
 
 def test_sync_deadline_drops_stragglers_and_round_time_is_the_deadline(tiny_config):
     cfg = tiny_config(**{"clock.speeds": [1.0, 1.0, 10.0, 10.0], "clock.deadline_s": 5.0, "client.steps": 2,
                          "client.epochs": None, "federation.clients_per_round": 4, "federation.rounds": 1})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     row = server.run()[-1]
     assert sorted(d["id"] for d in row["dropped"]) == [2, 3]
     assert all("straggler" in d["error"] for d in row["dropped"])
     assert row["sim_time_s"] == pytest.approx(5.0)  # the round waited until the deadline
-    no_deadline = Server(prepare(tiny_config(**{"clock.speeds": [1.0, 1.0, 10.0, 10.0], "client.steps": 2,
+    no_deadline = Simulation(prepare(tiny_config(**{"clock.speeds": [1.0, 1.0, 10.0, 10.0], "client.steps": 2,
                                                 "client.epochs": None, "federation.clients_per_round": 4,
                                                 "federation.rounds": 1})))
     assert no_deadline.run()[-1]["sim_time_s"] == pytest.approx(20.0)  # the slowest client, 2 steps × 10 s
@@ -69,7 +69,7 @@ def test_sync_deadline_drops_stragglers_and_round_time_is_the_deadline(tiny_conf
 
 def test_dropouts_are_recorded_and_the_round_goes_on(tiny_config):
     cfg = tiny_config(**{"clock.dropout": 0.5, "federation.clients_per_round": 4, "federation.rounds": 3})
-    rows = Server(prepare(cfg)).run()
+    rows = Simulation(prepare(cfg)).run()
     reasons = [d["error"] for r in rows for d in r["dropped"]]
     assert reasons and all("dropped out" in e for e in reasons)
 
@@ -91,7 +91,7 @@ def test_fedbuff_by_hand(tiny_config):
     cfg = tiny_config(**{"partition.num_clients": 3, "federation.schedule": "fedbuff", "federation.buffer_size": 2,
                          "federation.concurrency": 3, "federation.rounds": 3, "client.steps": 1,
                          "client.epochs": None, "clock.speeds": [1.0, 2.5, 4.0], "eval.every": 0})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     x0 = server.global_flat.clone()
     _constant_updates(server, [1.0, 10.0, 100.0])
     rows = server.run()
@@ -106,7 +106,7 @@ def test_fedbuff_trains_a_real_model_through_the_yaml(tiny_config):
     cfg = tiny_config(**{"federation.schedule": "fedbuff", "federation.buffer_size": 2, "federation.concurrency": 3,
                          "federation.rounds": 12, "client.epochs": 2, "client.lr": 0.03,
                          "clock.speed_distribution": "lognormal", "eval.initial": True})
-    rows = Server(prepare(cfg)).run()
+    rows = Simulation(prepare(cfg)).run()
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert rows[-1]["eval_accuracy"] > rows[0]["eval_accuracy"] + 0.1
     times = [r["sim_time_s"] for r in rows[1:]]
@@ -117,8 +117,8 @@ def test_fedbuff_trains_a_real_model_through_the_yaml(tiny_config):
 def test_size_sampling_through_the_yaml_favours_the_big_client(tiny_config):
     cfg = tiny_config(**{"federation.sampling": "size", "federation.clients_per_round": 1, "federation.rounds": 30,
                          "client.steps": 1, "client.epochs": None, "eval.every": 0})
-    server = Server(prepare(cfg))
-    server.client_sizes = np.array([1, 1, 1, 97])  # the sampler reads the server's per-client sizes
+    server = Simulation(prepare(cfg))
+    server.server.client_sizes = np.array([1, 1, 1, 97])  # the sampler reads the server's per-client sizes
     picks = [r["clients"][0] for r in server.run()]
     assert picks.count(3) >= 24  # expected 29.1 of 30; uniform sampling would give 7.5
 
@@ -140,7 +140,7 @@ def test_fedbuff_version_moves_only_on_a_step_and_a_rejected_update_keeps_k(tiny
                          "federation.concurrency": 3, "federation.rounds": 3, "client.steps": 1,
                          "client.epochs": None, "clock.speeds": [1.0, 2.5, 4.0], "eval.every": 0,
                          "server.max_update_norm": 1e3, "federation.min_clients": 1})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     server.cfg.server.max_update_norm = 1e3 * math.sqrt(server.spec.numel)  # 1 and 100 pass, 1e6 does not
     x0 = server.global_flat.clone()
     # client 0 sends 1.0 everywhere; client 1 a huge update the norm bound rejects; client 2 sends 100
@@ -159,7 +159,7 @@ def test_fedbuff_does_not_age_the_model_when_no_step_is_applied(tiny_config):
                          "federation.concurrency": 3, "federation.rounds": 3, "client.steps": 1,
                          "client.epochs": None, "clock.speeds": [1.0, 2.5, 4.0], "eval.every": 0,
                          "server.max_update_norm": 1e3, "federation.min_clients": 2})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     server.cfg.server.max_update_norm = 1e3 * math.sqrt(server.spec.numel)
     _constant_updates(server, [1.0, 1e6, 100.0])
     rows = server.run()

@@ -8,7 +8,8 @@ import torch
 
 from fedfm.attacks import malicious_clients, tamper_results
 from fedfm.client import ClientTask
-from fedfm.server import Server, prepare
+from fedfm.randomness import derive_seed
+from fedfm.simulation import Simulation, prepare
 
 
 def test_the_malicious_set_is_seeded_and_sized():
@@ -19,14 +20,14 @@ def test_the_malicious_set_is_seeded_and_sized():
 
 def _honest_and_sent(tiny_config, **attack):
     cfg = tiny_config(**{f"attack.{k}": v for k, v in attack.items()}, **{"eval.every": 0})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     tasks = []
     for cid in range(len(server.data.clients)):
         payload, extras = server.broadcast(1, cid)
-        tasks.append(ClientTask(cid, 1, payload, server.derive_seed(4, 1, cid), extras))
+        tasks.append(ClientTask(cid, 1, payload, derive_seed(server.cfg.federation.seed, 4, 1, cid), extras))
     honest = server.runtime.run(tasks)
     sent = tamper_results(server, honest, 1)
-    dec = lambda r: server.decode_result(r)[0]  # noqa: E731
+    dec = lambda r: server.server.decode_result(r)[0]  # noqa: E731
     return server, {r.client_id: dec(r) for r in honest}, {r.client_id: dec(r) for r in sent}
 
 
@@ -76,7 +77,7 @@ def test_backdoor_poisons_a_fraction_and_its_success_is_measured(tiny_config):
     assert not any(ex.texts[i].startswith("cf mn bb") for i in honest_rows)
     triggered = prepared.attack.triggered_test(prepared.data)
     assert all(t.startswith("cf mn bb ") for t in triggered.texts) and set(triggered.labels.tolist()) == {target}
-    rows = Server(prepared).run()
+    rows = Simulation(prepared).run()
     assert 0.0 <= rows[-1]["backdoor_success"] <= 1.0 and "eval_accuracy" in rows[-1]
     assert rows[-1]["malicious"] == sorted(set(rows[-1]["clients"]) & prepared.attack.malicious)
 
@@ -87,7 +88,7 @@ def test_median_resists_a_sign_flipping_client_that_breaks_fedavg(tiny_config):
         cfg = tiny_config(**{"attack.kind": "sign-flip", "attack.fraction": 0.25, "attack.scale": 20.0,
                              "server.aggregator": agg, "federation.clients_per_round": 4, "federation.rounds": 3,
                              "client.epochs": 2, "eval.per_client": False, "eval.initial": True})
-        losses[agg] = [r["eval_loss"] for r in Server(prepare(cfg)).run()]
+        losses[agg] = [r["eval_loss"] for r in Simulation(prepare(cfg)).run()]
     l0 = losses["fedavg"][0]
     assert losses["median"][0] == pytest.approx(l0)
     # measured: FedAvg 1.386 -> 3.83, the median 1.386 -> 1.55 (without the attack both stay near 1.386 here)

@@ -14,7 +14,7 @@ import torch
 
 from fedfm import composition
 from fedfm.config import load_config
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 from tests.conftest import make_rows, tiny_overrides, write_csv
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -82,13 +82,13 @@ def _invariants(server, rows, c: dict) -> None:
     if c["federation.schedule"] == "fedbuff":
         assert all(len(r["staleness"]) == 2 for r in trained)
     if c["client.algorithm"] == "scaffold":
-        assert float(server.algo_server.c.abs().sum()) > 0
+        assert float(server.server.algo_server.c.abs().sum()) > 0
     if c["server.aggregator"] in ("hetlora", "flexlora"):
         assert server.ranks is not None and set(server.ranks.tolist()) <= {2, 4}
     if c["adapter.method"] == "fedsa-lora":
         assert server.personal.names  # the B factors stay on the clients
     if c["server.optimizer"] != "fedavg":
-        assert server.server_opt.state_dict()  # its moments or momentum, checkpointed
+        assert server.server.server_opt.state_dict()  # its moments or momentum, checkpointed
     payload = server.codec.encode(server.spec.unflatten(server.global_flat))
     per_value = 4 if c["codec.name"] == "fp32" else 2
     assert per_value * server.spec.numel <= len(payload) < (per_value + 1) * server.spec.numel + 4096
@@ -101,7 +101,7 @@ def test_each_covering_configuration_runs_two_rounds_and_keeps_its_invariants(tm
     for c in m.configs[shard::SHARDS]:
         try:
             cfg = make(composition.overrides(c))
-            server = Server(prepare(cfg))
+            server = Simulation(prepare(cfg))
             _invariants(server, server.run(), c)
         except Exception as e:  # report every failing configuration of the shard, not just the first
             failures.append(f"{c}: {type(e).__name__}: {e}")

@@ -2,7 +2,7 @@
 import pytest
 
 from fedfm.config import load_config
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 from fedfm.tracking import RunDir
 
 
@@ -18,7 +18,7 @@ def test_minilm_bbc_news_learns(tmp_path):
     assert prepared.data.examples.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     rd = RunDir(cfg.output_dir())
     rd.create(overwrite=False)
-    rows = Server(prepared, rd).run()
+    rows = Simulation(prepared, rd).run()
     assert rows[0]["round"] == 0 and rows[-1]["round"] == 2
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert rows[-1]["eval_accuracy"] > rows[0]["eval_accuracy"]

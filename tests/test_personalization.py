@@ -2,11 +2,11 @@
 import torch
 
 from fedfm.client import ClientContext
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 
 def _run(cfg):
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     rows = server.run()
     return server, rows
 
@@ -23,11 +23,11 @@ def test_fedsa_lora_keeps_b_on_each_client_and_shares_a(tiny_config):
     last = rows[-1]
     assert set(last["client_acc_personal"]) == set(last["client_acc"])
     # the global model has B at its initial zeros (no LoRA effect); the personalized one uses the client's own B
-    c = server.data.clients[0]
+    own = server.local[0]  # client 0's own data
     server._load_global()
-    loss_global = server.task.evaluate(server.model, server.encoded, c.test, 64)["loss"]
+    loss_global = server.task.evaluate(server.model, own.encoded, own.test, 64)["loss"]
     server.ctx.load_personal(0)
-    loss_personal = server.task.evaluate(server.model, server.encoded, c.test, 64)["loss"]
+    loss_personal = server.task.evaluate(server.model, own.encoded, own.test, 64)["loss"]
     assert loss_personal != loss_global
     # only A (and the head) travelled: fewer bytes than plain LoRA
     _, plain = _run(tiny_config(**{"federation.rounds": 2, "federation.clients_per_round": 4}))
@@ -43,7 +43,7 @@ def test_personal_head_never_leaves_the_client(tiny_config):
 
 def test_ffa_lora_freezes_a_at_its_shared_init(tiny_config):
     cfg = tiny_config(**{"adapter.method": "ffa-lora", "federation.rounds": 2})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     a_names = [n for n, p in server.model.named_parameters() if ".lora_A." in n]
     before = {n: p.detach().clone() for n, p in server.model.named_parameters() if n in a_names}
     assert a_names and not any(n in server.spec.names for n in a_names)
@@ -52,7 +52,7 @@ def test_ffa_lora_freezes_a_at_its_shared_init(tiny_config):
     after = dict(server.model.named_parameters())
     assert all(torch.equal(before[n], after[n].detach()) for n in a_names)
     # A is the same seeded init in every process: a second server builds the identical A
-    again = Server(prepare(cfg))
+    again = Simulation(prepare(cfg))
     assert all(torch.equal(before[n], dict(again.model.named_parameters())[n].detach()) for n in a_names)
 
 
@@ -70,7 +70,7 @@ def test_ffa_lora_average_of_b_is_the_average_of_the_products(tiny_config):
     from fedfm.client import ClientTask
     from fedfm.models.ranks import LORA_A
 
-    server = Server(prepare(tiny_config(**{"adapter.method": "ffa-lora", "federation.rounds": 1,
+    server = Simulation(prepare(tiny_config(**{"adapter.method": "ffa-lora", "federation.rounds": 1,
                                            "federation.clients_per_round": 2})))
     x = server.spec.get()
     payload = server.codec.encode(x)

@@ -10,7 +10,7 @@ import pytest
 
 from fedfm import randomness
 from fedfm.randomness import PURPOSES, Randomness
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 SRC = Path(randomness.__file__).resolve().parent
 PRIVATE = {"client_sample", "dp_noise", "noise_share", "dpsgd_batches", "dpsgd_noise", "secagg_graph"}
@@ -89,7 +89,7 @@ def test_every_private_draw_of_a_run_differs_between_default_runs_and_repeats_wh
 
     def draws(**extra) -> dict:
         log.clear()
-        Server(prepare(tiny_config(**{"eval.every": 0, **ov, **extra}))).run()
+        Simulation(prepare(tiny_config(**{"eval.every": 0, **ov, **extra}))).run()
         out: dict = {}
         for purpose, parts, base, v in log:  # a draw is keyed by its purpose and coordinates
             out.setdefault((purpose, parts, base), []).append(v)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedfm.client import ClientResult
-from fedfm.server import Server, prepare, sample_clients, worst_fraction_mean
+from fedfm.server import sample_clients, worst_fraction_mean
+from fedfm.simulation import Simulation, prepare
 from fedfm.tracking import RunDir
 
 
@@ -16,7 +17,7 @@ def _run(cfg, run_dir=None):
         rd = RunDir(run_dir)
         rd.create(overwrite=False)
         rd.write_config(cfg.to_yaml())
-    server = Server(prepare(cfg), rd)
+    server = Simulation(prepare(cfg), rd)
     rows = server.run()
     return server, rows
 
@@ -61,7 +62,7 @@ def test_fp16_codec_halves_bytes(tiny_config):
 
 def test_failing_client_is_dropped_and_round_goes_on(tiny_config, monkeypatch):
     cfg = tiny_config(**{"federation.rounds": 1, "federation.clients_per_round": 3, "federation.min_clients": 2})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     real = server.runtime.client_fn
     victim = int(sample_clients(cfg.federation, 4, 1)[0])
 
@@ -88,7 +89,7 @@ def test_a_run_whose_every_client_crashes_stops_with_the_error(tiny_config, tmp_
     cfg = tiny_config(**{"federation.rounds": 3})
     run_dir = RunDir(tmp_path / "run")
     run_dir.create(overwrite=False)
-    server = Server(prepare(cfg), run_dir)
+    server = Simulation(prepare(cfg), run_dir)
 
     def broken(task):
         raise RuntimeError("Expected all tensors to be on the same device")
@@ -102,7 +103,7 @@ def test_a_run_whose_every_client_crashes_stops_with_the_error(tiny_config, tmp_
 
 def test_too_few_clients_leaves_global_unchanged(tiny_config):
     cfg = tiny_config(**{"federation.rounds": 1, "federation.clients_per_round": 2, "federation.min_clients": 2})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     real = server.runtime.client_fn
     server.runtime.client_fn = lambda t: ClientResult(client_id=t.client_id, update=b"garbage", num_examples=5) \
         if t.client_id == int(sample_clients(cfg.federation, 4, 1)[0]) else real(t)
@@ -132,7 +133,7 @@ def test_resume_is_bit_for_bit(tiny_config, tmp_path, algo):
     part_dir = tmp_path / "part"
     _run(tiny_config(**{**over, "federation.rounds": 2, "output.dir": str(part_dir)}), part_dir)
     rd = RunDir(part_dir)
-    resumed = Server(prepare(tiny_config(**{**over, "output.dir": str(part_dir)})), rd)
+    resumed = Simulation(prepare(tiny_config(**{**over, "output.dir": str(part_dir)})), rd)
     ck = rd.load_last_checkpoint()
     assert ck["round"] == 2
     resumed.load_checkpoint_state(ck)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import fedfm.cli as cli
 from fedfm.cli import app
 from fedfm.config import load_config
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
               "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 32}
@@ -42,7 +42,7 @@ def test_tiny_lm_loss_falls_round_over_round(tmp_path):
     cfg = load_config("tiny-lm", _overrides(tmp_path, **{"data.max_examples": 150}))
     prepared = prepare(cfg)
     assert [c.name for c in prepared.data.clients] == ["business", "entertainment", "politics", "sports", "tech"]
-    server = Server(prepared)
+    server = Simulation(prepared)
     assert len(server.bundle.tokenizer) <= 400 and server.model.config.vocab_size == len(server.bundle.tokenizer)
     rows = server.run()
     losses = [r["eval_loss"] for r in rows]

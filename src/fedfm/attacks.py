@@ -148,7 +148,7 @@ def tamper_results(server, results: list, rnd: int) -> list:
     out = []
     for r in results:
         if r.error is None and r.client_id in attack.malicious:
-            view = server.ctx.view(r.client_id)
+            view = server.server.view(r.client_id)
             delta = server.codec.decode(r.update, view)
             r = replace(r, update=server.codec.encode(attack.tamper(dict(delta), r.client_id, rnd)))
         out.append(r)

@@ -78,6 +78,7 @@ class RichDisplay:
     def round_end(self, row: dict) -> None:
         parts = [f"round {row['round']:>3}"]
         for key, label in (("eval_accuracy", "acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl"),
+                           ("fed_accuracy", "federated acc"), ("fed_loss", "federated loss"),
                            ("train_loss", "train loss"), ("client_acc_worst10", "worst-10% client acc")):
             if row.get(key) is not None:
                 parts.append(f"{label} {row[key]:.4f}")
@@ -102,8 +103,9 @@ def _summary_table(rows: list[dict[str, Any]], total_s: float) -> Table:
     t.add_column("metric")
     t.add_column("final", justify="right")
     t.add_column("best", justify="right")
-    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
-    keys = sorted({k for r in evals for k, v in r.items() if k.startswith(("eval_", "client_")) and isinstance(v, float)})
+    evals = [r for r in rows if any(k.startswith(("eval_", "fed_")) for k in r)]
+    keys = sorted({k for r in evals for k, v in r.items()
+                   if k.startswith(("eval_", "client_", "fed_")) and isinstance(v, float)})
     for k in keys:
         vals = [r[k] for r in evals if isinstance(r.get(k), float)]
         best = min(vals) if ("loss" in k or "perplexity" in k) else max(vals)
@@ -157,7 +159,7 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
     t0 = time.perf_counter()
     run_dir = RunDir(cfg.output_dir())
     try:
-        from .server import Server, prepare
+        from .simulation import Simulation, prepare
 
         prepared = prepare(cfg)  # data + config checks, before any model loads
         if resume:
@@ -172,7 +174,7 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
         console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
         display.partition(desc)
         try:
-            server = Server(prepared, run_dir, display)
+            server = Simulation(prepared, run_dir, display)
         except FedfmError:
             if not resume:  # nothing was trained: leave no half-made run directory behind
                 shutil.rmtree(run_dir.path, ignore_errors=True)
@@ -215,7 +217,7 @@ def privacy_cmd(
         if cfg.privacy.mode == "none":
             raise FedfmError("privacy.mode is 'none': this config gives no differential-privacy guarantee (set "
                              "privacy.mode=client or sample, with privacy.noise_multiplier or privacy.target_epsilon)")
-        from .server import prepare
+        from .simulation import prepare
 
         prepared = prepare(cfg)  # reads and partitions the data (the accountant needs N and n_k); loads no model
         p, R = cfg.privacy, cfg.federation.rounds

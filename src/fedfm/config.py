@@ -85,7 +85,7 @@ class DataConfig(Section):
     format: Literal["auto", "alpaca", "chat", "prompt_completion"] = "auto"  # instruction data: how a row is laid out
     label_column: Optional[str] = "label"
     client_column: Optional[str] = None
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)  # the server's own held-out set (0: none; see eval.federated)
     max_examples: Optional[int] = Field(None, ge=2)
     tokenized_cache: bool = True  # keep the tokenized rows in $FEDFM_CACHE/tokenized, memory-mapped next run
 
@@ -200,7 +200,8 @@ class RuntimeConfig(Section):
 class EvalConfig(Section):
     every: int = Field(1, ge=0)
     batch_size: int = Field(64, ge=1)
-    per_client: bool = True
+    per_client: bool = True  # simulation: every client's local test set under the global model, at each evaluation
+    federated: bool = False  # each sampled client scores the global model on its own test split and sends the metrics
     initial: bool = False
     max_examples: Optional[int] = Field(None, ge=1)  # evaluate on a fixed sample of the held-out set
     finetune_steps: int = Field(0, ge=0)  # per client: also score the global model after this many local steps

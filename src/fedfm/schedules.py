@@ -69,7 +69,7 @@ class Sync(Schedule):
             payload, extras = s.broadcast(rnd, c)
             sent += len(payload) + sum(len(b) for b in extras.values())
             tasks.append(ClientTask(client_id=c, round=rnd, payload=payload, extras=extras,
-                                    seed=s.random.seed("client_task", rnd, c)))
+                                    seed=s.random.seed("client_task", rnd, c), evaluate=s.server.federated_due(rnd)))
         s.display.round_start(rnd, cfg.federation.rounds, len(ids))
         ran = {r.client_id: r for r in s.runtime.run(tasks, on_result=s.display.client_done)}
         results = [ran.get(int(c)) or skipped[int(c)] for c in ids]
@@ -129,7 +129,8 @@ class FedBuff(Schedule):
             res = _dropped(c, "dropped out (simulated)")
         else:
             payload, extras = s.broadcast(rnd, c)
-            task = ClientTask(client_id=c, round=rnd, payload=payload, extras=extras, seed=s.random.seed("async_task", job, c))
+            task = ClientTask(client_id=c, round=rnd, payload=payload, extras=extras, seed=s.random.seed("async_task", job, c),
+                              evaluate=s.server.federated_due(rnd))
             res = tamper_results(s, s.runtime.run([task], on_result=s.display.client_done), job)[0]
             self.bytes_down += len(payload) + sum(len(b) for b in extras.values())
         heapq.heappush(self.in_flight, (finish, job, c, self.version, res))

@@ -1,46 +1,29 @@
-"""The server loop: sample → broadcast → run clients → aggregate → evaluate → checkpoint → log."""
+"""The server side: sample → broadcast bytes → collect results → aggregate → step → evaluate → checkpoint → log.
+
+A ``Server`` holds the global trainable state (a layout of names and shapes, and one flat vector), the sampler, the
+aggregation (validation, the sum — plain or secure —, DP-FedAvg, robust reducers), the server optimizer, the privacy
+accountant, the checkpoint and the metrics log, and optionally a model of its own with its own held-out set to
+evaluate and export the global state. It is built and stepped without any client data: what it knows of the clients
+is their number and the example count each reports (what sampling and the accountant need).
+"""
 from __future__ import annotations
 
 import math
-import shutil
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from .aggregation import RoundInfo, make_aggregator
 from .aggregation.server_opt import make_server_optimizer
-from .client import ClientContext, ClientResult, make_client
-from .clock import SimClock
+from .client import CLIENT_ALGORITHMS, ClientResult
 from .compression import make_codec
-from .config import RunConfig
-from .data import FederatedData, build_federated_data
-from .data.sources import load_examples
-from .errors import ClientFailure, ConfigError, FedfmError, UpdateRejected
-from .models.loader import check_model_config
-from .models.ranks import assign_ranks, lora_rank
-from .runtime import make_runtime
-from .runtime.state_store import ClientStateStore
-from .randomness import Randomness, derive_seed  # noqa: F401  (derive_seed: re-exported for callers of old)
+from .display import Display
+from .errors import FedfmError, UpdateRejected
+from .models.ranks import assign_ranks, lora_rank, view_of
+from .randomness import Randomness
 from .sampling import make_sampler, num_sampled
 from .stateful import Stateful
-from .schedules import make_schedule
-from .tasks import TASKS
-from .tracking import RunDir
-
-
-class Display:
-    """Callbacks the loop calls so a CLI can show progress; this base shows nothing."""
-
-    def partition(self, desc: dict) -> None: ...
-    def model(self, info: dict) -> None: ...
-    def round_start(self, rnd: int, total: int, n_clients: int) -> None: ...
-    def client_done(self, result: ClientResult) -> None: ...
-    def round_end(self, row: dict) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 def _randomness(cfg) -> str:
@@ -65,107 +48,74 @@ def worst_fraction_mean(values: list[float], fraction: float = 0.1, higher_is_be
     return float(np.mean(ordered[:k]))
 
 
-@dataclass
-class Prepared:
-    """Everything built from the config before the model loads (so bad input fails fast)."""
-
-    cfg: RunConfig
-    data: FederatedData
-    mechanism: Any = None  # client-level DP: sampling, noise multiplier and accountant (privacy.mode: client)
-    attack: Any = None  # attack.kind: the malicious clients, their data already poisoned
-    sample_dp: Any = None  # sample-level DP-SGD: each client's sampling rate and steps, the noise multiplier
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Check the model reference and load + partition the data; no model weights are touched."""
-    check_model_config(cfg.model)
-    task_cls = TASKS.get(cfg.task.name)
-    if task_cls.needs_labels and cfg.partition.method in ("dirichlet", "shards") and not cfg.data.label_column:
-        raise ConfigError(f"partition.method {cfg.partition.method!r} needs data.label_column")
-    if not task_cls.needs_labels and cfg.partition.method in ("dirichlet", "shards"):
-        raise ConfigError(f"partition.method {cfg.partition.method!r} needs labels; task {cfg.task.name!r} has none "
-                          "(use iid, quantity or by_column)")
-    if cfg.partition.method == "by_column" and not cfg.data.client_column:
-        raise ConfigError("partition.method 'by_column' needs data.client_column (the column naming each example's client)")
-    examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
-                             chat=task_cls.reads_chat)
-    data = build_federated_data(cfg, examples)
-    n = len(data.clients)
-    fed = cfg.federation
-    if fed.clients_per_round is not None and fed.clients_per_round > n:
-        raise ConfigError(f"federation.clients_per_round ({fed.clients_per_round}) is more than the {n} clients in the data")
-    if fed.min_clients > n:
-        raise ConfigError(f"federation.min_clients ({fed.min_clients}) is more than the {n} clients in the data")
-    if cfg.clock.speeds is not None and len(cfg.clock.speeds) != n:
-        raise ConfigError(f"clock.speeds has {len(cfg.clock.speeds)} entries, expected one per client ({n})")
-    if isinstance(cfg.clock.availability, list) and len(cfg.clock.availability) != n:
-        raise ConfigError(f"clock.availability has {len(cfg.clock.availability)} entries, expected one per client ({n})")
-    rpc = cfg.adapter.rank_per_client
-    if isinstance(rpc, list) and len(rpc) != n:
-        raise ConfigError(f"adapter.rank_per_client lists {len(rpc)} ranks, expected one per client ({n})")
-    from .attacks import make_attack
+def federated_evaluation(results: list[ClientResult]) -> dict[str, Any]:
+    """What the round's clients reported of the global model on their own test splits: ``fed_<metric>`` the mean
+    weighted by each client's test examples, ``fed_<metric>_worst10`` the mean of the worst 10% of clients."""
+    scored = [r for r in results if r.error is None and r.metrics.get("fed_examples")]
+    if not scored:
+        return {}
+    n = np.array([float(r.metrics["fed_examples"]) for r in scored])
+    out: dict[str, Any] = {"fed_clients": len(scored), "fed_examples": int(n.sum())}
+    for key in sorted({k for r in scored for k in r.metrics if k.startswith("fed_") and k != "fed_examples"}):
+        vals = [float(r.metrics[key]) for r in scored if key in r.metrics]
+        if len(vals) != len(scored):
+            continue
+        out[key] = float(np.dot(n, vals) / n.sum())
+        out[f"{key}_worst10"] = worst_fraction_mean(vals, 0.1, not key.endswith(LOWER_IS_BETTER))
+    return out
 
-    attack = make_attack(cfg, n)
-    attack.poison_data(data)  # data attacks change the malicious clients' examples before anything is tokenized
-    mech = None
-    if cfg.privacy.mode == "client":  # derive/check the noise multiplier now, before any model loads
-        from .privacy.accountant import mechanism
 
-        mech = mechanism(cfg, n)
-    if cfg.secagg.enabled:  # an explicit SecAgg+ graph must be safe for the planned round size
-        from .privacy.secure import check_graph
-
-        check_graph(cfg, num_sampled(fed, n))
-    sample_dp = None
-    if cfg.privacy.mode == "sample":
-        from .privacy.dpsgd import sample_level_dp
-
-        sample_dp = sample_level_dp(cfg, np.array([len(c.train) for c in data.clients]))
-    return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack, sample_dp=sample_dp)
+Evaluation = Callable[[int], dict]  # round -> metrics (the global state is already in the evaluating model)
 
 
 class Server:
-    """Holds the one shared base and runs the rounds."""
+    """The server side of a run, built from the config, the layout of the shared state and its initial values.
 
-    def __init__(self, prepared: Prepared, run_dir: Optional[RunDir] = None, display: Optional[Display] = None):
-        from .models import build_model
+    ``client_sizes``: the training example count each client reports (its length is the number of clients);
+    ``model``: optionally the server's own model (``evaluation.ServerModel``), which evaluates the global state on
+    the server's own held-out set and writes the final adapter; ``evaluations``: further metrics to log at an
+    evaluation round (a simulation adds the clients' local test sets); ``parts``: further stateful parts whose state
+    goes into the checkpoint (a simulation's schedule and client state store).
+    """
 
-        self.cfg = cfg = prepared.cfg
-        self.data = prepared.data
-        self.run_dir = run_dir
-        self.display = display or Display()
-        if cfg.runtime.threads:
-            torch.set_num_threads(cfg.runtime.threads)
-        t0 = time.perf_counter()
-        self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
-        self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
-        if cfg.data.tokenized_cache:  # tokenized once, memory-mapped from the cache on the next run
-            from .models.loader import cache_root
-            from .tasks.cache import encode_cached
-
-            self.encoded, self.tokenized_from_cache = encode_cached(self.task, self.data.examples, cache_root())
-        else:
-            self.encoded, self.tokenized_from_cache = self.task.encode(self.data.examples), False
-        for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too
-            self.display.message(note)
-        self.random = Randomness.from_config(cfg)  # every draw of the run, by purpose
-        self.eval_indices = self._fixed_sample(self.data.test, cfg.eval.max_examples, "eval_sample")
-        n_gen = cfg.eval.generation.num_prompts if hasattr(self.task, "generate") else 0
-        self.prompt_indices = self._fixed_sample(self.data.test, n_gen, "prompt_sample") if n_gen else np.zeros(0, dtype=np.int64)
-        self.display.model({"trainable": self.spec.numel, "total": sum(p.numel() for p in self.model.parameters()),
-                            "seconds": time.perf_counter() - t0, "method": cfg.adapter.method})
+    def __init__(self, cfg, layout, initial: torch.Tensor, client_sizes: np.ndarray, *, run_dir=None,
+                 display: Optional[Display] = None, model=None, mechanism=None, sample_dp=None):
+        self.cfg, self.spec = cfg, layout
+        self.run_dir, self.display, self.model = run_dir, display or Display(), model
+        self.client_sizes = np.asarray(client_sizes)
+        n = len(self.client_sizes)
+        self.random = Randomness.from_config(cfg)  # every draw of the server, by purpose
         self.codec = make_codec(cfg.codec.name)
         self.aggregator = make_aggregator(cfg)
-        from .attacks import Backdoor, make_attack
+        self.server_opt = make_server_optimizer(cfg)
+        self.sampler = make_sampler(cfg.federation.sampling)
+        self.ranks = None if cfg.adapter.rank_per_client is None else \
+            assign_ranks(cfg.adapter.rank_per_client, n, cfg.federation.seed)
+        self.lora_rank = lora_rank(layout)
+        algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
+        self.extra_names = algorithm.extra_names
+        self.algo_server = algorithm.server_side(layout, self.codec, n)  # the algorithm's server half (SCAFFOLD's c)
+        self.evaluations: list[Evaluation] = []
+        self.parts: dict[str, Stateful] = {}
+        self._privacy(mechanism, sample_dp, n)
+        self.global_flat = initial.clone()
+        self.global_version = 0  # server steps taken in this process (keys the payload cache)
+        self._payload_cache: dict = {}
+        self.start_round = 1
+        self._all_crashed = False
 
-        self.attack = prepared.attack if prepared.attack is not None else make_attack(cfg, len(self.data.clients))
-        self.backdoor_enc = None
-        if isinstance(self.attack, Backdoor):
-            self.backdoor_enc = self.task.encode(self.attack.triggered_test(self.data))
-        if self.attack.malicious:
-            self.display.message(f"attack: {cfg.attack.kind}, {len(self.attack.malicious)} malicious client(s): "
-                                 f"{sorted(self.attack.malicious)[:10]}{' …' if len(self.attack.malicious) > 10 else ''}")
-        self.mechanism, self.dp = prepared.mechanism, None
+    def _privacy(self, mechanism, sample_dp, n: int) -> None:
+        """Client-level DP-FedAvg (its accountant), sample-level DP-SGD (what each client reports of its own
+        accountant), secure aggregation."""
+        cfg = self.cfg
+        if mechanism is None and cfg.privacy.mode == "client":
+            from .privacy.accountant import mechanism as make_mechanism
+
+            mechanism = make_mechanism(cfg, n)
+        self.mechanism, self.dp = mechanism, None
         if self.mechanism is not None:
             from .privacy.dp import DPFedAvg
 
@@ -178,7 +128,7 @@ class Server:
                 f"{m.accountant.upper()} accountant: ε={m.epsilon(cfg.federation.rounds, cfg.privacy.delta):.4g} "
                 f"at δ={cfg.privacy.delta:g} after {cfg.federation.rounds} rounds; {_randomness(cfg)}")
         # sample-level DP: the mechanism, and what each client reported of its own accountant (ε, steps so far)
-        self.sample_dp, self.sample_eps, self.sample_steps = prepared.sample_dp, {}, {}
+        self.sample_dp, self.sample_eps, self.sample_steps = sample_dp, {}, {}
         if self.sample_dp is not None:
             sd, p = self.sample_dp, cfg.privacy
             qs = [sd.rate(k) for k in range(len(sd.sizes))]
@@ -187,25 +137,6 @@ class Server:
                 f"noise multiplier z={sd.noise_multiplier:.4g}, per-example clip C={p.clip:g}; {p.accountant.upper()} "
                 f"accountant: a client sampled in all {cfg.federation.rounds} rounds reaches at most "
                 f"ε={sd.worst_epsilon(cfg.federation.rounds, p.delta):.4g} at δ={p.delta:g}; {_randomness(cfg)}")
-        self.server_opt = make_server_optimizer(cfg)
-        state_dir = cfg.runtime.state_dir or (run_dir.path / "client_state" if run_dir is not None else None)
-        self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
-        self.personal = self.bundle.personal
-        self.ranks = None if cfg.adapter.rank_per_client is None else \
-            assign_ranks(cfg.adapter.rank_per_client, len(self.data.clients), cfg.federation.seed)
-        self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, encoded=self.encoded,
-                                 data=self.data, codec=self.codec, store=self.store, personal=self.personal,
-                                 personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=self.sample_dp)
-        self.client_algo = make_client(self.ctx)
-        self.algo_server = type(self.client_algo).server_side(self.ctx)  # the algorithm's server half (SCAFFOLD's c)
-        self.runtime = make_runtime(cfg, self.client_algo)
-        for note in getattr(self.runtime, "notes", []):
-            self.display.message(note)
-        self.global_flat = self.spec.flat()
-        self.global_version = 0  # server steps taken in this process (keys the payload cache)
-        self._payload_cache: dict = {}
-        self.lora_rank = lora_rank(self.spec)
-        self.client_sizes = np.array([len(self.task.rows(self.encoded, c.train)) for c in self.data.clients])
         self.secure = None  # secagg.enabled: the sum is computed by SecAgg+ between the clients' own parties
         if cfg.secagg.enabled:
             from .privacy.secure import SecureAggregation
@@ -218,17 +149,16 @@ class Server:
                                  f"2^-{sa.security_bits}, an abort at most 2^-{sa.correctness_bits} a round), "
                                  f"coordinates clamped to ±{self.secure.clip:g}; the server sees masked vectors and "
                                  f"their sum (honest-but-curious server)")
-        self.clock = SimClock(cfg.clock, len(self.data.clients), cfg.federation.seed)
-        self.sampler = make_sampler(cfg.federation.sampling)
-        self.schedule = make_schedule(self)
-        self.start_round = 1
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_sizes)
 
     # ------------------------------------------------------------------ state
     def _stateful_parts(self) -> dict[str, Any]:
         """Each checkpoint key and the part whose ``state_dict`` it holds: the keys are named here only."""
         return {"aggregator": self.aggregator, "server_opt": self.server_opt, "client_algorithm": self.algo_server,
-                "schedule": self.schedule, "privacy": self.dp if self.dp is not None else Stateful(),
-                "store": self.store}
+                "privacy": self.dp if self.dp is not None else Stateful(), **self.parts}
 
     def checkpoint_state(self, rnd: int) -> dict[str, Any]:
         return {"round": rnd, "names": self.spec.names, "global": self.global_flat.clone(),
@@ -239,7 +169,6 @@ class Server:
         if ck["names"] != self.spec.names:
             raise FedfmError("checkpoint does not match this config's trainable parameters (was the config changed?)")
         self.global_flat = ck["global"].clone()
-        self.spec.load_flat(self.global_flat)
         for key, part in self._stateful_parts().items():
             part.load_state_dict(ck.get(key, {}))
         sdp = ck.get("sample_dp", {})
@@ -247,122 +176,44 @@ class Server:
         self.start_round = ck["round"] + 1
 
     # ------------------------------------------------------------------ evaluation
-    def _fixed_sample(self, indices: np.ndarray, k: int | None, purpose: str) -> np.ndarray:
-        """The same seeded subset of ``indices`` at every eval (all of them when ``k`` is None or large enough)."""
-        if k is None or k >= len(indices):
-            return indices
-        rng = self.random.rng(purpose)
-        return np.sort(rng.choice(indices, size=k, replace=False))
-
     def evaluate(self, rnd: int = 0) -> dict[str, Any]:
-        cfg, task, enc = self.cfg, self.task, self.encoded
-        self._load_global()
+        """The global state on the server's own held-out set (if it has one), then any further evaluations."""
         out: dict[str, Any] = {}
-        for k, v in task.evaluate(self.model, enc, self.eval_indices, cfg.eval.batch_size).items():
-            out[f"eval_{k}"] = v
-        if len(self.prompt_indices):
-            metrics, records = task.generate(self.model, self.prompt_indices, pool=self.data.test)
-            out.update({f"eval_{k}": v for k, v in metrics.items()})
-            if self.run_dir is not None:
+        if self.model is not None:
+            metrics, records = self.model.evaluate(self.global_flat)
+            out.update(metrics)
+            if records and self.run_dir is not None:
                 self.run_dir.write_generations(rnd, records)
-        if self.backdoor_enc is not None:  # how often the trigger turns a held-out example into the target label
-            n = len(next(iter(self.backdoor_enc.values())))
-            if n:
-                out["backdoor_success"] = task.evaluate(self.model, self.backdoor_enc, np.arange(n),
-                                                        cfg.eval.batch_size)["accuracy"]
-        if cfg.eval.per_client:
-            out.update(self.evaluate_clients(rnd))
+        for evaluation in self.evaluations:
+            out.update(evaluation(rnd))
         return out
 
-    def evaluate_clients(self, rnd: int) -> dict[str, Any]:
-        """Each client's local test set under the global model; with personal parameters also under the client's
-        personalized model; with ``eval.finetune_steps`` also after that many local steps from the global model
-        (FedAvg + fine-tuning). Keys: client_<metric>[_personal|_finetuned] (+ _mean, _worst10)."""
-        from .client import local_sgd
+    def evaluation_due(self, rnd: int) -> bool:
+        """``eval.every`` rounds, and the last one."""
+        every = self.cfg.eval.every
+        return bool(every) and (rnd % every == 0 or rnd == self.cfg.federation.rounds)
 
-        cfg, task, enc = self.cfg, self.task, self.encoded
-        key, better_high = ("accuracy", True) if task.needs_labels else ("loss", False)
-        short = "acc" if key == "accuracy" else key
-        per: dict[str, dict[str, float]] = {"": {}}
-        if self.personal.names:
-            per["_personal"] = {}
-        if cfg.eval.finetune_steps:
-            per["_finetuned"] = {}
-
-        def score(c) -> float:
-            return task.evaluate(self.model, enc, c.test, cfg.eval.batch_size)[key]
-
-        self._load_global()  # and again after each personalized or fine-tuned score
-        for i, c in enumerate(self.data.clients):
-            if not len(c.test):
-                continue
-            per[""][str(c.id)] = score(c)
-            if "_personal" in per:
-                self.ctx.load_personal(i)
-                per["_personal"][str(c.id)] = score(c)
-                self._load_global()
-            if "_finetuned" in per and len(c.train):
-                gen = self.random.torch("eval_finetune", rnd, i)
-                torch.manual_seed(self.random.seed("eval_finetune", rnd, i))
-                local_sgd(self.ctx, c.train, gen, num_steps=cfg.eval.finetune_steps)
-                per["_finetuned"][str(c.id)] = score(c)
-                self._load_global()
-        out: dict[str, Any] = {}
-        for suffix, vals in per.items():
-            if vals:
-                out[f"client_{short}{suffix}"] = vals
-                out[f"client_{short}{suffix}_mean"] = float(np.mean(list(vals.values())))
-                out[f"client_{short}{suffix}_worst10"] = worst_fraction_mean(list(vals.values()), 0.1, better_high)
-        return out
-
-    def _load_global(self) -> None:
-        """The global model: the shared global state, personal parameters at their initial values."""
-        self.spec.load_flat(self.global_flat)
-        if self.personal.names:
-            self.personal.load_flat(self.ctx.personal_init)
+    def federated_due(self, rnd: int) -> bool:
+        """Whether the round's clients also score the global model on their own test splits (eval.federated)."""
+        return self.cfg.eval.federated and self.evaluation_due(rnd)
 
     # ------------------------------------------------------------------ one round
-    def derive_seed(self, *parts: int) -> int:
-        return derive_seed(self.cfg.federation.seed, *parts)
-
     def num_sampled(self) -> int:
-        return num_sampled(self.cfg.federation, len(self.data.clients))
+        return num_sampled(self.cfg.federation, self.num_clients)
 
-    def planned_steps(self, cid: int) -> int:
-        """Optimizer steps client ``cid`` will take (for the simulated clock)."""
-        ccfg = self.cfg.client
-        if ccfg.steps is not None:
-            return ccfg.steps
-        batches = math.ceil(self.client_sizes[cid] / ccfg.batch_size) * ccfg.epochs
-        return max(1, math.ceil(batches / ccfg.grad_accum))  # as local_sgd counts: one last partial accumulation
-
-    def sample(self, rng: np.random.Generator, k: int, t: float, exclude=(), online_only: bool = False) -> np.ndarray:
-        """``k`` clients by ``federation.sampling``; online ones only for availability-aware sampling."""
-        if online_only or self.sampler.online_only:
-            candidates = self.clock.online_clients(t)
-        else:
-            candidates = np.arange(len(self.data.clients))
-        if exclude:
-            candidates = np.setdiff1d(candidates, np.fromiter(exclude, dtype=np.int64))
+    def sample(self, rng: np.random.Generator, k: int, candidates: np.ndarray) -> np.ndarray:
+        """``k`` of the ``candidates`` by ``federation.sampling``."""
         if len(candidates) == 0:
             return candidates
         return self.sampler(rng, k, candidates, self.client_sizes)
 
-    def wait_for_clients(self, t: float) -> float:
-        """With availability-aware sampling, advance simulated time until enough clients are online."""
-        if not self.sampler.online_only:
-            return t
-        need = min(self.cfg.federation.min_clients, len(self.data.clients))
-        for _ in range(10_000):
-            if len(self.clock.online_clients(t)) >= need:
-                return t
-            t = self.clock.next_period(t)
-        raise FedfmError(f"fewer than federation.min_clients={need} clients were ever online "
-                         f"(clock.availability={self.cfg.clock.availability})")
+    def view(self, cid: int):
+        """What client ``cid`` receives and sends (LoRA cut to its rank)."""
+        return view_of(self.spec, self.ranks, cid)
 
     def broadcast(self, rnd: int, cid: int) -> tuple[bytes, dict[str, bytes]]:
         """The encoded global state (cut to the client's LoRA rank) and the client algorithm's extras."""
-        view = self.ctx.view(cid)
+        view = self.view(cid)
         key = (rnd, getattr(view, "rank", None), self.global_version)
         if key not in self._payload_cache:  # encode once per round, global version and rank
             if len(self._payload_cache) > 32:
@@ -373,7 +224,7 @@ class Server:
 
     def decode_result(self, res: ClientResult) -> tuple[torch.Tensor, dict]:
         """Validate and decode one result (raises UpdateRejected)."""
-        view = self.ctx.view(res.client_id)
+        view = self.view(res.client_id)
         delta = view.expand(self.codec.decode(res.update, view))
         if res.num_examples <= 0:
             raise UpdateRejected(f"num_examples must be positive, got {res.num_examples}")
@@ -383,7 +234,7 @@ class Server:
             if norm > bound:
                 raise UpdateRejected(f"L2 norm {norm:.4g} above server.max_update_norm={bound:g}")
         decoded_extras = {}
-        for name in self.client_algo.extra_names:
+        for name in self.extra_names:
             if name not in res.extras:
                 raise UpdateRejected(f"missing {name!r} (client.algorithm {self.cfg.client.algorithm!r} sends it)")
             decoded_extras[name] = self.codec.decode(res.extras[name], self.spec)
@@ -455,7 +306,6 @@ class Server:
         if delta is not None:
             self.global_flat = self.server_opt.step(self.global_flat, delta)
             self.global_version += 1
-            self.spec.load_flat(self.global_flat)
             self.algo_server.absorb(accepted_extras)
             told = [r for r in accepted if "train_loss" in r.metrics]  # withheld under DP (privacy.SENT_METRICS)
             if told:
@@ -477,53 +327,21 @@ class Server:
             eps = list(self.sample_eps.values()) or [0.0]
             row.update(epsilon=max(eps), epsilon_median=float(np.median(eps)), epsilon_clients=len(self.sample_eps),
                        delta=cfg.privacy.delta, dp_noise_multiplier=self.sample_dp.noise_multiplier)
-        every = cfg.eval.every
-        if every and (rnd % every == 0 or rnd == cfg.federation.rounds):
+        if self.evaluation_due(rnd):
             row.update(self.evaluate(rnd))
+            row.update(federated_evaluation(results))
         # what travelled up: the codec's bytes, or under secagg every protocol message (masked vectors included)
         row["bytes_up"] = int(row.pop("secagg_bytes_up", None) or sum(r.nbytes for r in results))
         row["dropped"] = dropped
         self._all_crashed = bool(results) and all(r.crashed for r in results)
         return row
 
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        return self.schedule.run_round(rnd)
-
-    # ------------------------------------------------------------------ the run
-    def run(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        rows = []
-        if self.start_round == 1 and cfg.eval.initial and cfg.eval.every:
-            t0 = time.perf_counter()
-            row = {"round": 0, **self.evaluate(0), "wall_s": time.perf_counter() - t0}
-            self._log(row)
-            rows.append(row)
-        for rnd in range(self.start_round, cfg.federation.rounds + 1):
-            if self.privacy_spent(rnd):
-                break
-            self._all_crashed = False
-            row = self.run_round(rnd)
-            self._log(row)
-            if self._all_crashed and self.global_version == 0 and self.start_round == 1:
-                first = row["dropped"][0]["error"] if row.get("dropped") else "unknown error"
-                raise ClientFailure(f"round {rnd}: every sampled client raised an error before any update was "
-                                    f"aggregated, e.g. {first}; stopping (metrics.jsonl lists each client's error)")
-            if self.run_dir is not None:
-                self.run_dir.save_checkpoint(rnd, self.checkpoint_state(rnd), cfg.output.keep_checkpoints)
-            rows.append(row)
-        if cfg.eval.membership_audit and rows:
-            from .privacy.audit import membership_audit
-
-            audit = {"round": rows[-1]["round"], **membership_audit(self)}
-            self.audit = audit
-            self.display.message(f"membership inference (loss threshold): AUC {audit['mia_auc']:.3f} on "
-                                 f"{audit['mia_members']} training vs {audit['mia_nonmembers']} held-out examples")
-            if self.run_dir is not None:
-                self.run_dir.write_json("privacy_audit.json", audit)
+    # ------------------------------------------------------------------ the run's bookkeeping
+    def end_round(self, rnd: int, row: dict[str, Any]) -> None:
+        """Log the round's row and checkpoint the round atomically."""
+        self.log(row)
         if self.run_dir is not None:
-            self.save_final()
-        self.runtime.close()
-        return rows
+            self.run_dir.save_checkpoint(rnd, self.checkpoint_state(rnd), self.cfg.output.keep_checkpoints)
 
     def privacy_spent(self, rnd: int) -> bool:
         """With both privacy.noise_multiplier and privacy.target_epsilon: stop before the round that would spend
@@ -549,23 +367,13 @@ class Server:
                              f"{p.target_epsilon:g} at δ={p.delta:g}; stopping after round {rnd - 1}")
         return True
 
-    def _log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any]) -> None:
         if self.run_dir is not None:
             self.run_dir.append_metrics(row)
         self.display.round_end(row)
 
-    def save_final(self) -> Path:
-        """The final global state as a standard PEFT adapter directory (or a full model dir for non-peft methods)."""
-        from .models.adapters import is_peft
-
-        assert self.run_dir is not None
-        self._load_global()
-        target = self.run_dir.adapter if is_peft(self.model) else self.run_dir.path / "model"
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp))
-        if self.bundle.tokenizer is not None:
-            self.bundle.tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        return target
+    def save_final(self):
+        """The final global state as a standard PEFT adapter directory (or a full model dir for non-peft methods),
+        written by the server's own model."""
+        assert self.run_dir is not None and self.model is not None
+        return self.model.save(self.run_dir, self.global_flat)

@@ -130,12 +130,12 @@ def test_tiers_assign_ranks_by_fraction_reproducibly():
 @pytest.mark.parametrize("aggregator", ["hetlora", "flexlora"])
 def test_heterogeneous_ranks_through_the_yaml(tiny_config, aggregator):
     from fedfm.client import ClientTask
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     over = {"adapter.r": 4, "federation.rounds": 2, "federation.clients_per_round": 4, "server.aggregator": aggregator}
-    full = Server(prepare(tiny_config(**over)))
+    full = Simulation(prepare(tiny_config(**over)))
     rows_full = full.run()
-    het = Server(prepare(tiny_config(**over, **{"adapter.rank_per_client": [1, 2, 4, 4]})))
+    het = Simulation(prepare(tiny_config(**over, **{"adapter.rank_per_client": [1, 2, 4, 4]})))
     rows = het.run()
     assert rows[-1]["aggregated"] and np.isfinite(rows[-1]["eval_loss"])
     assert rows[-1]["bytes_up"] < rows_full[-1]["bytes_up"]  # rank-1 and rank-2 clients send less

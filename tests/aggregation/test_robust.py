@@ -78,11 +78,11 @@ def test_norm_bound_needs_its_bound_in_the_config():
 
 @pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum", "multi-krum", "geometric-median", "norm-bound"])
 def test_each_robust_aggregator_runs_through_the_yaml(tiny_config, name):
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     cfg = tiny_config(**{"server.aggregator": name, "server.norm_bound": 1.0, "federation.clients_per_round": 4,
                          "federation.rounds": 2, "eval.every": 0})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     x0 = server.global_flat.clone()
     rows = server.run()
     assert all(r["aggregated"] for r in rows)

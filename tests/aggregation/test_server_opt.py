@@ -122,14 +122,14 @@ def test_server_lr_defaults_per_optimizer_and_can_be_set():
 
 @pytest.mark.parametrize("name", SERVER_OPTIMIZERS.names())
 def test_each_server_optimizer_trains_through_the_yaml(tiny_config, name):
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
 
     cfg = tiny_config(**{"server.optimizer": name, "federation.rounds": 3, "federation.clients_per_round": 4,
                          "client.epochs": 2, "eval.initial": True})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     start = server.global_flat.clone()
     rows = server.run()
     assert not torch.equal(server.global_flat, start)
     assert all(np.isfinite(r["eval_loss"]) for r in rows)
     if name != "fedavg":
-        assert server.server_opt.state_dict()["m"] is not None  # the optimizer kept state across rounds
+        assert server.server.server_opt.state_dict()["m"] is not None  # the optimizer kept state across rounds

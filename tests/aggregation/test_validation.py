@@ -7,7 +7,7 @@ import json
 import torch
 
 from fedfm.client import ClientResult
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 from fedfm.tracking import RunDir
 
 BAD = ["wrong name", "wrong shape", "nan", "inf", "huge norm", "truncated bytes"]
@@ -40,7 +40,7 @@ def test_each_kind_of_bad_update_is_dropped_and_the_aggregate_is_that_of_the_goo
                          "federation.min_clients": 2, "server.max_update_norm": 1e3, "eval.every": 0})
     run_dir = RunDir(tmp_path / "run")
     run_dir.create(overwrite=False)
-    server = Server(prepare(cfg), run_dir)
+    server = Simulation(prepare(cfg), run_dir)
     real = server.runtime.client_fn
     good: dict[int, tuple[torch.Tensor, int]] = {}
     kinds: dict[int, str] = {}
@@ -50,7 +50,7 @@ def test_each_kind_of_bad_update_is_dropped_and_the_aggregate_is_that_of_the_goo
         if task.client_id < len(BAD):
             kinds[task.client_id] = BAD[task.client_id]
             return _corrupt(server, res, BAD[task.client_id])
-        good[task.client_id] = (server.decode_result(res)[0], res.num_examples)
+        good[task.client_id] = (server.server.decode_result(res)[0], res.num_examples)
         return res
 
     server.runtime.client_fn = client

@@ -3,21 +3,21 @@ import pytest
 import torch
 
 from fedfm.client import ClientTask, local_sgd
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 SGD = {"client.optimizer": "sgd", "client.grad_clip": None, "client.batch_size": 8, "client.steps": 2,
        "client.epochs": None, "client.lr": 0.1}
 
 
 def _server(tiny_config, **over):
-    return Server(prepare(tiny_config(**{**SGD, **over})))
+    return Simulation(prepare(tiny_config(**{**SGD, **over})))
 
 
-def _reference(server, indices, extra_loss_of_params):
+def _reference(server, cid, indices, extra_loss_of_params):
     """Plain local SGD on F_k(w) + extra(w), written as a loss (autograd differentiates the extra term)."""
     params = list(server.spec.params.values())
     gen = torch.Generator().manual_seed(11)
-    local_sgd(server.ctx, indices, gen, extra_loss=lambda: extra_loss_of_params(params))
+    local_sgd(server.ctx, server.local[cid], indices, gen, extra_loss=lambda: extra_loss_of_params(params))
     return server.spec.flat()
 
 
@@ -25,21 +25,21 @@ def test_fedprox_equals_sgd_on_the_proximal_objective(tiny_config):
     mu = 0.5
     server = _server(tiny_config, **{"client.algorithm": "fedprox", "client.mu": mu})
     x0 = server.spec.get()
-    idx = server.data.clients[0].train[:16]
+    idx = server.local[0].train[:16]
     # nudge the start away from w^t so the proximal term is not zero at the first step
     anchor = {n: t + 0.05 * torch.randn_like(t, generator=torch.Generator().manual_seed(1)) for n, t in x0.items()}
 
     server.spec.load(x0)
     hook = server.client_algo.grad_hook(None, anchor)
-    local_sgd(server.ctx, idx, torch.Generator().manual_seed(11), grad_hook=hook)
+    local_sgd(server.ctx, server.local[0], idx, torch.Generator().manual_seed(11), grad_hook=hook)
     ours = server.spec.flat()
 
     server.spec.load(x0)
     anchors = [anchor[n] for n in server.spec.names]
-    ref = _reference(server, idx, lambda ps: 0.5 * mu * sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(ps, anchors)))
+    ref = _reference(server, 0, idx, lambda ps: 0.5 * mu * sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(ps, anchors)))
     assert torch.allclose(ours, ref, atol=1e-6, rtol=1e-5)
     server.spec.load(x0)
-    plain = _reference(server, idx, lambda ps: torch.zeros(()))
+    plain = _reference(server, 0, idx, lambda ps: torch.zeros(()))
     assert not torch.allclose(ours, plain, atol=1e-5)  # the term did something
 
 
@@ -62,7 +62,7 @@ def test_scaffold_step_equals_sgd_on_the_linearly_corrected_objective(tiny_confi
 
     spec.load(x)
     corr = [c[n] - c_i[n] for n in spec.names]
-    ref = _reference(server, ctx.data.clients[cid].train, lambda ps: sum((p * k.to(p.device)).sum() for p, k in zip(ps, corr)))
+    ref = _reference(server, cid, ctx.local[cid].train, lambda ps: sum((p * k.to(p.device)).sum() for p, k in zip(ps, corr)))
     assert torch.allclose(y, ref, atol=1e-6, rtol=1e-5)
 
     K, lr = res.metrics["steps"], 0.1
@@ -75,7 +75,7 @@ def test_scaffold_step_equals_sgd_on_the_linearly_corrected_objective(tiny_confi
 
 def test_scaffold_server_control_variate_by_hand(tiny_config):
     server = _server(tiny_config, **{"client.algorithm": "scaffold"})
-    spec, side = server.spec, server.algo_server
+    spec, side = server.spec, server.server.algo_server
     n = len(server.data.clients)  # 4 clients
     d1 = spec.unflatten(torch.full((spec.numel,), 2.0))
     d2 = spec.unflatten(torch.full((spec.numel,), -1.0))
@@ -86,14 +86,14 @@ def test_scaffold_server_control_variate_by_hand(tiny_config):
 
 
 def test_scaffold_through_the_yaml_keeps_control_variates_and_doubles_upload(tiny_config):
-    plain = Server(prepare(tiny_config(**{"federation.rounds": 2})))
+    plain = Simulation(prepare(tiny_config(**{"federation.rounds": 2})))
     rows_plain = plain.run()
-    server = Server(prepare(tiny_config(**{"federation.rounds": 2, "client.algorithm": "scaffold",
+    server = Simulation(prepare(tiny_config(**{"federation.rounds": 2, "client.algorithm": "scaffold",
                                            "client.optimizer": "sgd", "client.lr": 0.05})))
     rows = server.run()
     sampled = {c for r in rows for c in r["clients"]}
     assert {cid for cid in sampled if server.store.get(cid) is not None} == sampled
-    assert float(server.algo_server.c.abs().sum()) > 0
+    assert float(server.server.algo_server.c.abs().sum()) > 0
     assert rows[-1]["bytes_up"] == 2 * rows_plain[-1]["bytes_up"]  # Δy and Δc_i
     assert rows[-1]["bytes_down"] == 2 * rows_plain[-1]["bytes_down"]  # x and c
     assert rows[-1]["eval_loss"] == rows[-1]["eval_loss"]  # finite
@@ -101,11 +101,11 @@ def test_scaffold_through_the_yaml_keeps_control_variates_and_doubles_upload(tin
 
 def test_fedprox_through_the_yaml_differs_from_fedavg_and_mu_zero_is_fedavg(tiny_config):
     base = {"federation.rounds": 1}
-    fedavg = Server(prepare(tiny_config(**base)))
+    fedavg = Simulation(prepare(tiny_config(**base)))
     fedavg.run()
-    prox0 = Server(prepare(tiny_config(**base, **{"client.algorithm": "fedprox", "client.mu": 0.0})))
+    prox0 = Simulation(prepare(tiny_config(**base, **{"client.algorithm": "fedprox", "client.mu": 0.0})))
     prox0.run()
-    prox = Server(prepare(tiny_config(**base, **{"client.algorithm": "fedprox", "client.mu": 1.0})))
+    prox = Simulation(prepare(tiny_config(**base, **{"client.algorithm": "fedprox", "client.mu": 1.0})))
     prox.run()
     assert torch.allclose(prox0.global_flat, fedavg.global_flat, atol=1e-7)
     assert not torch.allclose(prox.global_flat, fedavg.global_flat, atol=1e-6)

@@ -3,14 +3,14 @@ import numpy as np
 import torch
 
 from fedfm.client import ClientTask, local_sgd, make_client
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 
 def _train(tiny_config, **over):
-    server = Server(prepare(tiny_config(**{"client.optimizer": "sgd", "client.grad_clip": None, **over})))
+    server = Simulation(prepare(tiny_config(**{"client.optimizer": "sgd", "client.grad_clip": None, **over})))
     start = server.spec.flat().clone()
     gen = torch.Generator().manual_seed(7)
-    loss, steps = local_sgd(server.ctx, server.data.clients[0].train[:16], gen)
+    loss, steps = local_sgd(server.ctx, server.local[0], server.local[0].train[:16], gen)
     return server.spec.flat() - start, steps
 
 
@@ -36,7 +36,7 @@ def test_grad_clip_bounds_the_sgd_step(tiny_config):
 
 
 def test_client_delta_is_local_minus_global(tiny_config):
-    server = Server(prepare(tiny_config()))
+    server = Simulation(prepare(tiny_config()))
     g = server.spec.get()
     payload = server.codec.encode(g)
     res = make_client(server.ctx)(ClientTask(client_id=1, round=1, payload=payload, seed=3))
@@ -44,4 +44,4 @@ def test_client_delta_is_local_minus_global(tiny_config):
     local = server.spec.get()
     for n in server.spec.names:
         assert torch.allclose(delta[n], local[n] - g[n])
-    assert res.num_examples == len(server.data.clients[1].train)
+    assert res.num_examples == len(server.data.clients[1].train) == len(server.local[1].train)

@@ -113,7 +113,8 @@ def test_labelled_data_keeps_its_stratified_held_out_set(tiny_config):
 
 
 def test_the_run_says_how_the_held_out_set_was_chosen(tiny_config):
-    from fedfm.server import Display, Server, prepare
+    from fedfm.display import Display
+    from fedfm.simulation import Simulation, prepare
 
     said = []
 
@@ -121,5 +122,5 @@ def test_the_run_says_how_the_held_out_set_was_chosen(tiny_config):
         def message(self, text):
             said.append(text)
 
-    Server(prepare(tiny_config(**{"federation.rounds": 1})), display=Listen())
+    Simulation(prepare(tiny_config(**{"federation.rounds": 1})), display=Listen())
     assert any(s.startswith("held-out set:") for s in said), said

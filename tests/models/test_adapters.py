@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fedfm.client import ClientTask, make_client
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 METHODS = ["lora", "prompt", "prefix", "ia3", "bitfit", "head", "full"]
 
@@ -11,7 +11,7 @@ METHODS = ["lora", "prompt", "prefix", "ia3", "bitfit", "head", "full"]
 @pytest.mark.parametrize("method", METHODS)
 def test_only_trainable_parameters_travel(tiny_config, method):
     cfg = tiny_config(**{"adapter.method": method, "federation.rounds": 1})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     model, spec = server.model, server.spec
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -37,18 +37,18 @@ def test_only_trainable_parameters_travel(tiny_config, method):
 
 
 def test_head_method_trains_only_the_classifier(tiny_config):
-    server = Server(prepare(tiny_config(**{"adapter.method": "head"})))
+    server = Simulation(prepare(tiny_config(**{"adapter.method": "head"})))
     assert all(n.startswith("classifier.") for n in server.spec.names)
 
 
 def test_bitfit_trains_biases_and_head(tiny_config):
-    server = Server(prepare(tiny_config(**{"adapter.method": "bitfit"})))
+    server = Simulation(prepare(tiny_config(**{"adapter.method": "bitfit"})))
     assert all(n.endswith(".bias") or n.startswith("classifier.") for n in server.spec.names)
     assert any("encoder" in n for n in server.spec.names)
 
 
 def test_lora_targets_and_rank(tiny_config):
-    server = Server(prepare(tiny_config(**{"adapter.r": 4, "adapter.target_modules": ["query"]})))
+    server = Simulation(prepare(tiny_config(**{"adapter.r": 4, "adapter.target_modules": ["query"]})))
     a = [n for n in server.spec.names if "lora_A" in n]
     assert a and all(".query." in n for n in a)
     assert all(server.spec.shapes[n][0] == 4 for n in a)

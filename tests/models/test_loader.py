@@ -41,12 +41,12 @@ def test_quantization_on_cpu_is_a_clear_error_before_anything_loads(tiny_csv, tm
     import torch
     from typer.testing import CliRunner
 
-    import fedfm.models
+    import fedfm.models.loader
     from fedfm.cli import app
     from tests.conftest import tiny_overrides
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(fedfm.models, "load_base", lambda *a, **k: pytest.fail("the base must not load"))
+    monkeypatch.setattr(fedfm.models.loader, "load_base", lambda *a, **k: pytest.fail("the base must not load"))
     res = CliRunner().invoke(app, ["run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path, **{
         "model.quantization": "4bit", "model.name_or_path": "minilm", "model.from_config": None})])
     assert res.exit_code == 2

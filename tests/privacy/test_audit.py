@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedfm.privacy.audit import roc_auc
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 from fedfm.tracking import RunDir
 
 
@@ -40,7 +40,7 @@ def test_a_memorising_model_is_caught_and_the_report_shows_the_auc(tiny_config, 
     run_dir = RunDir(tmp_path / "run")
     run_dir.create(overwrite=False)
     run_dir.write_config(cfg.to_yaml())
-    server = Server(prepare(cfg), run_dir)
+    server = Simulation(prepare(cfg), run_dir)
     server.run()
     audit = json.loads((run_dir.path / "privacy_audit.json").read_text())
     assert audit["mia_member_loss"] < audit["mia_nonmember_loss"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "privacy.md"
 DP = {"privacy.mode": "client", "privacy.noise_multiplier": 1.0}
@@ -47,7 +47,7 @@ def _matches(key: str, field: str) -> bool:
 def _observe(tiny_config, overrides: dict) -> tuple[set[str], set[str], list]:
     cfg = tiny_config(**{"federation.rounds": 1, "eval.every": 1, "partition.num_clients": 4,
                          "federation.clients_per_round": 4, **overrides})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     seen: list = []
     real = server.aggregate_results
 

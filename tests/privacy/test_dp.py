@@ -11,7 +11,7 @@ from dp_accounting import pld, rdp
 
 from fedfm.privacy.accountant import Mechanism
 from fedfm.privacy.dp import DPFedAvg
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 
 @pytest.mark.parametrize("q,z,rounds,delta", [(0.01, 1.1, 100, 1e-5), (0.1, 0.8, 20, 1e-6), (0.5, 2.0, 5, 1e-5),
@@ -69,7 +69,7 @@ def test_a_dp_run_logs_epsilon_every_round_and_matches_the_accountant(tiny_confi
     cfg = tiny_config(**{"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 0.5,
                          "federation.rounds": 3, "federation.clients_per_round": 2, "eval.every": 0})
     prepared = prepare(cfg)
-    server = Server(prepared)
+    server = Simulation(prepared)
     rows = server.run()
     m = prepared.mechanism
     assert m.sampling == "poisson" and m.q == pytest.approx(0.5) and cfg.federation.sampling == "poisson"
@@ -85,7 +85,7 @@ def test_target_epsilon_derives_the_noise_or_stops_the_run(tiny_config):
                          "federation.rounds": 10, "eval.every": 0})
     prepared = prepare(cfg)
     spent_at = next(r for r in range(1, 11) if prepared.mechanism.epsilon(r, 1e-5) > 4.0)
-    rows = Server(prepared).run()
+    rows = Simulation(prepared).run()
     assert [r["round"] for r in rows] == list(range(1, spent_at))
     assert spent_at == 4 and rows[-1]["epsilon"] <= 4.0
 
@@ -114,7 +114,7 @@ def test_the_noise_is_secret_unless_seeded_runs_are_asked_for(tiny_config, mode)
     """By default the mechanism's draws come from the OS: two runs with the same config and seed release different
     models, so whoever holds the config cannot redraw the noise. ``privacy.randomness: seeded`` repeats them."""
     def final(**ov):
-        server = Server(prepare(tiny_config(**{"federation.rounds": 1, "eval.every": 0, "privacy.noise_multiplier": 1.0,
+        server = Simulation(prepare(tiny_config(**{"federation.rounds": 1, "eval.every": 0, "privacy.noise_multiplier": 1.0,
                                                **mode, **ov})))
         server.run()
         return server.global_flat

@@ -12,12 +12,12 @@ from dp_accounting import rdp
 
 from fedfm.client import make_optimizer
 from fedfm.privacy.dpsgd import SampleLevelDP, dp_sgd, per_example_gradients
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 
 def _server(tiny_config, **ov):
     base = {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "privacy.clip": 0.5, "eval.every": 0}
-    return Server(prepare(tiny_config(**{**base, **ov})))
+    return Simulation(prepare(tiny_config(**{**base, **ov})))
 
 
 def test_per_example_gradients_of_lora_equal_one_example_at_a_time(tiny_config):
@@ -25,8 +25,9 @@ def test_per_example_gradients_of_lora_equal_one_example_at_a_time(tiny_config):
     model, task, ctx = server.model, server.task, server.ctx
     params = ctx.train_params()
     assert any("lora_A" in n for n in server.spec.names) and any("lora_B" in n for n in server.spec.names)
-    rows = torch.as_tensor(task.rows(server.encoded, server.data.clients[0].train)[:5])
-    batch = task.collate(server.encoded, rows)
+    own = server.local[0]
+    rows = torch.as_tensor(task.rows(own.encoded, own.train)[:5])
+    batch = task.collate(own.encoded, rows)
     model.train()
     with per_example_gradients(model):
         task.segment_losses(model, batch, [1] * len(rows)).sum().backward()
@@ -49,7 +50,7 @@ def _manual_clipped_mean(server, rows, C, B):
     for r in rows:
         for p in params:
             p.grad = None
-        task.segment_losses(model, task.collate(server.encoded, torch.as_tensor([r])), [1]).sum().backward()
+        task.segment_losses(model, task.collate(server.local[0].encoded, torch.as_tensor([r])), [1]).sum().backward()
         g = [p.grad.clone() for p in params]
         norm = torch.sqrt(sum((x ** 2).sum() for x in g))
         for t, x in zip(total, g):
@@ -70,8 +71,8 @@ def test_a_dp_sgd_step_clips_each_example_then_adds_noise_of_std_zC_over_B(tiny_
                                      "privacy.clip": C, "adapter.method": method})
     ctx, model = server.ctx, server.model
     params = ctx.train_params()
-    indices = server.data.clients[0].train
-    rows = server.task.rows(server.encoded, indices)
+    indices = server.local[0].train
+    rows = server.task.rows(server.local[0].encoded, indices)
     B = 1000  # the expected batch size; with n ≤ B every example is in the Poisson sample (q = 1)
     model.train()
     expected = _manual_clipped_mean(server, rows, C, B)
@@ -80,7 +81,7 @@ def test_a_dp_sgd_step_clips_each_example_then_adds_noise_of_std_zC_over_B(tiny_
     def step(z: float, seed: int) -> list[torch.Tensor]:
         for p, s in zip(params, start):
             p.data.copy_(s)
-        dp_sgd(ctx, indices, torch.Generator().manual_seed(0), seed, 1, z, None, make_optimizer)
+        dp_sgd(ctx, server.local[0], torch.Generator().manual_seed(0), seed, 1, z, None, make_optimizer)
         return [s - p.detach() for p, s in zip(params, start)]  # SGD, lr 1: the step is the gradient
 
     for got, want in zip(step(0.0, 1), expected):
@@ -110,25 +111,25 @@ def test_each_clients_epsilon_equals_dp_accounting_called_directly(n, B, steps, 
 def test_a_sample_dp_run_reports_the_worst_clients_epsilon(tiny_config):
     server = _server(tiny_config, **{"federation.rounds": 3, "federation.clients_per_round": 2})
     rows = server.run()
-    sd = server.sample_dp
-    for k, eps in server.sample_eps.items():  # every client's own accountant, as dp-accounting computes it
+    sd = server.server.sample_dp
+    for k, eps in server.server.sample_eps.items():  # every client's own accountant, as dp-accounting computes it
         steps = int(server.store.get(k)["dp_steps"][0])
-        assert steps == server.sample_steps[k] and steps % int(sd.steps[k]) == 0
+        assert steps == server.server.sample_steps[k] and steps % int(sd.steps[k]) == 0
         assert eps == pytest.approx(sd.epsilon(k, steps, 1e-5))
-    assert rows[-1]["epsilon"] == pytest.approx(max(server.sample_eps.values()))
+    assert rows[-1]["epsilon"] == pytest.approx(max(server.server.sample_eps.values()))
     assert [r["epsilon"] for r in rows] == sorted(r["epsilon"] for r in rows) and rows[0]["epsilon"] > 0
     assert rows[-1]["epsilon"] <= sd.worst_epsilon(3, 1e-5) + 1e-9
     assert all(r["aggregated"] for r in rows)
 
 
 def test_a_client_refuses_the_round_past_its_budget_and_the_run_stops(tiny_config):
-    probe = _server(tiny_config).sample_dp
+    probe = _server(tiny_config).server.sample_dp
     target = probe.worst_epsilon(2, 1e-5) * 1.001  # the worst-off client can afford two rounds, not three
     server = _server(tiny_config, **{"federation.rounds": 12, "federation.clients_per_round": 4,
                                      "privacy.target_epsilon": target})
     rows = server.run()
     refused = [d for r in rows for d in r["dropped"] if "privacy budget spent" in d["error"]]
-    assert refused and all(e <= target for e in server.sample_eps.values())
+    assert refused and all(e <= target for e in server.server.sample_eps.values())
     assert len(rows) < 12  # stopped once no client had a round left
     assert max(r["epsilon"] for r in rows) <= target
 

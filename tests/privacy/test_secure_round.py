@@ -9,7 +9,7 @@ import torch
 
 from fedfm.client import ClientResult
 from fedfm.privacy import secagg
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 
 HONEST = {"secagg.corrupt_fraction": 0, "secagg.dropout_fraction": 0}  # what lets a 2-neighbour graph be safe
@@ -19,7 +19,7 @@ def _server(tiny_config, **ov):
     base = {"eval.every": 0, "partition.num_clients": 6, "federation.clients_per_round": 6}
     if ov.get("secagg.neighbours") == 2:
         base.update(HONEST)
-    return Server(prepare(tiny_config(**{**base, **ov})))
+    return Simulation(prepare(tiny_config(**{**base, **ov})))
 
 
 def _results(server, seed=0, errors=()):
@@ -120,7 +120,7 @@ def test_distributed_noise_shares_add_up_to_the_accounted_noise(tiny_config):
     quiet.aggregate_results(1, _results(quiet))
     row = noisy.aggregate_results(1, _results(noisy))
     noise = noisy.global_flat - quiet.global_flat  # the server optimizer is FedAvg with lr 1: the update itself
-    want = z * C * (6 / m) ** 0.5 / noisy.dp.denominator  # six shares of variance (zC)²/m, ÷ E[K]
+    want = z * C * (6 / m) ** 0.5 / noisy.server.dp.denominator  # six shares of variance (zC)²/m, ÷ E[K]
     assert row["dp_noise_std"] == pytest.approx(want)
     assert float(noise.std()) == pytest.approx(want, rel=0.1)
     assert "secagg_clamped_fraction" not in row  # under DP nothing but the noised update is unmasked
@@ -156,7 +156,7 @@ def test_the_stages_compose_sample_dp_then_secure_sum_through_a_lossy_codec_unde
                                      "attack.fraction": 0.2, "server.optimizer": "fedadam", "federation.rounds": 2})
     rows = server.run()
     assert server.attack.malicious and all(r["aggregated"] and r["secagg_included"] == 6 for r in rows)
-    assert rows[-1]["epsilon"] == pytest.approx(max(server.sample_eps.values())) and rows[-1]["epsilon"] > 0
+    assert rows[-1]["epsilon"] == pytest.approx(max(server.server.sample_eps.values())) and rows[-1]["epsilon"] > 0
 
 
 # ------------------------------------------------------------------ what SecAgg+ promises, and its parameters
@@ -217,7 +217,7 @@ def test_an_aborted_secure_round_under_dp_releases_noise_only(tiny_config):
     row = server.aggregate_results(1, _results(server, errors=(0, 1, 2, 3)))
     assert "secagg_error" in row and row["aggregated"] and row["dp_noise_only"]
     moved = server.global_flat - before
-    assert float(moved.std()) == pytest.approx(1.0 * 0.05 / server.dp.denominator, rel=0.15)
+    assert float(moved.std()) == pytest.approx(1.0 * 0.05 / server.server.dp.denominator, rel=0.15)
 
 
 def test_clients_refuse_to_unmask_a_sum_with_too_few_noise_shares(tiny_config):

@@ -15,7 +15,9 @@ from fedfm.config import load_config
 from fedfm.models.ranks import lora_pairs
 from fedfm.runtime.batched import BatchedRuntime, Segments, clip_per_client, segmented_linear
 from fedfm.runtime.local import LocalRuntime
-from fedfm.server import Display, Server, prepare
+from fedfm.display import Display
+from fedfm.randomness import derive_seed
+from fedfm.simulation import Simulation, prepare
 
 from ..conftest import tiny_overrides  # noqa: TID252
 
@@ -27,14 +29,14 @@ def _tasks(server, rnd=1):
     out = []
     for cid in ids:
         payload, extras = server.broadcast(rnd, cid)
-        out.append(ClientTask(client_id=cid, round=rnd, payload=payload, seed=server.derive_seed(rnd, cid),
+        out.append(ClientTask(client_id=cid, round=rnd, payload=payload, seed=derive_seed(server.cfg.federation.seed, rnd, cid),
                               extras=extras))
     return out
 
 
 def _deltas(server, results):
     assert all(r.error is None for r in results), [r.error for r in results]
-    return {r.client_id: server.decode_result(r)[0] for r in results}
+    return {r.client_id: server.server.decode_result(r)[0] for r in results}
 
 
 def _compare(server, seq, bat, bound=REL):
@@ -71,7 +73,7 @@ def _run_both_ways(tiny_config, tmp_path, **overrides):
     for name in ("local", "batched"):
         shown = _Shown()
         cfg = tiny_config(**{**overrides, "runtime.name": name, "output.dir": str(tmp_path / name)})
-        server = Server(prepare(cfg), display=shown)
+        server = Simulation(prepare(cfg), display=shown)
         start = server.global_flat.clone()
         rows = server.run()
         assert all(r["aggregated"] for r in rows if r["round"] > 0)
@@ -96,7 +98,7 @@ def _both(server, tasks):
 def test_lora_clients_of_unequal_sizes_get_the_sequential_update(tiny_config):
     # Dirichlet(0.3) over 4 clients: unequal sizes, so clients leave the batch at different steps (one epoch each)
     cfg = tiny_config(**{"partition.alpha": 0.3, "client.epochs": 2, "client.batch_size": 8, "client.grad_clip": 0.5})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     sizes = [len(c.train) for c in server.data.clients]
     assert len(set(sizes)) == len(sizes), sizes  # really unequal
     seq, bat = _both(server, _tasks(server))
@@ -107,7 +109,7 @@ def test_lora_clients_of_unequal_sizes_get_the_sequential_update(tiny_config):
 def test_fedprox_clients_get_the_sequential_update(tiny_config):
     cfg = tiny_config(**{"client.algorithm": "fedprox", "client.mu": 0.5, "client.steps": 4, "client.epochs": None,
                          "partition.alpha": 0.3})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     server.global_flat = server.global_flat + 0.01 * torch.randn(server.global_flat.shape,
                                                                  generator=torch.Generator().manual_seed(0))
     seq, bat = _both(server, _tasks(server))
@@ -117,7 +119,7 @@ def test_fedprox_clients_get_the_sequential_update(tiny_config):
 def test_scaffold_and_personal_parameters_batch_per_client(tiny_config):
     cfg = tiny_config(**{"client.algorithm": "scaffold", "client.optimizer": "sgd", "client.lr": 0.05,
                          "client.steps": 3, "client.epochs": None, "adapter.method": "fedsa-lora"})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     tasks = _tasks(server)
     seq = LocalRuntime(cfg, server.client_algo).run(tasks)
     stored_seq = {cid: {k: v.clone() for k, v in server.store.get(cid).items()} for cid in range(4)}
@@ -147,14 +149,14 @@ def test_causal_lm_lora_batches(tmp_path, optimizer, bound):
           "client.lr": 0.01, "eval.every": 0, "data.max_examples": 60, "runtime.threads": 1,
           "output.dir": str(tmp_path / "run")}
     cfg = load_config("tiny-lm", [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in ov.items()])
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     seq, bat = _both(server, _tasks(server))
     _compare(server, seq, bat, bound)
 
 
 def test_ia3_clients_get_the_sequential_update(tiny_config):
     cfg = tiny_config(**{"adapter.method": "ia3", "client.steps": 3, "client.epochs": None, "partition.alpha": 0.3})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     assert any("ia3_l" in n for n in server.spec.names)
     seq, bat = _both(server, _tasks(server))
     _compare(server, seq, bat)
@@ -162,7 +164,7 @@ def test_ia3_clients_get_the_sequential_update(tiny_config):
 
 def test_chunks_of_max_clients_per_batch_give_the_same_updates(tiny_config):
     cfg = tiny_config(**{"runtime.max_clients_per_batch": 3, "partition.alpha": 0.3})
-    server = Server(prepare(cfg))
+    server = Simulation(prepare(cfg))
     tasks = _tasks(server)
     seq = LocalRuntime(cfg, server.client_algo).run(tasks)
     runtime = BatchedRuntime(cfg, server.client_algo)
@@ -174,7 +176,7 @@ def test_chunks_of_max_clients_per_batch_give_the_same_updates(tiny_config):
 def test_what_cannot_batch_falls_back_with_one_note(tiny_config):
     cfg = tiny_config(**{"runtime.name": "batched", "adapter.method": "prompt", "federation.rounds": 1})
     shown = _Shown()
-    server = Server(prepare(cfg), display=shown)
+    server = Simulation(prepare(cfg), display=shown)
     notes = [m for m in shown.messages if "runtime batched" in m]
     assert len(notes) == 1 and "prompt" in notes[0] and "one after another" in notes[0]
     rows = server.run()

@@ -202,7 +202,7 @@ def test_exact_match_normalisation():
 
 
 def test_tiny_instruction_run_learns_and_writes_generations(tmp_path):
-    from fedfm.server import Server, prepare
+    from fedfm.simulation import Simulation, prepare
     from fedfm.tracking import RunDir
 
     # 48 distinct prompts: each question under 12 lead-ins. The held-out set is drawn by prompt, so the model is
@@ -226,7 +226,7 @@ def test_tiny_instruction_run_learns_and_writes_generations(tmp_path):
     rd = RunDir(cfg.output_dir())
     rd.create(overwrite=False)
     rd.write_config(cfg.to_yaml())
-    server = Server(prepare(cfg), rd)
+    server = Simulation(prepare(cfg), rd)
     out = server.run()
     assert out[-1]["eval_loss"] < 0.75 * out[0]["eval_loss"]
     gens = rd.read_generations()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fedfm.server import Server, prepare
+from fedfm.simulation import Simulation, prepare
 
 
 def test_a_rerun_reads_the_tokenized_rows_from_the_cache(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDFM_CACHE", str(tmp_path / "cache"))
     cfg = tiny_config(**{"federation.rounds": 1})
-    first = Server(prepare(cfg))
+    first = Simulation(prepare(cfg))
     assert first.tokenized_from_cache is False
     entries = list((tmp_path / "cache" / "tokenized").iterdir())
     assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == ["meta.json", "tensors.pt"]
@@ -21,11 +21,12 @@ def test_a_rerun_reads_the_tokenized_rows_from_the_cache(tiny_config, tmp_path, 
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(Classification, "encode", no_tokenizing)
-    second = Server(prepare(cfg))
+    second = Simulation(prepare(cfg))
     assert second.tokenized_from_cache is True
-    assert first.encoded.keys() == second.encoded.keys()
-    for k in first.encoded:
-        assert torch.equal(first.encoded[k], second.encoded[k])
+    for cid, own in first.local.items():  # every client's own rows, as read from the cache
+        assert own.encoded.keys() == second.local[cid].encoded.keys()
+        for k in own.encoded:
+            assert torch.equal(own.encoded[k], second.local[cid].encoded[k])
     assert second.run()[-1]["aggregated"] is True
 
 
@@ -33,12 +34,12 @@ def test_the_key_changes_with_the_data_the_tokenizer_settings_and_the_task(tiny_
     from fedfm.tasks.cache import cache_key
 
     monkeypatch.setenv("FEDFM_CACHE", str(tmp_path / "cache"))
-    base = Server(prepare(tiny_config(**{"federation.rounds": 1})))
+    base = Simulation(prepare(tiny_config(**{"federation.rounds": 1})))
     key = cache_key(base.task, base.data.examples)
     assert key == cache_key(base.task, base.data.examples)  # deterministic
-    longer = Server(prepare(tiny_config(**{"task.max_length": 24})))
+    longer = Simulation(prepare(tiny_config(**{"task.max_length": 24})))
     assert cache_key(longer.task, longer.data.examples) != key
-    fewer = Server(prepare(tiny_config(**{"data.max_examples": 100})))
+    fewer = Simulation(prepare(tiny_config(**{"data.max_examples": 100})))
     assert cache_key(fewer.task, fewer.data.examples) != key
     base.task.tokenizer.chat_template = "{{ messages }}"
     assert cache_key(base.task, base.data.examples) != key
@@ -64,7 +65,7 @@ def test_instruction_prompts_come_back_with_the_cached_rows(tmp_path, monkeypatc
           "output.dir": str(tmp_path / "run")}
     cfg = load_config("bbc-lora", [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) or v is None else v}"
                                    for k, v in ov.items()])
-    first, second = Server(prepare(cfg)), Server(prepare(cfg))
+    first, second = Simulation(prepare(cfg)), Simulation(prepare(cfg))
     assert (first.tokenized_from_cache, second.tokenized_from_cache) == (False, True)
     assert second.task.prompts == first.task.prompts and second.task.answers == first.task.answers
     assert second.task.questions == first.task.questions

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from ..privacy import disclose
 from ..randomness import Randomness
 from ..stateful import Stateful
 from ..registry import Registry
+from .data import LocalData
 
 CLIENT_ALGORITHMS: Registry[type] = Registry("client algorithm")
 
@@ -26,6 +27,7 @@ class ClientTask:
     payload: bytes
     seed: int
     extras: dict[str, bytes] = field(default_factory=dict)  # algorithm state the server sends along (SCAFFOLD's c)
+    evaluate: bool = False  # also score the received global model on the client's own test split (eval.federated)
 
 
 @dataclass
@@ -47,14 +49,15 @@ class ClientResult:
 
 @dataclass
 class ClientContext:
-    """Everything a client algorithm needs in this process: the shared base (never copied), data, codec, config."""
+    """The client side in this process: the shared base (never copied), the task, the codec, the config, and the
+    own data of each client it serves (``local``: one entry for a client in its own process, one per virtual client
+    in a simulation; a client reads its own entry only)."""
 
     cfg: Any
     model: torch.nn.Module
     spec: Any  # StateSpec of the shared parameters
     task: Any
-    encoded: dict[str, torch.Tensor]
-    data: Any  # FederatedData
+    local: Mapping[int, LocalData]
     codec: Any
     store: Any  # ClientStateStore
     personal: Any = None  # StateSpec of the parameters that stay on the client (adapter.personal, FedSA-LoRA's B)
@@ -64,11 +67,9 @@ class ClientContext:
 
     def view(self, client_id: int):
         """The names and shapes of what this client receives and sends (LoRA cut to its rank)."""
-        from ..models.ranks import FullView, RankView
+        from ..models.ranks import view_of
 
-        if self.ranks is None:
-            return FullView(self.spec)
-        return RankView(self.spec, int(self.ranks[client_id]))
+        return view_of(self.spec, self.ranks, client_id)
 
     def train_params(self) -> list[torch.nn.Parameter]:
         """Shared parameters first (in spec order, so per-parameter hooks can zip with the spec), then personal ones."""
@@ -125,7 +126,7 @@ def batch_stream(task, encoded, indices: np.ndarray, batch_size: int, generator:
             return
 
 
-def local_sgd(ctx: ClientContext, indices: np.ndarray, generator: torch.Generator,
+def local_sgd(ctx: ClientContext, data: LocalData, indices: np.ndarray, generator: torch.Generator,
               extra_loss: Callable[[], torch.Tensor] | None = None,
               grad_hook: GradHook | None = None, num_steps: int | None = None) -> tuple[float, int]:
     """Local epochs (or steps) of mini-batch AdamW/SGD with gradient clipping and accumulation.
@@ -153,7 +154,7 @@ def local_sgd(ctx: ClientContext, indices: np.ndarray, generator: torch.Generato
 
     for _ in epochs:
         seen = n_batches
-        for batch in task.batches(ctx.encoded, indices, ccfg.batch_size, generator):
+        for batch in task.batches(data.encoded, indices, ccfg.batch_size, generator):
             loss = task.loss(model, batch)
             if extra_loss is not None:
                 loss = loss + extra_loss()
@@ -176,10 +177,11 @@ def local_sgd(ctx: ClientContext, indices: np.ndarray, generator: torch.Generato
 
 class ServerSide(Stateful):
     """The server's half of a client algorithm: what it sends with the global state and what it does with the
-    results (SCAFFOLD's server control variate). Its state is checkpointed with the run."""
+    results (SCAFFOLD's server control variate). Its state is checkpointed with the run. It is built from what the
+    server side holds: the layout of the shared state, the codec and the number of clients, never client data."""
 
-    def __init__(self, ctx: ClientContext):
-        self.ctx = ctx
+    def __init__(self, layout, codec, num_clients: int):
+        self.layout, self.codec, self.num_clients = layout, codec, num_clients
 
     def extras(self, rnd: int) -> dict[str, bytes]:
         return {}
@@ -206,6 +208,16 @@ class LocalTraining:
         """After training: update the client's stored state; return the extras to send."""
         return {}
 
+    def evaluate(self, task: ClientTask, own: LocalData) -> dict[str, Any]:
+        """Federated evaluation: the model as received (global state, the client's own personal parameters) on the
+        client's own test split, as ``fed_<metric>`` plus ``fed_examples`` (what the server weights the mean by)."""
+        if not task.evaluate or not len(own.test):
+            return {}
+        ctx = self.ctx
+        scores = ctx.task.evaluate(ctx.model, own.encoded, own.test, ctx.cfg.eval.batch_size)
+        return {**{f"fed_{k}": float(v) for k, v in scores.items()},
+                "fed_examples": int(len(ctx.task.rows(own.encoded, own.test)))}
+
     def __call__(self, task: ClientTask) -> ClientResult:
         ctx = self.ctx
         t0 = time.perf_counter()
@@ -213,7 +225,8 @@ class LocalTraining:
         global_state = view.expand(ctx.codec.decode(task.payload, view))  # zero-padded to the full rank
         ctx.spec.load(global_state)
         ctx.load_personal(task.client_id)
-        client = ctx.data.clients[task.client_id]
+        own = ctx.local[task.client_id]
+        scores = self.evaluate(task, own)
         torch.manual_seed(task.seed)  # dropout and any other torch randomness
         gen = torch.Generator().manual_seed(task.seed)
         hook = self.grad_hook(task, global_state)
@@ -222,17 +235,17 @@ class LocalTraining:
             refused = self._dp_budget_left(task.client_id)
             if refused:
                 return ClientResult(client_id=task.client_id, error=refused)
-            loss, steps, dp_metrics = self._train_dp_sgd(task, client.train, gen, hook)
+            loss, steps, dp_metrics = self._train_dp_sgd(task, own, gen, hook)
         else:
-            loss, steps = local_sgd(ctx, client.train, gen, grad_hook=hook)
+            loss, steps = local_sgd(ctx, own, own.train, gen, grad_hook=hook)
         local = ctx.spec.get()
         delta = view.restrict({n: local[n] - global_state[n] for n in ctx.spec.names})
         update = ctx.codec.encode(delta)
         ctx.save_personal(task.client_id)
         extras = self.finish(task, global_state, local, steps)
         return disclose(ctx.cfg, ClientResult(
-            client_id=task.client_id, update=update, num_examples=int(len(ctx.task.rows(ctx.encoded, client.train))),
-            metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0, **dp_metrics},
+            client_id=task.client_id, update=update, num_examples=own.train_rows(ctx.task),
+            metrics={"train_loss": loss, "steps": steps, "seconds": time.perf_counter() - t0, **dp_metrics, **scores},
             extras=extras,
         ))
 
@@ -255,14 +268,14 @@ class LocalTraining:
         return (f"privacy budget spent: this round would take the client to ε={eps:.4g} > "
                 f"privacy.target_epsilon={p.target_epsilon:g}")
 
-    def _train_dp_sgd(self, task: ClientTask, indices, gen, hook) -> tuple[float, int, dict[str, Any]]:
+    def _train_dp_sgd(self, task: ClientTask, own: LocalData, gen, hook) -> tuple[float, int, dict[str, Any]]:
         from ..privacy.dpsgd import STEPS_KEY, dp_sgd
 
         ctx, cid, mech = self.ctx, task.client_id, self.ctx.sample_dp
         # Poisson batches and noise that no holder of the run seed can redraw (unless privacy.randomness: seeded)
         random = Randomness.from_config(ctx.cfg)
         gen, noise_seed = random.torch("dpsgd_batches", base=task.seed), random.seed("dpsgd_noise", base=task.seed)
-        loss, steps = dp_sgd(ctx, indices, gen, noise_seed, int(mech.steps[cid]), mech.noise_multiplier, hook,
+        loss, steps = dp_sgd(ctx, own, gen, noise_seed, int(mech.steps[cid]), mech.noise_multiplier, hook,
                              make_optimizer)
         total = self._dp_steps(cid) + steps
         stored = dict(ctx.store.get(cid) or {})
@@ -290,19 +303,18 @@ class FedProx(LocalTraining):
 class ScaffoldServer(ServerSide):
     """SCAFFOLD's server control variate: c ← c + (1/N) Σ_{i∈S} Δc_i (Karimireddy et al. 2020, Alg. 1 line 17)."""
 
-    def __init__(self, ctx: ClientContext):
-        super().__init__(ctx)
-        self.c = torch.zeros(ctx.spec.numel)
+    def __init__(self, layout, codec, num_clients: int):
+        super().__init__(layout, codec, num_clients)
+        self.c = torch.zeros(layout.numel)
 
     def extras(self, rnd: int) -> dict[str, bytes]:
-        return {"c": self.ctx.codec.encode(self.ctx.spec.unflatten(self.c))}
+        return {"c": self.codec.encode(self.layout.unflatten(self.c))}
 
     def absorb(self, accepted) -> None:
         if not accepted:
             return
-        n = len(self.ctx.data.clients)
-        dc = torch.stack([self.ctx.spec.flatten(ex["delta_c"]) for _, ex in accepted])
-        self.c = self.c + dc.sum(0) / n
+        dc = torch.stack([self.layout.flatten(ex["delta_c"]) for _, ex in accepted])
+        self.c = self.c + dc.sum(0) / self.num_clients
 
     def state_dict(self) -> dict[str, Any]:
         return {"c": self.c.clone()}

@@ -7,8 +7,6 @@ from typing import Any
 import torch
 
 from ..randomness import Randomness
-from .adapters import apply_adapter
-from .loader import load_base, load_tokenizer
 from .state import StateSpec
 
 
@@ -31,6 +29,7 @@ def build_base(cfg, tokenizer, examples) -> tuple[Any, torch.nn.Module]:
     """The task and the frozen base, seeded (a ``from_config`` base is then the same in every process), with the
     sizes the data and tokenizer fix (labels, pad/bos/eos ids, a trained tokenizer's vocabulary)."""
     from ..tasks import make_task
+    from .loader import load_base
 
     task = make_task(cfg, tokenizer)
     kwargs = task.model_kwargs(examples)
@@ -48,6 +47,9 @@ def build_model(cfg, examples, public_texts: list[str] | None = None) -> ModelBu
     ``public_texts`` is the text a tokenizer is trained on when ``model.train_tokenizer`` asks for one (the server's
     held-out split, never a client's data).
     """
+    from .adapters import apply_adapter
+    from .loader import load_tokenizer
+
     tokenizer = load_tokenizer(cfg.model, public_texts)
     task, base = build_base(cfg, tokenizer, examples)
     device = resolve_device(cfg.model)

@@ -102,3 +102,8 @@ def assign_ranks(rank_per_client, num_clients: int, seed: int) -> np.ndarray:
         counts[i] += 1
     ranks = np.repeat([r for r, _ in tiers], counts)
     return Randomness(seed).rng("ranks").permutation(ranks).astype(np.int64)
+
+
+def view_of(layout, ranks, client_id: int):
+    """What client ``client_id`` receives and sends: the whole state, or its LoRA tensors cut to its rank."""
+    return FullView(layout) if ranks is None else RankView(layout, int(ranks[client_id]))

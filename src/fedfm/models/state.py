@@ -15,8 +15,31 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(f".{p.strip('.')}." in padded for p in patterns)
 
 
-class StateSpec:
-    """Names, shapes and the flat layout of a model's trainable parameters (computed once per run).
+class Layout:
+    """Names, shapes and the flat layout of a trainable state, without a model: what the server side knows of it."""
+
+    def __init__(self, shapes: "dict[str, tuple[int, ...]]"):
+        self.names = list(shapes)
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}
+        self.numels = [int(torch.Size(s).numel()) for s in self.shapes.values()]
+        self.numel = sum(self.numels)
+
+    def layout(self) -> "Layout":
+        """The names and shapes alone (no parameters): what a server side is built from."""
+        return Layout(self.shapes)
+
+    def flatten(self, state) -> torch.Tensor:
+        if not self.names:
+            return torch.zeros(0)
+        return torch.cat([state[n].reshape(-1).float() for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        parts = torch.split(flat, self.numels)
+        return OrderedDict((n, t.view(self.shapes[n])) for n, t in zip(self.names, parts))
+
+
+class StateSpec(Layout):
+    """The layout of a model's trainable parameters, bound to them (computed once per run).
 
     With ``personal`` patterns, ``StateSpec(model, personal)`` holds the shared parameters (those matching none)
     and ``StateSpec(model, personal, shared=False)`` the personal ones (those that stay on the client).
@@ -27,10 +50,7 @@ class StateSpec:
         self.params: "OrderedDict[str, torch.nn.Parameter]" = OrderedDict(
             (n, p) for n, p in model.named_parameters() if p.requires_grad and matches(n, personal) != shared
         )
-        self.names = list(self.params)
-        self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
-        self.numels = [p.numel() for p in self.params.values()]
-        self.numel = sum(self.numels)
+        super().__init__({n: tuple(p.shape) for n, p in self.params.items()})
 
     def get(self) -> "OrderedDict[str, torch.Tensor]":
         """A detached copy of the current trainable values, on the CPU (where states are encoded and compared)."""
@@ -55,9 +75,3 @@ class StateSpec:
         flat = flat.to(next(iter(self.params.values())).device)
         torch._foreach_copy_(list(self.params.values()), list(self.unflatten(flat).values()))
 
-    def flatten(self, state) -> torch.Tensor:
-        return torch.cat([state[n].reshape(-1).float() for n in self.names])
-
-    def unflatten(self, flat: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        parts = torch.split(flat, self.numels)
-        return OrderedDict((n, t.view(self.shapes[n])) for n, t in zip(self.names, parts))

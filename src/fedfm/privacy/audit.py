@@ -54,7 +54,7 @@ def membership_audit(server, max_examples: int = 500) -> dict[str, Any]:
     k = int(min(max_examples, len(members), len(nonmembers)))
     members = np.sort(rng.choice(members, size=k, replace=False))
     nonmembers = np.sort(rng.choice(nonmembers, size=k, replace=False))
-    server._load_global()
+    server._load_global()  # the auditor of a simulation: it sees the clients' examples and the held-out set
     bs = server.cfg.eval.batch_size
     lm = example_losses(server.task, server.model, server.encoded, members, bs)
     ln = example_losses(server.task, server.model, server.encoded, nonmembers, bs)

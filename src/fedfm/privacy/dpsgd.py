@@ -143,9 +143,9 @@ def per_example_gradients(model: torch.nn.Module):
                     delattr(p, attr)
 
 
-def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_seed: int, steps: int,
+def dp_sgd(ctx, own, generator: torch.Generator, noise_seed: int, steps: int,
            noise_multiplier: float, grad_hook: Callable | None, make_optimizer: Callable) -> tuple[float, int]:
-    """``steps`` DP-SGD steps on the client's examples ``indices``: Poisson batches of expected size B, per-example
+    """``steps`` DP-SGD steps on the client's own training examples (``own``, its LocalData): Poisson batches of expected size B, per-example
     clip to ``privacy.clip``, noise z·C on the sum, ÷ B. ``grad_hook`` (FedProx, SCAFFOLD) acts on the noised
     gradient, so it is post-processing. The noise is drawn on the parameters' device from ``noise_seed``. Returns the
     mean loss over the sampled examples and the steps taken. ``make_optimizer(params, client_cfg)`` builds the
@@ -153,7 +153,7 @@ def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_seed: int
     from opacus.optimizers import DPOptimizer
 
     cfg, model, task = ctx.cfg, ctx.model, ctx.task
-    rows = np.asarray(task.rows(ctx.encoded, indices))
+    rows = np.asarray(task.rows(own.encoded, own.train))
     n, B = len(rows), cfg.client.batch_size
     q = min(1.0, B / max(n, 1))
     params = ctx.train_params()
@@ -167,7 +167,7 @@ def dp_sgd(ctx, indices: np.ndarray, generator: torch.Generator, noise_seed: int
         for _ in range(steps):
             chosen = rows[(torch.rand(n, generator=generator) < q).numpy()]  # Poisson sampling: each row w.p. q
             if len(chosen):
-                batch = task.collate(ctx.encoded, torch.as_tensor(chosen))
+                batch = task.collate(own.encoded, torch.as_tensor(chosen))
                 if model in _HOOKS_MISS:
                     gsm.disable_hooks()
                 losses = task.segment_losses(model, batch, [1] * len(chosen))  # ℓ_i, one per example

@@ -278,6 +278,7 @@ def train_together(algo: LocalTraining, tasks: list[ClientTask]) -> list[ClientR
 
     # every client's starting point: the global state (cut to its rank view) and its own personal parameters
     views, globals_, hooks, streams = [], [], [], []
+    scores: dict[int, dict] = {}
     starts: list[dict[str, torch.Tensor]] = []
     for t in tasks:
         view = ctx.view(t.client_id)
@@ -288,9 +289,13 @@ def train_together(algo: LocalTraining, tasks: list[ClientTask]) -> list[ClientR
         if personal:
             start.update(ctx.personal.unflatten(ctx.personal_flat(t.client_id)))
         starts.append(start)
-        client = ctx.data.clients[t.client_id]
+        own = ctx.local[t.client_id]
+        if t.evaluate:  # federated evaluation of the model as received, before any training
+            ctx.spec.load(g)
+            ctx.load_personal(t.client_id)
+            scores[t.client_id] = algo.evaluate(t, own)
         gen = torch.Generator().manual_seed(t.seed)
-        streams.append(batch_stream(task_def, ctx.encoded, client.train, ccfg.batch_size, gen,
+        streams.append(batch_stream(task_def, own.encoded, own.train, ccfg.batch_size, gen,
                                     ccfg.steps, ccfg.epochs))
     torch.manual_seed(tasks[0].seed)
     dtypes = {n: p.dtype for n, p in list(ctx.spec.params.items()) + (list(ctx.personal.params.items()) if personal else [])}
@@ -346,12 +351,11 @@ def train_together(algo: LocalTraining, tasks: list[ClientTask]) -> list[ClientR
         if personal:
             ctx.store_personal(t.client_id, ctx.personal.flatten({n: final[n] for n in personal}))
         extras = algo.finish(t, globals_[i], local, len(losses[i]))
-        client = ctx.data.clients[t.client_id]
         results.append(disclose(ctx.cfg, ClientResult(
             client_id=t.client_id, update=ctx.codec.encode(delta),
-            num_examples=int(len(task_def.rows(ctx.encoded, client.train))),
+            num_examples=ctx.local[t.client_id].train_rows(task_def),
             metrics={"train_loss": sum(losses[i]) / max(len(losses[i]), 1), "steps": len(losses[i]),
-                     "seconds": seconds, "batched_with": K},
+                     "seconds": seconds, "batched_with": K, **scores.get(t.client_id, {})},
             extras=extras)))
     return results
 

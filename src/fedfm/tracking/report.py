@@ -130,11 +130,13 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 
 def _eval_keys(records: list[dict[str, Any]]) -> list[str]:
-    """Every key starting with ``eval_`` that holds a number on at least one line."""
+    """Every key starting with ``eval_`` (the server's held-out set) or ``fed_`` (federated evaluation, without the
+    client and example counts) that holds a number on at least one line."""
     keys: list[str] = []
     for rec in records:
         for k, v in rec.items():
-            if k.startswith("eval_") and k not in keys and _num(v) is not None:
+            if (k.startswith("eval_") or (k.startswith("fed_") and k not in ("fed_clients", "fed_examples"))) \
+                    and k not in keys and _num(v) is not None:
                 keys.append(k)
     return keys
 

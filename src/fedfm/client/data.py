@@ -1,0 +1,46 @@
+"""A client's own data: its encoded rows and which of its examples it trains and tests on. Nothing else."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LocalData:
+    """One client's data, encoded once: its own rows only (``encoded``), and the indices of its own examples in
+    them that it trains on (``train``) and keeps for local evaluation (``test``)."""
+
+    encoded: dict[str, torch.Tensor]
+    train: np.ndarray
+    test: np.ndarray
+
+    def train_rows(self, task) -> int:
+        """The example count a result is weighted by: the client's training rows."""
+        return int(len(task.rows(self.encoded, self.train)))
+
+
+def local_data(task, encoded: dict[str, torch.Tensor], train: np.ndarray, test: np.ndarray) -> LocalData:
+    """Cut one partition out of an encoding of many examples (simulation: the partitioner's split of one table),
+    renumbered so the client holds its own rows and sees no other client's."""
+    mine = np.concatenate([np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)])
+    rows = torch.as_tensor(task.rows(encoded, mine), dtype=torch.long)
+    own = {k: v[rows] for k, v in encoded.items()}
+    if "example" in own:  # rows that split one example (text chunks) keep pointing at it, in the client's numbering
+        renumber = np.full(int(mine.max()) + 1 if len(mine) else 0, -1, dtype=np.int64)
+        renumber[mine] = np.arange(len(mine))
+        own["example"] = torch.as_tensor(renumber[own["example"].numpy()])
+    return LocalData(encoded=own, train=np.arange(len(train), dtype=np.int64),
+                     test=np.arange(len(train), len(mine), dtype=np.int64))
+
+
+def own_data(task, encoded: dict[str, torch.Tensor], test_fraction: float = 0.0,
+             rng: np.random.Generator | None = None) -> LocalData:
+    """All of an encoding as one client's own data (a client in its own process, built from its own file), with
+    ``test_fraction`` of its examples kept for local evaluation."""
+    examples = int(encoded["example"].max()) + 1 if "example" in encoded and len(encoded["example"]) else \
+        len(next(iter(encoded.values())))
+    order = rng.permutation(examples) if rng is not None else np.arange(examples)
+    k = int(round(test_fraction * examples))
+    return LocalData(encoded=encoded, train=np.sort(order[k:]), test=np.sort(order[:k]))

@@ -1,0 +1,336 @@
+"""Simulation: the server side and many virtual clients put together in one process, with a runtime between them.
+
+The clients share one base model (loaded once, never copied); each virtual client holds its own partition of the
+data (``client.data.LocalData``) and its state in a store that spills to disk. The server side (``server.Server``)
+gets none of it: it sees the clients' encoded results, their number and the example count each reports.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .client import ClientContext, ClientResult, make_client
+from .client.data import local_data
+from .clock import SimClock
+from .config import RunConfig
+from .data import FederatedData, build_federated_data
+from .data.sources import load_examples
+from .display import Display
+from .errors import ClientFailure, ConfigError, FedfmError
+from .evaluation import ServerModel
+from .models.loader import check_model_config
+from .randomness import Randomness
+from .runtime import make_runtime
+from .runtime.state_store import ClientStateStore
+from .sampling import num_sampled
+from .schedules import make_schedule
+from .server import Server, worst_fraction_mean
+from .tasks import TASKS
+from .tracking import RunDir
+
+
+@dataclass
+class Prepared:
+    """Everything built from the config before the model loads (so bad input fails fast)."""
+
+    cfg: RunConfig
+    data: FederatedData
+    mechanism: Any = None  # client-level DP: sampling, noise multiplier and accountant (privacy.mode: client)
+    attack: Any = None  # attack.kind: the malicious clients, their data already poisoned
+    sample_dp: Any = None  # sample-level DP-SGD: each client's sampling rate and steps, the noise multiplier
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Check the model reference and load + partition the data; no model weights are touched."""
+    check_model_config(cfg.model)
+    task_cls = TASKS.get(cfg.task.name)
+    if task_cls.needs_labels and cfg.partition.method in ("dirichlet", "shards") and not cfg.data.label_column:
+        raise ConfigError(f"partition.method {cfg.partition.method!r} needs data.label_column")
+    if not task_cls.needs_labels and cfg.partition.method in ("dirichlet", "shards"):
+        raise ConfigError(f"partition.method {cfg.partition.method!r} needs labels; task {cfg.task.name!r} has none "
+                          "(use iid, quantity or by_column)")
+    if cfg.partition.method == "by_column" and not cfg.data.client_column:
+        raise ConfigError("partition.method 'by_column' needs data.client_column (the column naming each example's client)")
+    examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
+                             chat=task_cls.reads_chat)
+    data = build_federated_data(cfg, examples)
+    n = len(data.clients)
+    fed = cfg.federation
+    if fed.clients_per_round is not None and fed.clients_per_round > n:
+        raise ConfigError(f"federation.clients_per_round ({fed.clients_per_round}) is more than the {n} clients in the data")
+    if fed.min_clients > n:
+        raise ConfigError(f"federation.min_clients ({fed.min_clients}) is more than the {n} clients in the data")
+    if cfg.clock.speeds is not None and len(cfg.clock.speeds) != n:
+        raise ConfigError(f"clock.speeds has {len(cfg.clock.speeds)} entries, expected one per client ({n})")
+    if isinstance(cfg.clock.availability, list) and len(cfg.clock.availability) != n:
+        raise ConfigError(f"clock.availability has {len(cfg.clock.availability)} entries, expected one per client ({n})")
+    rpc = cfg.adapter.rank_per_client
+    if isinstance(rpc, list) and len(rpc) != n:
+        raise ConfigError(f"adapter.rank_per_client lists {len(rpc)} ranks, expected one per client ({n})")
+    from .attacks import make_attack
+
+    attack = make_attack(cfg, n)
+    attack.poison_data(data)  # data attacks change the malicious clients' examples before anything is tokenized
+    mech = None
+    if cfg.privacy.mode == "client":  # derive/check the noise multiplier now, before any model loads
+        from .privacy.accountant import mechanism
+
+        mech = mechanism(cfg, n)
+    if cfg.secagg.enabled:  # an explicit SecAgg+ graph must be safe for the planned round size
+        from .privacy.secure import check_graph
+
+        check_graph(cfg, num_sampled(fed, n))
+    sample_dp = None
+    if cfg.privacy.mode == "sample":
+        from .privacy.dpsgd import sample_level_dp
+
+        sample_dp = sample_level_dp(cfg, np.array([len(c.train) for c in data.clients]))
+    return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack, sample_dp=sample_dp)
+
+
+class Simulation:
+    """``fedfm run``: the data partitioned into virtual clients, one shared base, the client side, the server side,
+    the runtime and the (simulated) clock."""
+
+    def __init__(self, prepared: Prepared, run_dir: Optional[RunDir] = None, display: Optional[Display] = None):
+        from .models import build_model
+
+        self.cfg = cfg = prepared.cfg
+        self.data = prepared.data
+        self.run_dir = run_dir
+        self.display = display or Display()
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        t0 = time.perf_counter()
+        self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
+        self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
+        if cfg.data.tokenized_cache:  # tokenized once, memory-mapped from the cache on the next run
+            from .models.loader import cache_root
+            from .tasks.cache import encode_cached
+
+            encoded, self.tokenized_from_cache = encode_cached(self.task, self.data.examples, cache_root())
+        else:
+            encoded, self.tokenized_from_cache = self.task.encode(self.data.examples), False
+        for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too
+            self.display.message(note)
+        self.random = Randomness.from_config(cfg)  # every draw of the run, by purpose
+        self.display.model({"trainable": self.spec.numel, "total": sum(p.numel() for p in self.model.parameters()),
+                            "seconds": time.perf_counter() - t0, "method": cfg.adapter.method})
+        from .attacks import Backdoor, make_attack
+
+        self.attack = prepared.attack if prepared.attack is not None else make_attack(cfg, len(self.data.clients))
+        self.backdoor_enc = None
+        if isinstance(self.attack, Backdoor):
+            self.backdoor_enc = self.task.encode(self.attack.triggered_test(self.data))
+        if self.attack.malicious:
+            self.display.message(f"attack: {cfg.attack.kind}, {len(self.attack.malicious)} malicious client(s): "
+                                 f"{sorted(self.attack.malicious)[:10]}{' …' if len(self.attack.malicious) > 10 else ''}")
+        # each virtual client's own data, cut out of the one encoding; the server side gets its held-out split only
+        self.local = {c.id: local_data(self.task, encoded, c.train, c.test) for c in self.data.clients}
+        self.encoded = encoded if cfg.eval.membership_audit else None  # the auditor sees both sides
+        self.client_sizes = np.array([self.local[c.id].train_rows(self.task) for c in self.data.clients])
+        self.server = Server(cfg, self.spec.layout(), self.spec.flat(), self.client_sizes, run_dir=run_dir,
+                             display=self.display, model=self._server_model(encoded),
+                             mechanism=prepared.mechanism, sample_dp=prepared.sample_dp)
+        self.codec, self.ranks, self.personal = self.server.codec, self.server.ranks, self.bundle.personal
+        state_dir = cfg.runtime.state_dir or (run_dir.path / "client_state" if run_dir is not None else None)
+        self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
+        self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, local=self.local,
+                                 codec=self.codec, store=self.store, personal=self.personal,
+                                 personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=prepared.sample_dp)
+        self.client_algo = make_client(self.ctx)
+        self.runtime = make_runtime(cfg, self.client_algo)
+        for note in getattr(self.runtime, "notes", []):
+            self.display.message(note)
+        self.clock = SimClock(cfg.clock, len(self.data.clients), cfg.federation.seed)
+        self.schedule = make_schedule(self)
+        self.server.parts.update(schedule=self.schedule, store=self.store)
+        if self.backdoor_enc is not None:
+            self.server.evaluations.append(self._backdoor)
+        if cfg.eval.per_client:
+            self.server.evaluations.append(self.evaluate_clients)
+
+    def _server_model(self, encoded) -> ServerModel:
+        """The server's model is the shared base, with the server's own held-out split of the data."""
+        cfg, test = self.cfg, np.asarray(self.data.test)
+        if not len(test):  # data.test_fraction 0: no held-out set of its own (eval.federated still scores the model)
+            return ServerModel(cfg, self.bundle, None, test, np.zeros(0, dtype=np.int64))
+        held_out = local_data(self.task, encoded, test, np.zeros(0, dtype=np.int64))
+        position = {int(g): k for k, g in enumerate(test)}
+        chosen = self._fixed_sample(test, cfg.eval.max_examples, "eval_sample")
+        n_gen = cfg.eval.generation.num_prompts if hasattr(self.task, "generate") else 0
+        prompts = self._fixed_sample(test, n_gen, "prompt_sample") if n_gen else np.zeros(0, dtype=np.int64)
+        return ServerModel(cfg, self.bundle, held_out.encoded, np.array([position[int(g)] for g in chosen],
+                           dtype=np.int64), prompts, pool=test)
+
+    def _fixed_sample(self, indices: np.ndarray, k: int | None, purpose: str) -> np.ndarray:
+        """The same seeded subset of ``indices`` at every eval (all of them when ``k`` is None or large enough)."""
+        if k is None or k >= len(indices):
+            return indices
+        rng = self.random.rng(purpose)
+        return np.sort(rng.choice(indices, size=k, replace=False))
+
+    # ------------------------------------------------------------------ the server side's state, as a run sees it
+    @property
+    def global_flat(self) -> torch.Tensor:
+        return self.server.global_flat
+
+    @global_flat.setter
+    def global_flat(self, flat: torch.Tensor) -> None:
+        self.server.global_flat = flat
+        self._load_global()
+
+    @property
+    def start_round(self) -> int:
+        return self.server.start_round
+
+    def checkpoint_state(self, rnd: int) -> dict[str, Any]:
+        return self.server.checkpoint_state(rnd)
+
+    def load_checkpoint_state(self, ck: dict[str, Any]) -> None:
+        self.server.load_checkpoint_state(ck)
+        self._load_global()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, rnd: int = 0) -> dict[str, Any]:
+        return self.server.evaluate(rnd)
+
+    def _backdoor(self, rnd: int) -> dict[str, Any]:
+        """How often the trigger turns a held-out example into the target label."""
+        n = len(next(iter(self.backdoor_enc.values())))
+        if not n:
+            return {}
+        self._load_global()
+        return {"backdoor_success": self.task.evaluate(self.model, self.backdoor_enc, np.arange(n),
+                                                       self.cfg.eval.batch_size)["accuracy"]}
+
+    def evaluate_clients(self, rnd: int) -> dict[str, Any]:
+        """Each client's local test set under the global model; with personal parameters also under the client's
+        personalized model; with ``eval.finetune_steps`` also after that many local steps from the global model
+        (FedAvg + fine-tuning). Keys: client_<metric>[_personal|_finetuned] (+ _mean, _worst10)."""
+        from .client import local_sgd
+
+        cfg, task = self.cfg, self.task
+        key, better_high = ("accuracy", True) if task.needs_labels else ("loss", False)
+        short = "acc" if key == "accuracy" else key
+        per: dict[str, dict[str, float]] = {"": {}}
+        if self.personal.names:
+            per["_personal"] = {}
+        if cfg.eval.finetune_steps:
+            per["_finetuned"] = {}
+
+        def score(c) -> float:
+            own = self.local[c.id]  # each client scores on its own test split
+            return task.evaluate(self.model, own.encoded, own.test, cfg.eval.batch_size)[key]
+
+        self._load_global()  # and again after each personalized or fine-tuned score
+        for i, c in enumerate(self.data.clients):
+            if not len(c.test):
+                continue
+            per[""][str(c.id)] = score(c)
+            if "_personal" in per:
+                self.ctx.load_personal(i)
+                per["_personal"][str(c.id)] = score(c)
+                self._load_global()
+            if "_finetuned" in per and len(c.train):
+                gen = self.random.torch("eval_finetune", rnd, i)
+                torch.manual_seed(self.random.seed("eval_finetune", rnd, i))
+                local_sgd(self.ctx, self.local[c.id], self.local[c.id].train, gen, num_steps=cfg.eval.finetune_steps)
+                per["_finetuned"][str(c.id)] = score(c)
+                self._load_global()
+        out: dict[str, Any] = {}
+        for suffix, vals in per.items():
+            if vals:
+                out[f"client_{short}{suffix}"] = vals
+                out[f"client_{short}{suffix}_mean"] = float(np.mean(list(vals.values())))
+                out[f"client_{short}{suffix}_worst10"] = worst_fraction_mean(list(vals.values()), 0.1, better_high)
+        return out
+
+    def _load_global(self) -> None:
+        """The global model: the shared global state, personal parameters at their initial values."""
+        self.server.model.load(self.server.global_flat)
+
+    # ------------------------------------------------------------------ one round
+    def num_sampled(self) -> int:
+        return num_sampled(self.cfg.federation, len(self.data.clients))
+
+    def planned_steps(self, cid: int) -> int:
+        """Optimizer steps client ``cid`` will take (for the simulated clock)."""
+        ccfg = self.cfg.client
+        if ccfg.steps is not None:
+            return ccfg.steps
+        batches = math.ceil(self.client_sizes[cid] / ccfg.batch_size) * ccfg.epochs
+        return max(1, math.ceil(batches / ccfg.grad_accum))  # as local_sgd counts: one last partial accumulation
+
+    def sample(self, rng: np.random.Generator, k: int, t: float, exclude=(), online_only: bool = False) -> np.ndarray:
+        """``k`` clients by ``federation.sampling``; online ones only for availability-aware sampling."""
+        if online_only or self.server.sampler.online_only:
+            candidates = self.clock.online_clients(t)
+        else:
+            candidates = np.arange(len(self.data.clients))
+        if exclude:
+            candidates = np.setdiff1d(candidates, np.fromiter(exclude, dtype=np.int64))
+        return self.server.sample(rng, k, candidates)
+
+    def wait_for_clients(self, t: float) -> float:
+        """With availability-aware sampling, advance simulated time until enough clients are online."""
+        if not self.server.sampler.online_only:
+            return t
+        need = min(self.cfg.federation.min_clients, len(self.data.clients))
+        for _ in range(10_000):
+            if len(self.clock.online_clients(t)) >= need:
+                return t
+            t = self.clock.next_period(t)
+        raise FedfmError(f"fewer than federation.min_clients={need} clients were ever online "
+                         f"(clock.availability={self.cfg.clock.availability})")
+
+    def broadcast(self, rnd: int, cid: int) -> tuple[bytes, dict[str, bytes]]:
+        return self.server.broadcast(rnd, cid)
+
+    def aggregate_results(self, rnd: int, results: list[ClientResult], **kwargs) -> dict[str, Any]:
+        row = self.server.aggregate_results(rnd, results, **kwargs)
+        self._load_global()
+        return row
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        return self.schedule.run_round(rnd)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> list[dict[str, Any]]:
+        cfg, server = self.cfg, self.server
+        rows = []
+        if server.start_round == 1 and cfg.eval.initial and cfg.eval.every:
+            t0 = time.perf_counter()
+            row = {"round": 0, **self.evaluate(0), "wall_s": time.perf_counter() - t0}
+            server.log(row)
+            rows.append(row)
+        for rnd in range(server.start_round, cfg.federation.rounds + 1):
+            if server.privacy_spent(rnd):
+                break
+            server._all_crashed = False
+            row = self.run_round(rnd)
+            if server._all_crashed and server.global_version == 0 and server.start_round == 1:
+                server.log(row)
+                first = row["dropped"][0]["error"] if row.get("dropped") else "unknown error"
+                raise ClientFailure(f"round {rnd}: every sampled client raised an error before any update was "
+                                    f"aggregated, e.g. {first}; stopping (metrics.jsonl lists each client's error)")
+            server.end_round(rnd, row)
+            rows.append(row)
+        if cfg.eval.membership_audit and rows:
+            from .privacy.audit import membership_audit
+
+            audit = {"round": rows[-1]["round"], **membership_audit(self)}
+            self.audit = audit
+            self.display.message(f"membership inference (loss threshold): AUC {audit['mia_auc']:.3f} on "
+                                 f"{audit['mia_members']} training vs {audit['mia_nonmembers']} held-out examples")
+            if self.run_dir is not None:
+                self.run_dir.write_json("privacy_audit.json", audit)
+        if self.run_dir is not None:
+            server.save_final()
+        self.runtime.close()
+        return rows

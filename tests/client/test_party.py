@@ -1,0 +1,76 @@
+"""A client built from its own data only, run in its own process: task bytes in, result bytes out, aggregated by a
+server side that never sees the client's file."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from fedfm.client import ClientResult, ClientTask
+from fedfm.client.wire import result_from_bytes, result_to_bytes, task_from_bytes, task_to_bytes
+from fedfm.errors import UpdateRejected
+from tests.conftest import make_rows, write_csv
+
+
+def test_messages_round_trip_and_refuse_garbage():
+    task = ClientTask(client_id=3, round=7, payload=b"\x00\x01abc", seed=12345, extras={"c": b"xyz", "e": b""})
+    assert task_from_bytes(task_to_bytes(task)) == task
+    res = ClientResult(client_id=3, update=b"u" * 10, num_examples=42, metrics={"train_loss": 0.5, "steps": 2},
+                       extras={"delta_c": b"dc"})
+    assert result_from_bytes(result_to_bytes(res)) == res
+    err = ClientResult(client_id=1, error="dropped out", crashed=True)
+    assert result_from_bytes(result_to_bytes(err)) == err
+    with pytest.raises(UpdateRejected, match="not a fedfm result message"):
+        result_from_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+
+
+def test_a_client_in_its_own_process_given_only_its_own_file(tiny_config, tmp_path):
+    from fedfm.data.sources import load_examples
+    from fedfm.models import build_model
+    from fedfm.server import Server
+
+    rows = make_rows(n=240, seed=3, sites=3)  # every site holds every label
+    own = write_csv(tmp_path / "site0.csv", [r for r in rows if r["site"] == "site0"])  # the client's file
+    held = write_csv(tmp_path / "server_held_out.csv", [r for r in rows if r["site"] == "site1"])  # the server's
+    cfg = tiny_config(**{"data.source": str(held), "federation.clients_per_round": 1, "federation.min_clients": 1,
+                         "partition.num_clients": 1})
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(cfg.to_yaml())
+
+    # the server side: its own model (for the layout and the initial state), built from its own held-out file
+    bundle = build_model(cfg, load_examples(cfg.data, needs_labels=True, seed=cfg.federation.seed))
+    server = Server(cfg, bundle.spec.layout(), bundle.spec.flat(), client_sizes=np.array([80]))
+    payload, extras = server.broadcast(1, 0)
+    task = ClientTask(client_id=0, round=1, payload=payload, extras=extras, seed=server.random.seed("client_task", 1, 0))
+    (tmp_path / "task.bin").write_bytes(task_to_bytes(task))
+
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from fedfm.config import load_config
+        from fedfm.client.party import Client
+
+        cfg = load_config({str(cfg_path)!r})
+        client = Client.from_config(cfg, {str(own)!r}, client_id=0)
+        Path({str(tmp_path / "result.bin")!r}).write_bytes(client.handle(Path({str(tmp_path / "task.bin")!r}).read_bytes()))
+        print(sorted(m for m in sys.modules if m in ("fedfm.simulation", "fedfm.server")))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"  # the client process never loads the server side
+    result = result_from_bytes((tmp_path / "result.bin").read_bytes())
+    assert result.error is None, result.error
+    n_own = sum(r["site"] == "site0" for r in rows)
+    local_test = int(round(cfg.partition.local_test_fraction * n_own))
+    assert result.num_examples == n_own - local_test  # it trained on its own rows, its local test split kept apart
+    assert result.metrics["steps"] >= 1
+
+    before = server.global_flat.clone()
+    row = server.aggregate_results(1, [result])
+    assert row["aggregated"] is True and row["dropped"] == []
+    delta = server.global_flat - before
+    assert float(delta.norm()) > 0
+    decoded = server.spec.flatten(server.codec.decode(result.update, server.spec))
+    torch.testing.assert_close(delta, decoded)  # one client, FedAvg, server lr 1: the global moves by its update
