@@ -172,7 +172,7 @@ def measure(workload: str, ks: list[int], steps: int, repeats: int, work: Path, 
             bat_times.append(b)
         diffs = []
         for a, b in zip(seq_res, bat_res):
-            da, db = server.decode_result(a)[0], server.decode_result(b)[0]
+            da, db = server.server.check(a)[0], server.server.check(b)[0]
             diffs.append(float((da - db).norm() / da.norm()))
         tokens = sum(int(r.metrics["steps"]) for r in seq_res)
         device = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")

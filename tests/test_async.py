@@ -141,7 +141,7 @@ def test_fedbuff_version_moves_only_on_a_step_and_a_rejected_update_keeps_k(tiny
                          "client.epochs": None, "clock.speeds": [1.0, 2.5, 4.0], "eval.every": 0,
                          "server.max_update_norm": 1e3, "federation.min_clients": 1})
     server = Simulation(prepare(cfg))
-    server.cfg.server.max_update_norm = 1e3 * math.sqrt(server.spec.numel)  # 1 and 100 pass, 1e6 does not
+    server.server.check.max_update_norm = 1e3 * math.sqrt(server.spec.numel)  # 1 and 100 pass, 1e6 does not
     x0 = server.global_flat.clone()
     # client 0 sends 1.0 everywhere; client 1 a huge update the norm bound rejects; client 2 sends 100
     _constant_updates(server, [1.0, 1e6, 100.0])
@@ -160,7 +160,7 @@ def test_fedbuff_does_not_age_the_model_when_no_step_is_applied(tiny_config):
                          "client.epochs": None, "clock.speeds": [1.0, 2.5, 4.0], "eval.every": 0,
                          "server.max_update_norm": 1e3, "federation.min_clients": 2})
     server = Simulation(prepare(cfg))
-    server.cfg.server.max_update_norm = 1e3 * math.sqrt(server.spec.numel)
+    server.server.check.max_update_norm = 1e3 * math.sqrt(server.spec.numel)
     _constant_updates(server, [1.0, 1e6, 100.0])
     rows = server.run()
     # round 2's buffer [c1 (rejected), c0] has 1 usable update < min_clients: no step, the version stays 1, so c2

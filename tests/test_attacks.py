@@ -27,7 +27,7 @@ def _honest_and_sent(tiny_config, **attack):
         tasks.append(ClientTask(cid, 1, payload, derive_seed(server.cfg.federation.seed, 4, 1, cid), extras))
     honest = server.runtime.run(tasks)
     sent = tamper_results(server, honest, 1)
-    dec = lambda r: server.server.decode_result(r)[0]  # noqa: E731
+    dec = lambda r: server.server.check(r)[0]  # noqa: E731
     return server, {r.client_id: dec(r) for r in honest}, {r.client_id: dec(r) for r in sent}
 
 

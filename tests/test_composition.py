@@ -88,7 +88,7 @@ def _invariants(server, rows, c: dict) -> None:
     if c["adapter.method"] == "fedsa-lora":
         assert server.personal.names  # the B factors stay on the clients
     if c["server.optimizer"] != "fedavg":
-        assert server.server.server_opt.state_dict()  # its moments or momentum, checkpointed
+        assert server.server.chain_state["optimizer"]  # its moments or momentum, checkpointed
     payload = server.codec.encode(server.spec.unflatten(server.global_flat))
     per_value = 4 if c["codec.name"] == "fp32" else 2
     assert per_value * server.spec.numel <= len(payload) < (per_value + 1) * server.spec.numel + 4096

@@ -92,6 +92,8 @@ class FedBuff(Schedule):
     """FedBuff (Nguyen et al. 2022): Δ̄ = (1/K) Σ_{i∈buffer} s(τ_i) Δ_i with s(τ) = (1 + τ)^(−a) (a = 1/2 in the
     paper), applied when K results are buffered; τ_i = server steps since client i downloaded its model."""
 
+    buffered = True  # the aggregate is over the whole buffer: Σ w_k Δ_k / K (aggregation.chain.FedBuffMean)
+
     def __init__(self, server):
         super().__init__(server)
         self.version = 0  # number of server steps so far
@@ -158,8 +160,8 @@ class FedBuff(Schedule):
             buffer.append(res)
             stale.append(self.version - started)
         weights = [self.staleness_weight(t) for t in stale] + [0.0] * len(failed)
-        # K is the buffer size, as in the paper: an update that fails validation counts as zero, not as absent
-        row = s.aggregate_results(rnd, buffer + failed, weights=weights, fixed_denominator=len(buffer))
+        # the chain divides by K, the buffer size, as in the paper: an update that fails validation counts as zero
+        row = s.aggregate_results(rnd, buffer + failed, weights=weights)
         if row["aggregated"]:  # the model version (what staleness counts) moves only when the server steps
             self.version += 1
         row.update({"bytes_down": int(self.bytes_down), "clients": [r.client_id for r in buffer],

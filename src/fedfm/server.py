@@ -14,13 +14,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .aggregation import RoundInfo, make_aggregator
-from .aggregation.server_opt import make_server_optimizer
+from .aggregation import Updates
+from .aggregation.chain import UpdateCheck, build_chain
 from .client import CLIENT_ALGORITHMS, ClientResult
 from .compression import make_codec
 from .display import Display
-from .errors import FedfmError, UpdateRejected
-from .models.ranks import assign_ranks, lora_rank, view_of
+from .errors import FedfmError
+from .models.ranks import assign_ranks, view_of
 from .randomness import Randomness
 from .sampling import make_sampler, num_sampled
 from .stateful import Stateful
@@ -89,18 +89,19 @@ class Server:
         n = len(self.client_sizes)
         self.random = Randomness.from_config(cfg)  # every draw of the server, by purpose
         self.codec = make_codec(cfg.codec.name)
-        self.aggregator = make_aggregator(cfg)
-        self.server_opt = make_server_optimizer(cfg)
         self.sampler = make_sampler(cfg.federation.sampling)
         self.ranks = None if cfg.adapter.rank_per_client is None else \
             assign_ranks(cfg.adapter.rank_per_client, n, cfg.federation.seed)
-        self.lora_rank = lora_rank(layout)
         algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
         self.extra_names = algorithm.extra_names
         self.algo_server = algorithm.server_side(layout, self.codec, n)  # the algorithm's server half (SCAFFOLD's c)
         self.evaluations: list[Evaluation] = []
         self.parts: dict[str, Stateful] = {}
         self._privacy(mechanism, sample_dp, n)
+        self.check = UpdateCheck(self.codec, layout, self.view, cfg.server.max_update_norm, self.extra_names,
+                                 cfg.client.algorithm)
+        self.chain = build_chain(cfg, self.check, self.mechanism, int(self.client_sizes.max()), self.random.secret)
+        self.chain_state = self.chain.init()  # one nested dict: the server optimizer's moments, DP's clip, …
         self.global_flat = initial.clone()
         self.global_version = 0  # server steps taken in this process (keys the payload cache)
         self._payload_cache: dict = {}
@@ -108,20 +109,16 @@ class Server:
         self._all_crashed = False
 
     def _privacy(self, mechanism, sample_dp, n: int) -> None:
-        """Client-level DP-FedAvg (its accountant), sample-level DP-SGD (what each client reports of its own
-        accountant), secure aggregation."""
+        """What the run says of its privacy: client-level DP-FedAvg's accountant, sample-level DP-SGD (what each
+        client reports of its own accountant), secure aggregation (the chain's stages do the work)."""
         cfg = self.cfg
         if mechanism is None and cfg.privacy.mode == "client":
             from .privacy.accountant import mechanism as make_mechanism
 
             mechanism = make_mechanism(cfg, n)
-        self.mechanism, self.dp = mechanism, None
+        self.mechanism = mechanism
         if self.mechanism is not None:
-            from .privacy.dp import DPFedAvg
-
             m = self.mechanism
-            self.dp = DPFedAvg(cfg.privacy, m.noise_multiplier, m.per_round, cfg.federation.seed,
-                               secret=self.random.secret)
             self.display.message(
                 f"privacy: client-level DP-FedAvg, {m.sampling} sampling q={m.q:.4g} ({m.per_round} of "
                 f"{m.num_clients} clients), noise multiplier z={m.noise_multiplier:.4g}, clip C={cfg.privacy.clip:g}; "
@@ -137,18 +134,16 @@ class Server:
                 f"noise multiplier z={sd.noise_multiplier:.4g}, per-example clip C={p.clip:g}; {p.accountant.upper()} "
                 f"accountant: a client sampled in all {cfg.federation.rounds} rounds reaches at most "
                 f"ε={sd.worst_epsilon(cfg.federation.rounds, p.delta):.4g} at δ={p.delta:g}; {_randomness(cfg)}")
-        self.secure = None  # secagg.enabled: the sum is computed by SecAgg+ between the clients' own parties
-        if cfg.secagg.enabled:
-            from .privacy.secure import SecureAggregation
+        if cfg.secagg.enabled:  # the sum is computed by SecAgg+ between the clients' own parties
+            from .privacy.secure import ring_clip
 
-            self.secure = SecureAggregation(cfg, self.spec, self.dp, int(self.client_sizes.max()), cfg.federation.seed)
             sa = cfg.secagg
             k = f"{sa.neighbours} neighbours" if sa.neighbours is not None else \
                 f"neighbours chosen per round for ≤{sa.corrupt_fraction:g} corrupt and ≤{sa.dropout_fraction:g} dropping"
             self.display.message(f"secure aggregation: SecAgg+ over Z_2^{sa.bits}, {k} (a leak at most "
                                  f"2^-{sa.security_bits}, an abort at most 2^-{sa.correctness_bits} a round), "
-                                 f"coordinates clamped to ±{self.secure.clip:g}; the server sees masked vectors and "
-                                 f"their sum (honest-but-curious server)")
+                                 f"coordinates clamped to ±{ring_clip(cfg, self.mechanism):g}; the server sees masked "
+                                 f"vectors and their sum (honest-but-curious server)")
 
     @property
     def num_clients(self) -> int:
@@ -156,12 +151,13 @@ class Server:
 
     # ------------------------------------------------------------------ state
     def _stateful_parts(self) -> dict[str, Any]:
-        """Each checkpoint key and the part whose ``state_dict`` it holds: the keys are named here only."""
-        return {"aggregator": self.aggregator, "server_opt": self.server_opt, "client_algorithm": self.algo_server,
-                "privacy": self.dp if self.dp is not None else Stateful(), **self.parts}
+        """Each checkpoint key and the part whose ``state_dict`` it holds (the aggregation chain's state, a nested
+        dict already, is under "aggregation"): the keys are named here only."""
+        return {"client_algorithm": self.algo_server, **self.parts}
 
     def checkpoint_state(self, rnd: int) -> dict[str, Any]:
         return {"round": rnd, "names": self.spec.names, "global": self.global_flat.clone(),
+                "aggregation": self.chain_state,
                 **{key: part.state_dict() for key, part in self._stateful_parts().items()},
                 "sample_dp": {"eps": dict(self.sample_eps), "steps": dict(self.sample_steps)}}
 
@@ -169,6 +165,7 @@ class Server:
         if ck["names"] != self.spec.names:
             raise FedfmError("checkpoint does not match this config's trainable parameters (was the config changed?)")
         self.global_flat = ck["global"].clone()
+        self.chain_state = ck["aggregation"]
         for key, part in self._stateful_parts().items():
             part.load_state_dict(ck.get(key, {}))
         sdp = ck.get("sample_dp", {})
@@ -222,98 +219,26 @@ class Server:
                                         self.algo_server.extras(rnd))
         return self._payload_cache[key]
 
-    def decode_result(self, res: ClientResult) -> tuple[torch.Tensor, dict]:
-        """Validate and decode one result (raises UpdateRejected)."""
-        view = self.view(res.client_id)
-        delta = view.expand(self.codec.decode(res.update, view))
-        if res.num_examples <= 0:
-            raise UpdateRejected(f"num_examples must be positive, got {res.num_examples}")
-        bound = self.cfg.server.max_update_norm
-        if bound is not None:
-            norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in delta.values())))
-            if norm > bound:
-                raise UpdateRejected(f"L2 norm {norm:.4g} above server.max_update_norm={bound:g}")
-        decoded_extras = {}
-        for name in self.extra_names:
-            if name not in res.extras:
-                raise UpdateRejected(f"missing {name!r} (client.algorithm {self.cfg.client.algorithm!r} sends it)")
-            decoded_extras[name] = self.codec.decode(res.extras[name], self.spec)
-        return self.spec.flatten(delta), decoded_extras
-
-    def aggregate_results(self, rnd: int, results: list[ClientResult], weights: Optional[list[float]] = None,
-                          fixed_denominator: Optional[int] = None) -> dict[str, Any]:
-        """Validate the results, aggregate the usable ones, step the server optimizer, evaluate when due.
-
-        ``weights`` (one per result) replace the example counts; with ``fixed_denominator`` K the aggregate is
-        Σ w_k Δ_k / K instead of Σ w_k Δ_k / Σ w_k (FedBuff's staleness-scaled mean; an update rejected by validation
-        counts as zero, it does not shrink K).
-        """
-        cfg = self.cfg
-        if self.secure is not None:
-            return self._aggregate_securely(rnd, results)
-        accepted: list[tuple[ClientResult, torch.Tensor, float]] = []
-        accepted_extras: list[tuple[ClientResult, dict]] = []
-        dropped: list[dict[str, Any]] = []
-        for i, res in enumerate(results):
-            if res.error is not None:
-                dropped.append({"id": res.client_id, "error": res.error})
-                continue
-            try:
-                flat, decoded_extras = self.decode_result(res)
-            except UpdateRejected as e:
-                dropped.append({"id": res.client_id, "error": f"rejected: {e}"})
-                continue
-            accepted.append((res, flat, float(res.num_examples) if weights is None else float(weights[i])))
-            accepted_extras.append((res, decoded_extras))
-
-        row: dict[str, Any] = {"round": rnd}
-        if self.dp is not None or len(accepted) >= cfg.federation.min_clients:
-            if self.dp is not None:  # DP-FedAvg releases a noised update every round, however many clients answered
-                updates = torch.stack([d for _, d, _ in accepted]) if accepted else torch.zeros(0, self.spec.numel)
-                delta, info = self.dp(updates, self.spec.numel, rnd)
-                row.update(info, epsilon=self.mechanism.epsilon(rnd, cfg.privacy.delta), delta=cfg.privacy.delta)
-            else:
-                updates = torch.stack([d for _, d, _ in accepted])
-                w = torch.tensor([x for _, _, x in accepted], dtype=torch.float64)
-                ranks = [int(self.ranks[r.client_id]) if self.ranks is not None else self.lora_rank
-                         for r, _, _ in accepted]
-                delta = self.aggregator(updates, w.float(), RoundInfo(x=self.global_flat, ranks=ranks, spec=self.spec))
-                if fixed_denominator is not None:
-                    delta = delta * float(w.sum() / fixed_denominator)
-        else:
-            delta = None
-        return self._conclude(rnd, row, results, dropped, delta, accepted_extras, [r for r, _, _ in accepted],
-                              f"only {len(accepted)} client(s) returned a usable update "
-                              f"(federation.min_clients={cfg.federation.min_clients})")
-
-    def _aggregate_securely(self, rnd: int, results: list[ClientResult]) -> dict[str, Any]:
-        """The secure-sum stage: each client's party decodes, checks, clips (and noises) its own update and masks
-        it; the server gets the unmasked aggregate only (privacy/secure.py)."""
-        row: dict[str, Any] = {"round": rnd}
-        delta, info, dropped = self.secure.aggregate(rnd, results, lambda res: self.decode_result(res)[0])
-        row.update(info)
-        if self.dp is not None:
-            row.update(epsilon=self.mechanism.epsilon(rnd, self.cfg.privacy.delta), delta=self.cfg.privacy.delta)
-        gone = {d["id"] for d in dropped}
-        return self._conclude(rnd, row, results, dropped, delta, [],
-                              [r for r in results if r.error is None and r.client_id not in gone],
-                              f"secure aggregation gave no update ({info.get('secagg_error')})")
-
-    def _conclude(self, rnd: int, row: dict[str, Any], results: list[ClientResult], dropped: list[dict[str, Any]],
-                  delta: Optional[torch.Tensor], accepted_extras: list, accepted: list[ClientResult],
-                  why_not: str) -> dict[str, Any]:
-        """Step the server optimizer with ``delta`` (None: the round changes nothing, and says why)."""
-        if delta is not None:
-            self.global_flat = self.server_opt.step(self.global_flat, delta)
+    def aggregate_results(self, rnd: int, results: list[ClientResult],
+                          weights: Optional[list[float]] = None) -> dict[str, Any]:
+        """Aggregate the round's results by the chain (validate → sum → … → server optimizer), take the new global
+        state, evaluate when due. ``weights`` (one per result) replace the example counts (FedBuff's staleness)."""
+        updates = Updates(rnd=rnd, results=results, x=self.global_flat, spec=self.spec)
+        self.chain_state, x, measurements = self.chain(self.chain_state, updates, weights)
+        accepted, dropped = measurements.pop("accepted", []), measurements.pop("dropped", [])
+        why_not = measurements.pop("unchanged", None)
+        row: dict[str, Any] = {"round": rnd, **measurements}
+        if x is not None:
+            self.global_flat = x
             self.global_version += 1
-            self.algo_server.absorb(accepted_extras)
-            told = [r for r in accepted if "train_loss" in r.metrics]  # withheld under DP (privacy.SENT_METRICS)
+            self.algo_server.absorb(accepted)
+            told = [r for r, _ in accepted if "train_loss" in r.metrics]  # withheld under DP (privacy.SENT_METRICS)
             if told:
                 n = sum(float(r.num_examples) for r in told)
                 row["train_loss"] = float(sum(r.metrics["train_loss"] * r.num_examples for r in told) / n)
         else:
             self.display.message(f"round {rnd}: {why_not}; global model unchanged")
-        row["aggregated"] = delta is not None
+        row["aggregated"] = x is not None
         return self._finish_row(rnd, row, results, dropped)
 
     def _finish_row(self, rnd: int, row: dict[str, Any], results: list[ClientResult],

@@ -292,8 +292,9 @@ class Simulation:
     def broadcast(self, rnd: int, cid: int) -> tuple[bytes, dict[str, bytes]]:
         return self.server.broadcast(rnd, cid)
 
-    def aggregate_results(self, rnd: int, results: list[ClientResult], **kwargs) -> dict[str, Any]:
-        row = self.server.aggregate_results(rnd, results, **kwargs)
+    def aggregate_results(self, rnd: int, results: list[ClientResult],
+                          weights: Optional[list[float]] = None) -> dict[str, Any]:
+        row = self.server.aggregate_results(rnd, results, weights)
         self._load_global()
         return row
 

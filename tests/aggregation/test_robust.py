@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedfm.aggregation import AGGREGATORS
+from fedfm.aggregation import AGGREGATORS, Stage, Updates
 from fedfm.aggregation.robust import CoordinateMedian, GeometricMedian, Krum, NormBound, TrimmedMean, krum_scores
 from fedfm.config import RunConfig
 
@@ -12,6 +12,17 @@ HONEST = torch.tensor([[1.0, 0.0], [1.2, 0.1], [0.8, -0.1], [1.1, 0.05]])
 ATTACK = torch.tensor([[-50.0, 40.0]])
 ALL = torch.cat([HONEST, ATTACK])
 W = torch.ones(5)
+
+
+def _updates(flat: torch.Tensor) -> Updates:
+    return Updates(rnd=1, results=[], x=torch.zeros(flat.shape[1]), spec=None, flat=flat, ranks=[0] * len(flat))
+
+
+class _Seen(Stage):
+    """A fake inner stage: its result is the updates it was given."""
+
+    def __call__(self, state, u, weights):
+        return state, u.flat, {}
 
 
 def test_coordinate_median_by_hand():
@@ -56,7 +67,8 @@ def test_geometric_median_resists_the_outlier_and_equals_the_point_for_identical
 
 
 def test_norm_bound_scales_only_the_long_updates():
-    u, w = NormBound(2.0)(torch.tensor([[3.0, 4.0], [0.6, 0.8]]), torch.ones(2))
+    stage = NormBound(2.0, _Seen())
+    _, u, _ = stage(stage.init(), _updates(torch.tensor([[3.0, 4.0], [0.6, 0.8]])), torch.ones(2))
     assert torch.allclose(u, torch.tensor([[1.2, 1.6], [0.6, 0.8]]))
 
 
@@ -64,7 +76,7 @@ def test_norm_bound_scales_only_the_long_updates():
 def test_every_robust_aggregator_is_registered_and_bounds_the_attack(name):
     cfg = RunConfig(server={"aggregator": name, "norm_bound": 2.0, "trim_fraction": 0.2})
     agg = AGGREGATORS.get(name)(cfg)
-    out = agg(ALL, W)
+    _, out, _ = agg(agg.init(), _updates(ALL), W)
     assert out.norm() < 3.0, (name, out)  # FedAvg's mean is (-9.18, 8.01), norm 12.2
     assert ALL.mean(0).norm() > 12
 

@@ -50,7 +50,7 @@ def test_each_kind_of_bad_update_is_dropped_and_the_aggregate_is_that_of_the_goo
         if task.client_id < len(BAD):
             kinds[task.client_id] = BAD[task.client_id]
             return _corrupt(server, res, BAD[task.client_id])
-        good[task.client_id] = (server.server.decode_result(res)[0], res.num_examples)
+        good[task.client_id] = (server.server.check(res)[0], res.num_examples)
         return res
 
     server.runtime.client_fn = client

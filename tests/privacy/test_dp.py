@@ -9,6 +9,8 @@ import pytest
 import torch
 from dp_accounting import pld, rdp
 
+from fedfm.aggregation import Updates
+from fedfm.aggregation.chain import ClippedSum
 from fedfm.privacy.accountant import Mechanism
 from fedfm.privacy.dp import DPFedAvg
 from fedfm.simulation import Simulation, prepare
@@ -39,30 +41,36 @@ class _P:  # a privacy config section
     clip, target_quantile, clip_lr, count_noise = 1.0, None, 0.2, None
 
 
+def _round(mech: DPFedAvg, state, updates: torch.Tensor, rnd: int):
+    """One round of the DP stage over the plain clipped sum: (state, released update, measurements)."""
+    return mech(state, Updates(rnd=rnd, results=[], x=torch.zeros(updates.shape[1]), spec=None, flat=updates), None)
+
+
 def test_dp_fedavg_clips_sums_and_divides_by_the_fixed_denominator():
     updates = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5: the first is scaled to norm 1
-    mech = DPFedAvg(_P(), noise_multiplier=0.0, denominator=4.0, seed=0)
-    delta, info = mech(updates, 2, rnd=1)
+    mech = DPFedAvg(_P(), noise_multiplier=0.0, denominator=4.0, seed=0, inner=ClippedSum())
+    _, delta, info = _round(mech, mech.init(), updates, 1)
     assert torch.allclose(delta, torch.tensor([(0.6 + 0.3) / 4, (0.8 + 0.4) / 4]))
     assert set(info) == {"dp_clip", "dp_noise_std"}  # nothing exact about the clients (how many were clipped)
     # with noise: the std of the released coordinate is z·C / denominator, measured over many rounds
-    noisy = DPFedAvg(_P(), noise_multiplier=2.0, denominator=4.0, seed=0)
-    draws = torch.stack([noisy(torch.zeros(0, 2000), 2000, rnd=r)[0] for r in range(5)])
+    noisy = DPFedAvg(_P(), noise_multiplier=2.0, denominator=4.0, seed=0, inner=ClippedSum())
+    draws = torch.stack([_round(noisy, noisy.init(), torch.zeros(0, 2000), r)[1] for r in range(5)])
     assert draws.std().item() == pytest.approx(2.0 * 1.0 / 4.0, rel=0.03)
     # the same round of the same seed draws the same noise (resume gives the same run)
-    assert torch.equal(noisy(torch.zeros(0, 5), 5, 3)[0], noisy(torch.zeros(0, 5), 5, 3)[0])
+    assert torch.equal(*(_round(noisy, noisy.init(), torch.zeros(0, 5), 3)[1] for _ in range(2)))
 
 
 def test_adaptive_clipping_moves_c_toward_the_target_quantile():
     class P(_P):
         target_quantile, clip_lr, count_noise = 0.5, 0.2, 1.0
 
-    mech = DPFedAvg(P(), noise_multiplier=0.0, denominator=10.0, seed=0)
+    mech = DPFedAvg(P(), noise_multiplier=0.0, denominator=10.0, seed=0, inner=ClippedSum())
     norms = torch.linspace(0.1, 10.0, 10)
     updates = torch.stack([torch.tensor([n.item(), 0.0]) for n in norms])
+    state = mech.init()
     for r in range(200):
-        mech(updates, 2, r)
-    assert 3.0 < mech.C < 7.5  # near the median norm (5.05), starting from C = 1
+        state, _, _ = _round(mech, state, updates, r)
+    assert 3.0 < state["C"] < 7.5  # near the median norm (5.05), starting from C = 1
 
 
 def test_a_dp_run_logs_epsilon_every_round_and_matches_the_accountant(tiny_config):

@@ -19,7 +19,7 @@ import torch
 from dp_accounting import pld, rdp
 
 from fedfm.privacy.accountant import Mechanism
-from fedfm.privacy.dp import DPFedAvg
+from fedfm.privacy.dp import DPFedAvg, clipped_sum
 
 C = 0.7
 
@@ -34,7 +34,7 @@ class _Adaptive(_P):
 
 def _released_query(mech: DPFedAvg, updates: torch.Tensor) -> tuple[torch.Tensor, float]:
     """What one round releases before noise: the clipped sum, and (adaptive clipping) the count it noises."""
-    total, unclipped = mech.clipped_sum(updates, updates.shape[1])
+    total, unclipped = clipped_sum(updates, mech.C0)
     return total, mech.count_query(unclipped, updates.shape[0])
 
 
@@ -47,7 +47,7 @@ def _normalised_sensitivity(mech: DPFedAvg, relation: str) -> float:
     e = torch.zeros(dim)
     e[0] = 1.0
     candidates = [e * C, e * C * 0.999, e * 100.0, -e * 100.0, e * 1e-3, torch.randn(dim, generator=g) * 50]
-    sigma_sum = mech.z_delta * mech.C
+    sigma_sum = mech.z_delta * mech.C0
     sigma_count = mech.sigma_b if mech.gamma is not None else math.inf
     worst = 0.0
     if relation == "add-or-remove":
@@ -175,7 +175,7 @@ def _event_multiplier(m: Mechanism) -> float:
 def test_central_noise_has_the_std_the_accountant_assumes(sampling):
     z, per_round = 1.3, 8
     mech = DPFedAvg(_P(), z, denominator=per_round, seed=0, secret=True)
-    draws = torch.cat([mech.release(torch.zeros(50_000, dtype=torch.float64), None, r)[0] for r in range(4)])
+    draws = torch.cat([mech.release(C, torch.zeros(50_000, dtype=torch.float64), None, r)[0] for r in range(4)])
     std = float(draws.double().std()) * per_round  # the noise on the sum, before ÷ E[K]
     sens = C * (2.0 if sampling == "fixed" else 1.0)
     accounted = _event_multiplier(Mechanism(sampling, 40, per_round, z, "rdp"))
@@ -185,11 +185,10 @@ def test_central_noise_has_the_std_the_accountant_assumes(sampling):
 def test_adaptive_clipping_noise_has_the_stds_the_budget_split_assumes():
     z, per_round = 0.833, 20
     mech = DPFedAvg(_Adaptive(), z, denominator=per_round, seed=0, secret=True)
-    C0 = mech.C
+    C0 = mech.C0
     sums, counts = [], []
-    for r in range(4000):
-        mech.C = C0  # keep C fixed: only the noise is measured
-        delta, info = mech.release(torch.zeros(64, dtype=torch.float64), 0.0, r)
+    for r in range(4000):  # C fixed at C0: only the noise is measured
+        delta, info, _ = mech.release(C0, torch.zeros(64, dtype=torch.float64), 0.0, r)
         sums.append(delta.double() * per_round)
         counts.append((info["dp_unclipped_fraction"] - 0.5) * per_round)
     sigma_sum = float(torch.cat(sums).std())
@@ -204,7 +203,8 @@ def test_distributed_noise_shares_sum_to_the_std_the_accountant_assumes(tiny_con
     """m = federation.min_clients clients each add their share; the sum of the shares, measured over many
     coordinates and clients, has std zC: the central mechanism's."""
     from fedfm.privacy.secagg import RingCodec, SecAggRound
-    from fedfm.privacy.secure import SecureAggregation, SecureClient
+    from fedfm.privacy.dp import noise_share_std
+    from fedfm.privacy.secure import SecureClient, SecureSum
 
     class Spec:
         numel = 20_000
@@ -219,13 +219,14 @@ def test_distributed_noise_shares_sum_to_the_std_the_accountant_assumes(tiny_con
             min_clients = m
 
         class privacy:
-            mode, randomness = "client", "secret"
+            mode, randomness, clip = "client", "secret", C
 
-    dp = DPFedAvg(_P(), z, denominator=m, seed=0, secret=True)
-    stage = SecureAggregation(Cfg, Spec, dp, max_examples=1, seed=0)
+    stage = SecureSum(Cfg, check=None, max_examples=1, seed=0, mechanism=Mechanism("poisson", 40, m, z, "rdp"))
     rnd = SecAggRound(range(m), dim=Spec.numel, codec=RingCodec.for_sum(stage.clip, m, 32), k=None)
     zero = torch.zeros(Spec.numel)
-    codes = [SecureClient(u, rnd, stage).contribution(zero, 1, seed=100 + u) for u in range(m)]
+    share = noise_share_std(z, C, m)  # what DP-FedAvg asks of each client under distributed noise
+    codes = [SecureClient(u, rnd, stage, clip=C, noise_share=share).contribution(zero, 1, seed=100 + u)
+             for u in range(m)]
     total = rnd.codec.decode(np.sum(codes, axis=0, dtype=np.uint64), m)  # what the server unmasks
     assert len(total) == Spec.numel  # the noised update and nothing else
     assert float(total.std()) == pytest.approx(z * C * 1.0, rel=0.02)  # = the std of the central noise

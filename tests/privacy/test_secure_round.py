@@ -120,7 +120,7 @@ def test_distributed_noise_shares_add_up_to_the_accounted_noise(tiny_config):
     quiet.aggregate_results(1, _results(quiet))
     row = noisy.aggregate_results(1, _results(noisy))
     noise = noisy.global_flat - quiet.global_flat  # the server optimizer is FedAvg with lr 1: the update itself
-    want = z * C * (6 / m) ** 0.5 / noisy.server.dp.denominator  # six shares of variance (zC)²/m, ÷ E[K]
+    want = z * C * (6 / m) ** 0.5 / noisy.server.server.mechanism.per_round  # six shares of variance (zC)²/m, ÷ E[K]
     assert row["dp_noise_std"] == pytest.approx(want)
     assert float(noise.std()) == pytest.approx(want, rel=0.1)
     assert "secagg_clamped_fraction" not in row  # under DP nothing but the noised update is unmasked
@@ -217,7 +217,7 @@ def test_an_aborted_secure_round_under_dp_releases_noise_only(tiny_config):
     row = server.aggregate_results(1, _results(server, errors=(0, 1, 2, 3)))
     assert "secagg_error" in row and row["aggregated"] and row["dp_noise_only"]
     moved = server.global_flat - before
-    assert float(moved.std()) == pytest.approx(1.0 * 0.05 / server.server.dp.denominator, rel=0.15)
+    assert float(moved.std()) == pytest.approx(1.0 * 0.05 / server.server.mechanism.per_round, rel=0.15)
 
 
 def test_clients_refuse_to_unmask_a_sum_with_too_few_noise_shares(tiny_config):

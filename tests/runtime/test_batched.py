@@ -36,7 +36,7 @@ def _tasks(server, rnd=1):
 
 def _deltas(server, results):
     assert all(r.error is None for r in results), [r.error for r in results]
-    return {r.client_id: server.server.decode_result(r)[0] for r in results}
+    return {r.client_id: server.server.check(r)[0] for r in results}
 
 
 def _compare(server, seq, bat, bound=REL):

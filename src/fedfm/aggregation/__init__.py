@@ -1,20 +1,59 @@
-"""Aggregation: a chain of small stages over the stacked client updates, ending in a reducer.
+"""Aggregation: one chain of nested stages per run, one interface for all (TFF's aggregation processes, Optax's
+transformations)::
 
-Each stage maps ``(updates [K, D], weights [K]) -> (updates, weights)``; the reducer maps them to one delta [D].
-Stages that keep state (adaptive clipping, error feedback, ...) expose ``state_dict``/``load_state_dict``
-so the whole chain is checkpointed.
+    state = chain.init()                                            # nested dict of tensors and builtins
+    state, result, measurements = chain(state, updates, weights)
+
+A stage holds its configuration only; its state passes explicitly, so the whole chain's state is one nested dict the
+server checkpoints under one key. An outer stage wraps an ``inner`` one (``DPFedAvg(inner=SecureSum())``) and calls
+it once. The stages are in ``chain.py`` (and ``privacy/dp.py``, ``privacy/secure.py``); this module holds the
+interface, the reducers' stage and FedAvg's reducer; the registry ``AGGREGATORS`` (``server.aggregator``) gives the
+plain sum's stage of a config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..registry import Registry
-from ..stateful import Stateful
 
-AGGREGATORS: Registry[Callable[..., "Aggregator"]] = Registry("aggregator")
+AGGREGATORS: Registry[Callable[..., "Stage"]] = Registry("aggregator")
+
+
+@dataclass(frozen=True)
+class Updates:
+    """One round's input to the chain: what the clients sent and the round's context.
+
+    Validation fills ``accepted``, ``flat`` and ``ranks``; DP-FedAvg sets ``clip`` (and ``noise_share``) for its inner
+    sum. Stages pass it on changed with ``dataclasses.replace``."""
+
+    rnd: int
+    results: list  # the round's ClientResults as received, errors included
+    x: torch.Tensor  # the global flat state the round started from
+    spec: Any
+    accepted: list = ()  # (ClientResult, decoded extras) of each result that passed validation, in order
+    flat: Optional[torch.Tensor] = None  # their decoded updates, stacked [K, D]
+    ranks: list = ()  # their LoRA ranks
+    clip: Optional[float] = None  # DP-FedAvg: each update is clipped to this L2 norm before it is summed
+    noise_share: Optional[float] = None  # DP-FedAvg, distributed noise: each client adds N(0, noise_share² I)
+
+
+class Stage:
+    """One stage: ``init() -> state``; ``stage(state, updates, weights) -> (state, result, measurements)``.
+
+    ``weights`` [K]: one per result (None: the example counts). ``result`` None: the round changes nothing.
+    ``measurements`` go into the round's metrics row, except the keys the server reads (``dropped``, ``accepted``,
+    ``unchanged``: why the result is None) and those an outer stage consumes (``unclipped``, ``noise_shares``)."""
+
+    inner: Optional["Stage"] = None
+
+    def init(self) -> dict[str, Any]:
+        return {} if self.inner is None else {"inner": self.inner.init()}
+
+    def __call__(self, state: dict, updates: Updates, weights) -> tuple[dict, Any, dict[str, Any]]:
+        raise NotImplementedError
 
 
 @dataclass
@@ -26,12 +65,17 @@ class RoundInfo:
     spec: Any
 
 
-class Stage(Stateful):
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+class Reduce(Stage):
+    """A reducer over the accepted updates stacked [K, D]: ``reducer(updates, weights, RoundInfo) -> Δ [D]``."""
+
+    def __init__(self, reducer):
+        self.reducer = reducer
+
+    def __call__(self, state, u, weights):
+        return state, self.reducer(u.flat, weights.float(), RoundInfo(x=u.x, ranks=list(u.ranks), spec=u.spec)), {}
 
 
-class WeightedMean(Stateful):
+class WeightedMean:
     """FedAvg's reducer (McMahan et al. 2017): sum_k n_k Δ_k / sum_k n_k."""
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor, info=None) -> torch.Tensor:
@@ -39,40 +83,16 @@ class WeightedMean(Stateful):
         return (w / w.sum()) @ updates
 
 
-class Aggregator(Stateful):
-    """``stages`` in order, then ``reduce``."""
-
-    def __init__(self, stages: Sequence[Stage], reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.stages = list(stages)
-        self.reduce = reduce
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor, info: "RoundInfo | None" = None) -> torch.Tensor:
-        if updates.ndim != 2 or updates.shape[0] != weights.shape[0] or updates.shape[0] == 0:
-            raise ValueError(f"aggregator: expected updates [K, D] and weights [K], got {tuple(updates.shape)}, {tuple(weights.shape)}")
-        for stage in self.stages:
-            updates, weights = stage(updates, weights)
-        return self.reduce(updates, weights, info)
-
-    def state_dict(self) -> dict[str, Any]:
-        parts = [*self.stages, self.reduce]
-        return {str(i): getattr(s, "state_dict", dict)() for i, s in enumerate(parts)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for i, s in enumerate([*self.stages, self.reduce]):
-            if hasattr(s, "load_state_dict"):
-                s.load_state_dict(state.get(str(i), {}))
-
-
 @AGGREGATORS.register("fedavg")
-def fedavg(cfg=None) -> Aggregator:
+def fedavg(cfg=None) -> Stage:
     """FedAvg (McMahan et al. 2017): example-weighted mean of the client deltas."""
-    return Aggregator([], WeightedMean())
+    return Reduce(WeightedMean())
 
 
 fedavg.linear_sum = True  # a (weighted) sum of the updates: what DP-FedAvg's noise and a secure sum need
 
 
-def make_aggregator(cfg) -> Aggregator:
+def make_aggregator(cfg) -> Stage:
     return AGGREGATORS.get(cfg.server.aggregator)(cfg)
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..models.ranks import lora_pairs
-from ..stateful import Stateful
-from . import AGGREGATORS, Aggregator
+from . import AGGREGATORS, Reduce, Stage
 
 
 def _slices(spec) -> dict[str, slice]:
@@ -40,7 +39,7 @@ def _client_factors(info, updates, name_a, name_b, sl):
     return out
 
 
-class _LoRAReducer(Stateful):
+class _LoRAReducer:
     def fedavg(self, updates, weights, x):
         w = weights.to(updates.dtype)
         return x + (w / w.sum()) @ updates
@@ -90,15 +89,15 @@ class FlexLoRA(_LoRAReducer):
 
 
 @AGGREGATORS.register("hetlora")
-def hetlora(cfg=None) -> Aggregator:
+def hetlora(cfg=None) -> Stage:
     """HetLoRA (Cho et al. 2024): zero-padding, sparsity-weighted aggregation, truncation to each rank."""
-    return Aggregator([], HetLoRA(weighting=cfg.server.hetlora_weighting if cfg is not None else "sparsity"))
+    return Reduce(HetLoRA(weighting=cfg.server.hetlora_weighting if cfg is not None else "sparsity"))
 
 
 @AGGREGATORS.register("flexlora")
-def flexlora(cfg=None) -> Aggregator:
+def flexlora(cfg=None) -> Stage:
     """FlexLoRA (Bai et al. 2024): average the products B_k A_k, SVD back to each client's rank."""
-    return Aggregator([], FlexLoRA())
+    return Reduce(FlexLoRA())
 
 
 def _synchronous_only(cfg) -> None:

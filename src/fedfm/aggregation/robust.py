@@ -6,18 +6,14 @@ Each works on the flat stacked updates ``[K, D]``. ``f``, the number of clients 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from ..stateful import Stateful
-from . import AGGREGATORS, Aggregator, Stage, WeightedMean
+from . import AGGREGATORS, Reduce, Stage, WeightedMean
 
 
-class _Reducer(Stateful):
-    """A robust reducer: no state of its own."""
-
-
-class CoordinateMedian(_Reducer):
+class CoordinateMedian:
     """Coordinate-wise median (Yin et al. 2018): each coordinate of the update is the median of the clients' values."""
 
     def __call__(self, updates, weights, info=None):
@@ -28,7 +24,7 @@ class CoordinateMedian(_Reducer):
         return 0.5 * (s[k // 2 - 1] + s[k // 2])  # the mean of the two middle values, as numpy's median
 
 
-class TrimmedMean(_Reducer):
+class TrimmedMean:
     """Coordinate-wise trimmed mean (Yin et al. 2018): drop the b = floor(βK) largest and b smallest values of each
     coordinate and average the rest."""
 
@@ -55,7 +51,7 @@ def krum_scores(updates: torch.Tensor, f: int) -> torch.Tensor:
     return nearest.sum(1)
 
 
-class Krum(_Reducer):
+class Krum:
     """Krum (Blanchard et al. 2017): the one update with the smallest score; Multi-Krum: the example-weighted mean
     of the m = K − f updates with the smallest scores."""
 
@@ -76,7 +72,7 @@ class Krum(_Reducer):
         return (w / w.sum()) @ updates[chosen]
 
 
-class GeometricMedian(_Reducer):
+class GeometricMedian:
     """RFA (Pillutla et al. 2022): the weighted geometric median of the updates by the smoothed Weiszfeld algorithm,
     v ← Σ β_k Δ_k / Σ β_k with β_k = α_k / max(ν, ‖v − Δ_k‖), starting from the weighted mean."""
 
@@ -95,45 +91,47 @@ class GeometricMedian(_Reducer):
 
 
 class NormBound(Stage):
-    """Norm bounding (Sun et al. 2019): scale each update to L2 norm at most M before averaging."""
+    """Norm bounding (Sun et al. 2019): scale each update to L2 norm at most M before the inner reducer."""
 
-    def __init__(self, bound: float):
-        self.bound = bound
+    def __init__(self, bound: float, inner: Stage):
+        self.bound, self.inner = bound, inner
 
-    def __call__(self, updates, weights):
-        norms = updates.norm(dim=1, keepdim=True)
-        return updates * (self.bound / norms.clamp_min(1e-12)).clamp(max=1.0), weights
+    def __call__(self, state, u, weights):
+        norms = u.flat.norm(dim=1, keepdim=True)
+        flat = u.flat * (self.bound / norms.clamp_min(1e-12)).clamp(max=1.0)
+        inner, result, measurements = self.inner(state["inner"], replace(u, flat=flat), weights)
+        return {"inner": inner}, result, measurements
 
 
 @AGGREGATORS.register("median")
-def median(cfg=None) -> Aggregator:
-    return Aggregator([], CoordinateMedian())
+def median(cfg=None) -> Stage:
+    return Reduce(CoordinateMedian())
 
 
 @AGGREGATORS.register("trimmed-mean")
-def trimmed_mean(cfg=None) -> Aggregator:
-    return Aggregator([], TrimmedMean(cfg.server.trim_fraction if cfg is not None else 0.1))
+def trimmed_mean(cfg=None) -> Stage:
+    return Reduce(TrimmedMean(cfg.server.trim_fraction if cfg is not None else 0.1))
 
 
 @AGGREGATORS.register("krum")
-def krum(cfg=None) -> Aggregator:
-    return Aggregator([], Krum(cfg.server.byzantine_fraction if cfg is not None else 0.2, multi=False))
+def krum(cfg=None) -> Stage:
+    return Reduce(Krum(cfg.server.byzantine_fraction if cfg is not None else 0.2, multi=False))
 
 
 @AGGREGATORS.register("multi-krum")
-def multi_krum(cfg=None) -> Aggregator:
-    return Aggregator([], Krum(cfg.server.byzantine_fraction if cfg is not None else 0.2, multi=True))
+def multi_krum(cfg=None) -> Stage:
+    return Reduce(Krum(cfg.server.byzantine_fraction if cfg is not None else 0.2, multi=True))
 
 
 @AGGREGATORS.register("geometric-median")
-def geometric_median(cfg=None) -> Aggregator:
-    return Aggregator([], GeometricMedian(cfg.server.geomed_iters if cfg is not None else 4))
+def geometric_median(cfg=None) -> Stage:
+    return Reduce(GeometricMedian(cfg.server.geomed_iters if cfg is not None else 4))
 
 
 @AGGREGATORS.register("norm-bound")
-def norm_bound(cfg=None) -> Aggregator:
+def norm_bound(cfg=None) -> Stage:
     if cfg is None or cfg.server.norm_bound is None:
         from ..errors import ConfigError
 
         raise ConfigError("server.aggregator 'norm-bound' needs server.norm_bound (the largest L2 norm an update keeps)")
-    return Aggregator([NormBound(cfg.server.norm_bound)], WeightedMean())
+    return NormBound(cfg.server.norm_bound, Reduce(WeightedMean()))

@@ -1,38 +1,32 @@
-"""Server optimizers: turn the aggregated delta Δ_t into the new global state x_{t+1} (on flat buffers).
+"""Server optimizers: turn the aggregated delta Δ_t into the new global state x_{t+1} (on flat buffers); the last
+stage of the aggregation chain (``chain.ServerStep``).
 
 Δ_t is the (weighted) mean of the clients' x_k − x_t, i.e. minus the "pseudo-gradient" of Reddi et al. 2021; every
-optimizer here is written in Δ so it reads like Algorithm 2 of that paper. Each keeps its state (momentum m,
-second moment v) as flat tensors in ``state_dict`` so a resumed run continues exactly.
+optimizer here is written in Δ so it reads like Algorithm 2 of that paper. An optimizer holds its hyperparameters;
+its state (momentum m, second moment v: flat tensors, None before the first step) passes explicitly, as the chain's:
+``init() -> state``, ``step(state, x, Δ) -> (state, x_new)``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
 from ..registry import Registry
-from ..stateful import Stateful
 
 SERVER_OPTIMIZERS: Registry[Callable[..., "ServerOptimizer"]] = Registry("server optimizer")
 
+State = dict[str, Any]
 
-class ServerOptimizer(Stateful):
-    def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+
+class ServerOptimizer:
+    buffers: tuple[str, ...] = ()  # the names of its flat state buffers
+
+    def init(self) -> State:
+        return {b: None for b in self.buffers}
+
+    def step(self, state: State, x: torch.Tensor, delta: torch.Tensor) -> tuple[State, torch.Tensor]:
         raise NotImplementedError
-
-
-class _Stateful(ServerOptimizer):
-    """Holds named flat buffers (None until the first step)."""
-
-    buffers: tuple[str, ...] = ()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {b: None if getattr(self, b) is None else getattr(self, b).clone() for b in self.buffers}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for b in self.buffers:
-            v = state.get(b)
-            setattr(self, b, None if v is None else v.clone())
 
 
 class FedAvg(ServerOptimizer):
@@ -41,25 +35,24 @@ class FedAvg(ServerOptimizer):
     def __init__(self, lr: float = 1.0):
         self.lr = lr
 
-    def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return x + self.lr * delta
+    def step(self, state, x, delta):
+        return state, x + self.lr * delta
 
 
-class FedAvgM(_Stateful):
+class FedAvgM(ServerOptimizer):
     """FedAvgM (Hsu et al. 2019): server momentum m_t = β m_{t−1} + Δ_t; x_{t+1} = x_t + η m_t."""
 
     buffers = ("m",)
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.9):
         self.lr, self.beta = lr, momentum
-        self.m: Optional[torch.Tensor] = None
 
-    def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        self.m = delta.clone() if self.m is None else self.beta * self.m + delta
-        return x + self.lr * self.m
+    def step(self, state, x, delta):
+        m = delta.clone() if state["m"] is None else self.beta * state["m"] + delta
+        return {"m": m}, x + self.lr * m
 
 
-class Nesterov(_Stateful):
+class Nesterov(ServerOptimizer):
     """Nesterov outer step of DiLoCo (Douillard et al. 2023): SGD with Nesterov momentum on the outer gradient −Δ_t.
 
     m_t = μ m_{t−1} + Δ_t;  x_{t+1} = x_t + η (Δ_t + μ m_t)   (torch.optim.SGD(nesterov=True) applied to −Δ_t).
@@ -69,14 +62,13 @@ class Nesterov(_Stateful):
 
     def __init__(self, lr: float = 0.7, momentum: float = 0.9):
         self.lr, self.mu = lr, momentum
-        self.m: Optional[torch.Tensor] = None
 
-    def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        self.m = delta.clone() if self.m is None else self.mu * self.m + delta
-        return x + self.lr * (delta + self.mu * self.m)
+    def step(self, state, x, delta):
+        m = delta.clone() if state["m"] is None else self.mu * state["m"] + delta
+        return {"m": m}, x + self.lr * (delta + self.mu * m)
 
 
-class _Adaptive(_Stateful):
+class _Adaptive(ServerOptimizer):
     """Algorithm 2 of Reddi et al. 2021: m_t = β1 m_{t−1} + (1−β1) Δ_t; v_t from ``second_moment``;
     x_{t+1} = x_t + η m_t / (√v_t + τ), with m_{−1} = 0 and v_{−1} = τ² (no bias correction, as in the paper)."""
 
@@ -84,19 +76,17 @@ class _Adaptive(_Stateful):
 
     def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
-        self.m: Optional[torch.Tensor] = None
-        self.v: Optional[torch.Tensor] = None
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.m is None:
-            self.m = torch.zeros_like(delta)
-            self.v = torch.full_like(delta, self.tau ** 2)
-        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
-        self.v = self.second_moment(self.v, delta * delta)
-        return x + self.lr * self.m / (self.v.sqrt() + self.tau)
+    def step(self, state, x, delta):
+        m, v = state["m"], state["v"]
+        if m is None:
+            m, v = torch.zeros_like(delta), torch.full_like(delta, self.tau ** 2)
+        m = self.beta1 * m + (1 - self.beta1) * delta
+        v = self.second_moment(v, delta * delta)
+        return {"m": m, "v": v}, x + self.lr * m / (v.sqrt() + self.tau)
 
 
 class FedAdagrad(_Adaptive):

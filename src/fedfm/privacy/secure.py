@@ -1,17 +1,19 @@
-"""Secure aggregation as a stage of the round: the "(secure) sum" of validate → clip → sum → noise → server optimizer.
+"""Secure aggregation as a stage of the aggregation chain: the sum, computed by SecAgg+ between the clients' parties.
 
 The protocol is ``privacy/secagg.py`` (SecAgg+, Bonawitz et al. 2017 / Bell et al. 2020). This module puts it in the
 round. Each sampled client gets its own ``SecAggClient`` party with fresh keys. Everything that needs one update
 alone runs on the client's side, before masking: decoding its own codec bytes (so the codec's quantisation applies),
-validation, DP clipping and, optionally, its share of the DP noise. The server gets masked vectors, sums them,
-unmasks the sum and only then divides, adds central noise and steps the server optimizer.
+validation (the chain's ``UpdateCheck``), DP clipping and, optionally, its share of the DP noise. The server gets
+masked vectors and unmasks their sum only; an outer stage (DP-FedAvg: ``privacy/dp.py``) then adds central noise and
+divides, and the server optimizer steps.
 
 What a client masks:
 - plain FedAvg: (w_k Δ_k, w_k, clamped fraction) with w_k = n_k / n_max (n_max, the largest client, is public), so
-  the unmasked sum gives Σ w_k Δ_k / Σ w_k, the example-weighted mean;
-- DP-FedAvg (``privacy.mode: client``): Δ_k clipped to L2 norm C, unweighted, and nothing else; with
-  ``secagg.dp_noise: distributed`` plus N(0, z²C² / m) with m = ``federation.min_clients``, so any m or more
-  survivors carry at least the noise the accountant assumes (a client refuses to help unmask fewer).
+  the unmasked sum gives Σ w_k Δ_k / Σ w_k, the example-weighted mean, the stage's result;
+- under DP-FedAvg (the wrapper sets ``updates.clip``): Δ_k clipped to L2 norm C, unweighted, and nothing else; with
+  ``secagg.dp_noise: distributed`` (``updates.noise_share``) plus N(0, z²C² / m) with m = ``federation.min_clients``,
+  so any m or more survivors carry at least the noise the accountant assumes (a client refuses to help unmask
+  fewer); the stage's result is the unmasked sum.
 
 The graph's k and t are chosen per round from Bell et al. 2020's bounds for the roster's size and the stated
 fractions of corrupt and dropping clients (``secagg.corrupt_fraction``, ``dropout_fraction``), and the graph itself
@@ -20,23 +22,27 @@ is drawn from fresh randomness once the roster is fixed.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from ..aggregation import Stage
 from ..randomness import Randomness
+from .dp import clip, noise_share_std
 from .secagg import (GraphBounds, MaskedInput, RingCodec, SecAggAbort, SecAggClient, SecAggRound, UnmaskingRefused,
                      UnmaskingRequest, graph_bounds, harary_parameters)
 
 
 class SecureClient:
     """Client k's side of a secure round: its protocol party (its own keys) and what it does with its own update
-    before masking it."""
+    before masking it: clip it to ``clip`` and add N(0, noise_share²) under DP-FedAvg."""
 
-    def __init__(self, u: int, rnd: SecAggRound, stage: "SecureAggregation"):
+    def __init__(self, u: int, rnd: SecAggRound, stage: "SecureSum", clip: Optional[float] = None,
+                 noise_share: Optional[float] = None):
         self.party = SecAggClient(u, rnd.config)
         self.stage, self.codec = stage, rnd.codec
+        self.clip, self.noise_share = clip, noise_share
 
     def contribution(self, flat: torch.Tensor, num_examples: int, seed: int) -> np.ndarray:
         """The ring vector this client masks.
@@ -45,16 +51,15 @@ class SecureClient:
         so that everything the server unmasks is covered by the noise. Without DP: its weighted update w_k Δ_k, then
         two coordinates the server learns only summed: w_k, and the fraction of coordinates clamped to
         ±secagg.clip, both scaled by clip to stay in the ring's range."""
-        st = self.stage
         if not torch.isfinite(flat).all():
             raise ValueError("the update has NaN or Inf values")
-        if st.dp is not None:  # DP-FedAvg: the client clips itself; the server will never see Δ_k alone
-            vec, _ = st.dp.clip(flat)
-            if st.distributed_noise:
+        if self.clip is not None:  # DP-FedAvg: the client clips itself; the server will never see Δ_k alone
+            vec, _ = clip(flat, self.clip)
+            if self.noise_share is not None:
                 g = torch.Generator().manual_seed(seed)
-                vec = vec + torch.randn(vec.numel(), generator=g, dtype=torch.float64) * st.noise_share_std
+                vec = vec + torch.randn(vec.numel(), generator=g, dtype=torch.float64) * self.noise_share
             return self.codec.encode(vec.numpy())
-        a = num_examples / st.max_examples
+        a = num_examples / self.stage.max_examples
         vec = flat.double().numpy() * a
         b = float((np.abs(vec) > self.codec.clip).mean())
         return self.codec.encode(np.concatenate([vec, [a * self.codec.clip, b * self.codec.clip]]))
@@ -64,10 +69,23 @@ class SecureClient:
         ``federation.min_clients`` masked inputs, each with its share (else the server would unmask a sum with less
         noise than the accountant assumes)."""
         st = self.stage
-        if st.distributed_noise and len(request.survivors) < st.min_survivors:
+        if self.noise_share is not None and len(request.survivors) < st.min_survivors:
             raise UnmaskingRefused(f"client {self.party.u} refuses Unmasking: only {len(request.survivors)} masked "
                                    f"inputs carry noise shares, fewer than federation.min_clients={st.min_survivors}")
         return self.party.unmasking(request)
+
+
+def ring_clip(cfg, mechanism=None) -> float:
+    """What each masked coordinate is clamped to: ``secagg.clip``; else under DP-FedAvg C (a clipped update's
+    coordinates are within C), plus 6σ_s for a noise share of std σ_s (exceeded with probability ~2e-9); else 1."""
+    sa = cfg.secagg
+    if sa.clip is not None:
+        return sa.clip
+    if mechanism is None:
+        return 1.0
+    C = float(cfg.privacy.clip)
+    share = noise_share_std(float(mechanism.noise_multiplier), C, cfg.federation.min_clients)
+    return C + (6 * share if sa.dp_noise == "distributed" else 0.0)
 
 
 def check_graph(cfg, per_round: int) -> None:
@@ -103,51 +121,34 @@ def graph_for(sa, n: int) -> GraphBounds:
     return graph_bounds(n, k, t, sa.corrupt_fraction, sa.dropout_fraction)
 
 
-class SecureAggregation:
-    """Runs one SecAgg+ instance per round over the sampled clients and returns the unmasked aggregate."""
+class SecureSum(Stage):
+    """SecAgg+ (Bell et al. 2020), one instance per round over the sampled clients; its result is the unmasked
+    weighted mean, or under DP-FedAvg (``updates.clip`` set) the unmasked clipped sum, for the wrapper to noise and
+    divide."""
 
-    def __init__(self, cfg, spec, dp, max_examples: int, seed: int):
-        sa = cfg.secagg
-        self.cfg, self.spec, self.dp = cfg, spec, dp
+    def __init__(self, cfg, check, max_examples: int, seed: int, mechanism=None):
+        self.cfg, self.check = cfg, check
         self.random = Randomness(seed, cfg.privacy.mode, cfg.privacy.randomness == "secret")
         self.max_examples = max(int(max_examples), 1)
-        self.distributed_noise = dp is not None and sa.dp_noise == "distributed"
         self.min_survivors = cfg.federation.min_clients
-        if sa.clip is not None:
-            self.clip = sa.clip
-        elif dp is None:
-            self.clip = 1.0
-        else:  # a clipped update's coordinates are within C; a noise share of std σ_s within 6σ_s but for ~2e-9
-            self.clip = dp.C + (6 * self.noise_share_std if self.distributed_noise else 0.0)
-        # under DP only the clipped (noised) update is masked; without, + the two summed-only coordinates
-        self.dim = spec.numel + (0 if dp is not None else 2)
+        self.clip = ring_clip(cfg, mechanism)
 
-    @property
-    def noise_share_std(self) -> float:
-        """One client's share of the DP noise: N(0, z_Δ²C²/m), so that any m = federation.min_clients or more
-        survivors carry at least the noise the accountant assumes."""
-        return self.dp.z_delta * self.dp.C / self.min_survivors ** 0.5
+    def __call__(self, state, u, weights):
+        """``u.results``: the round's ClientResults (errors included: they completed ShareKeys and then dropped)."""
+        result, info, dropped = self._sum(u)
+        gone = {d["id"] for d in dropped}
+        accepted = [(r, {}) for r in u.results if r.error is None and r.client_id not in gone]
+        return state, result, {**info, "dropped": dropped, "accepted": accepted}
 
-    def _noise_only(self, rnd: int, info: dict[str, Any], dropped: list[dict]):
-        """A round whose secure sum gives nothing still releases under DP, as the plain path does with no clients:
-        N(0, (z_Δ C)²) / E[K], so whether a round aborted (which depends on who took part) does not show."""
-        if self.dp is None:
-            return None, info, dropped
-        delta, dp_info = self.dp.release(torch.zeros(self.spec.numel, dtype=torch.float64), None, rnd)
-        return delta, {**info, **dp_info, "dp_noise_only": True}, dropped
-
-    def aggregate(self, rnd: int, results: list, decode) -> tuple[torch.Tensor | None, dict[str, Any], list[dict]]:
-        """``results``: the round's ClientResults (errors included: they completed ShareKeys and then dropped);
-        ``decode(result)`` is the client's own decoding of its bytes. Returns (delta or None, info, dropped)."""
-        sa, t0 = self.cfg.secagg, time.perf_counter()
+    def _sum(self, u) -> tuple[Optional[torch.Tensor], dict[str, Any], list[dict]]:
+        sa, t0, results = self.cfg.secagg, time.perf_counter(), u.results
         roster = sorted(int(r.client_id) for r in results)
         dropped: list[dict] = []
         info: dict[str, Any] = {"secagg_clients": len(roster)}
         if len(roster) < 2:  # one client's "sum" is its update: nothing may be unmasked
             dropped = [{"id": r.client_id, "error": r.error or "alone in the round: secure aggregation needs 2 clients"}
                        for r in results]
-            info["secagg_error"] = "fewer than 2 sampled clients"
-            return self._noise_only(rnd, info, dropped)
+            return None, self._nothing(info, "fewer than 2 sampled clients"), dropped
         # the sum of this round's len(roster) inputs, each coordinate within ±clip, must fit the ring
         codec = RingCodec.for_sum(self.clip, len(roster), sa.bits)
         # the graph: (k, t) for this roster, drawn from fresh randomness only now that the roster is fixed, so no
@@ -156,39 +157,40 @@ class SecureAggregation:
             g = graph_for(sa, len(roster))
         except ValueError as e:  # too few clients this round for any safe graph (a small Poisson sample): no sum
             dropped = [{"id": r.client_id, "error": r.error or f"not aggregated: {e}"} for r in results]
-            info["secagg_error"] = str(e)
-            return self._noise_only(rnd, info, dropped)
+            return None, self._nothing(info, str(e)), dropped
         info.update(secagg_k=g.k, secagg_t=g.t, secagg_security_bound=g.security, secagg_abort_bound=g.correctness)
-        rnd_ = SecAggRound(roster, dim=self.dim, codec=codec, k=g.k, t=g.t,
-                           graph_seed=self.random.seed("secagg_graph", rnd), session=b"fedfm round %d" % rnd)
-        clients = {u: SecureClient(u, rnd_, self) for u in roster}  # each holds only its own keys
+        # under DP only the clipped (noised) update is masked; without, + the two summed-only coordinates
+        dim = u.spec.numel + (0 if u.clip is not None else 2)
+        rnd_ = SecAggRound(roster, dim=dim, codec=codec, k=g.k, t=g.t,
+                           graph_seed=self.random.seed("secagg_graph", u.rnd), session=b"fedfm round %d" % u.rnd)
+        clients = {c: SecureClient(c, rnd_, self, u.clip, u.noise_share) for c in roster}  # each only its own keys
         masked: list[MaskedInput] = []
         try:
             keys = rnd_.advertise_keys(c.party.advertise_keys() for c in clients.values())
-            shares = rnd_.share_keys(clients[u].party.share_keys(keys[u]) for u in keys)
+            shares = rnd_.share_keys(clients[c].party.share_keys(keys[c]) for c in keys)
             for r in results:
                 if r.error is not None:  # crashed, refused or straggled after ShareKeys: dropped before masking
                     dropped.append({"id": r.client_id, "error": r.error})
                     continue
                 try:
-                    flat = decode(r)
+                    flat, _ = self.check(r)
                     x = clients[r.client_id].contribution(flat, r.num_examples,
-                                                          self.random.seed("noise_share", rnd, r.client_id))
+                                                          self.random.seed("noise_share", u.rnd, r.client_id))
                 except Exception as e:  # the client's own validation: it does not send a masked input
                     dropped.append({"id": r.client_id, "error": f"rejected by the client before masking: {e}"})
                     continue
                 masked.append(clients[r.client_id].party.masked_input_collection(shares[r.client_id], x))
             asks = rnd_.masked_input_collection(masked)
             replies = []
-            for u, ask in asks.items():
+            for c, ask in asks.items():
                 try:
-                    replies.append(clients[u].unmasking(UnmaskingRequest(ask.survivors, ask.dropped)))
+                    replies.append(clients[c].unmasking(UnmaskingRequest(ask.survivors, ask.dropped)))
                 except UnmaskingRefused as e:
-                    dropped.append({"id": u, "error": str(e)})
+                    dropped.append({"id": c, "error": str(e)})
             total = torch.from_numpy(rnd_.unmasking(replies))
         except SecAggAbort as e:
             info.update(secagg_error=str(e), secagg_seconds=time.perf_counter() - t0)
-            return self._noise_only(rnd, info, dropped)
+            return None, self._nothing(info), dropped
         rep = rnd_.report
         info.update(secagg_included=len(rep.included), secagg_dropped=len(rep.dropped),
                     secagg_bytes_up=int(sum(sum(p.values()) for p in rep.bytes_sent.values())),
@@ -196,18 +198,20 @@ class SecureAggregation:
                     secagg_step=codec.step, secagg_server_s=float(sum(rep.server_seconds.values())),
                     secagg_seconds=time.perf_counter() - t0)
         n = len(rep.included)
-        if self.dp is not None:
-            delta, dp_info = self.dp.release(total, None, rnd, noise=not self.distributed_noise)
-            if self.distributed_noise:
-                dp_info["dp_noise_std"] = self.noise_share_std * n ** 0.5 / self.dp.denominator
-            info.update(dp_info)
-            return delta, info, dropped
+        if u.clip is not None:  # DP-FedAvg's clipped sum (with n noise shares under distributed noise)
+            return total, {**info, "noise_shares": n}, dropped
         total, (sum_a, sum_b) = total[:-2], (total[-2:] / codec.clip).tolist()
         info["secagg_clamped_fraction"] = sum_b / max(n, 1)
         if n < self.cfg.federation.min_clients:
-            info["secagg_error"] = f"only {n} masked inputs (federation.min_clients={self.cfg.federation.min_clients})"
-            return None, info, dropped
+            return None, self._nothing(info, f"only {n} masked inputs (federation.min_clients="
+                                             f"{self.cfg.federation.min_clients})"), dropped
         if sum_a <= 0:
-            info["secagg_error"] = "the summed weights are not positive"
-            return None, info, dropped
+            return None, self._nothing(info, "the summed weights are not positive"), dropped
         return (total / sum_a).float(), info, dropped
+
+    @staticmethod
+    def _nothing(info: dict[str, Any], error: Optional[str] = None) -> dict[str, Any]:
+        """The measurements of a round that gives no sum, and why."""
+        if error is not None:
+            info["secagg_error"] = error
+        return {**info, "unchanged": f"secure aggregation gave no update ({info.get('secagg_error')})"}
