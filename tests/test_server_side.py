@@ -16,6 +16,27 @@ from fedfm.server import Server
 LAYOUT = Layout({"lora_A.weight": (2, 3), "classifier.bias": (4,)})
 
 
+def _reachable(root, limit: int = 100_000) -> list:
+    """Every object reachable from ``root`` through attributes, dict values, list/tuple/set items (not into tensors
+    or modules' internals: a module met is itself reported)."""
+    seen, todo, out = set(), [root], []
+    while todo and len(seen) < limit:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.Tensor, np.ndarray)):
+            continue
+        seen.add(id(obj))
+        out.append(obj)
+        if isinstance(obj, torch.nn.Module):
+            continue
+        if isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            todo.extend(vars(obj).values())
+    return out
+
+
 def _result(cid: int, delta: torch.Tensor, n: int, codec_name: str = "fp32") -> ClientResult:
     return ClientResult(client_id=cid, update=make_codec(codec_name).encode(LAYOUT.unflatten(delta)), num_examples=n)
 
@@ -41,6 +62,24 @@ def test_server_steps_from_encoded_results_alone(tiny_config):
     again.load_checkpoint_state(ck)
     torch.testing.assert_close(again.global_flat, expected)
     assert again.start_round == 2
+
+
+@pytest.mark.parametrize("over", [
+    {"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "secagg.enabled": True},
+    {"client.algorithm": "scaffold", "client.optimizer": "sgd", "server.optimizer": "fedadam"},
+], ids=["dp-secagg", "scaffold-fedadam"])
+def test_no_client_data_and_no_model_is_in_reach_of_the_server(tiny_config, over):
+    from fedfm.client.data import LocalData
+    from fedfm.data import ClientData, FederatedData
+    from fedfm.data.sources import Examples
+
+    cfg = tiny_config(**{"federation.clients_per_round": 2, **over})
+    server = Server(cfg, LAYOUT, torch.zeros(LAYOUT.numel), client_sizes=np.array([10, 30, 20, 40]))
+    server.aggregate_results(1, [_result(0, torch.ones(LAYOUT.numel), 10), _result(1, torch.ones(LAYOUT.numel), 30)])
+    found = [type(o).__name__ for o in _reachable(server)
+             if isinstance(o, (FederatedData, ClientData, LocalData, Examples, torch.nn.Module))]
+    assert found == []
+    assert len(_reachable(server)) > 20  # the walk did go through the server's parts
 
 
 def test_too_few_usable_results_leave_the_state_unchanged(tiny_config):

@@ -140,17 +140,17 @@ def make_attack(cfg, num_clients: int) -> Attack:
                                else set(), cfg.federation.seed)
 
 
-def tamper_results(server, results: list, rnd: int) -> list:
+def tamper_results(sim, results: list, rnd: int) -> list:
     """Replace malicious clients' honest updates by what the attack sends (decoded, changed, encoded again)."""
-    attack = server.attack
+    attack = sim.attack
     if not attack.malicious or type(attack).tamper is Attack.tamper:
         return results
     out = []
     for r in results:
         if r.error is None and r.client_id in attack.malicious:
-            view = server.server.view(r.client_id)
-            delta = server.codec.decode(r.update, view)
-            r = replace(r, update=server.codec.encode(attack.tamper(dict(delta), r.client_id, rnd)))
+            view = sim.server.view(r.client_id)
+            delta = sim.codec.decode(r.update, view)
+            r = replace(r, update=sim.codec.encode(attack.tamper(dict(delta), r.client_id, rnd)))
         out.append(r)
     return out
 

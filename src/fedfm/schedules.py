@@ -21,8 +21,8 @@ SCHEDULES: Registry[Callable[..., "Schedule"]] = Registry("schedule")
 
 
 class Schedule(Stateful):
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, sim):
+        self.sim = sim  # the simulation: its server side, runtime and clock
         self.sim_time = 0.0
 
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -47,7 +47,7 @@ class Sync(Schedule):
 
 
     def run_round(self, rnd: int) -> dict[str, Any]:
-        s, cfg = self.server, self.server.cfg
+        s, cfg = self.sim, self.sim.cfg
         clock, deadline = s.clock, cfg.clock.deadline_s
         t0 = time.perf_counter()
         self.sim_time = s.wait_for_clients(self.sim_time)
@@ -94,8 +94,8 @@ class FedBuff(Schedule):
 
     buffered = True  # the aggregate is over the whole buffer: Σ w_k Δ_k / K (aggregation.chain.FedBuffMean)
 
-    def __init__(self, server):
-        super().__init__(server)
+    def __init__(self, sim):
+        super().__init__(sim)
         self.version = 0  # number of server steps so far
         self.jobs = 0  # dispatches so far (seeds client work and drop-outs)
         self.in_flight: list[tuple[float, int, int, int, ClientResult]] = []  # (finish, job, client, version, result)
@@ -114,11 +114,11 @@ class FedBuff(Schedule):
         heapq.heapify(self.in_flight)
 
     def staleness_weight(self, tau: int) -> float:
-        return float((1.0 + tau) ** (-self.server.cfg.federation.staleness_exponent))
+        return float((1.0 + tau) ** (-self.sim.cfg.federation.staleness_exponent))
 
     def _dispatch(self, rnd: int) -> bool:
         """Start one more client on the current global model; False if no client can start now."""
-        s = self.server
+        s = self.sim
         busy = {c for _, _, c, _, _ in self.in_flight}
         rng = s.random.rng("async_sample", self.jobs)
         ids = s.sample(rng, 1, self.sim_time, exclude=busy, online_only=True)  # async clients check in when online
@@ -139,7 +139,7 @@ class FedBuff(Schedule):
         return True
 
     def run_round(self, rnd: int) -> dict[str, Any]:
-        s, fed = self.server, self.server.cfg.federation
+        s, fed = self.sim, self.sim.cfg.federation
         t0 = time.perf_counter()
         s.display.round_start(rnd, fed.rounds, fed.buffer_size)
         self.bytes_down = 0
@@ -169,5 +169,5 @@ class FedBuff(Schedule):
         return row
 
 
-def make_schedule(server) -> Schedule:
-    return SCHEDULES.get(server.cfg.federation.schedule)(server)
+def make_schedule(sim) -> Schedule:
+    return SCHEDULES.get(sim.cfg.federation.schedule)(sim)

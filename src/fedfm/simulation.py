@@ -98,12 +98,23 @@ class Simulation:
     the runtime and the (simulated) clock."""
 
     def __init__(self, prepared: Prepared, run_dir: Optional[RunDir] = None, display: Optional[Display] = None):
+        self.cfg, self.data, self.run_dir = prepared.cfg, prepared.data, run_dir
+        self.display = display or Display()
+        self.random = Randomness.from_config(self.cfg)  # every draw of the run, by purpose
+        encoded = self._setup_model(self.cfg)
+        self._setup_attack(self.cfg, prepared.attack)
+        # each virtual client's own data, cut out of the one encoding; the server side gets its held-out split only
+        self.local = {c.id: local_data(self.task, encoded, c.train, c.test) for c in self.data.clients}
+        self.encoded = encoded if self.cfg.eval.membership_audit else None  # the auditor sees both sides
+        self._setup_server(self.cfg, prepared, encoded)
+        self._setup_clients(self.cfg, prepared.sample_dp)
+        self._setup_schedule(self.cfg)
+
+    def _setup_model(self, cfg) -> dict[str, torch.Tensor]:
+        """The one shared base with the adapter (model, adapter sections), and the data encoded once (task, data
+        sections): the encoding is returned, to be cut into each party's own rows."""
         from .models import build_model
 
-        self.cfg = cfg = prepared.cfg
-        self.data = prepared.data
-        self.run_dir = run_dir
-        self.display = display or Display()
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         t0 = time.perf_counter()
@@ -118,35 +129,48 @@ class Simulation:
             encoded, self.tokenized_from_cache = self.task.encode(self.data.examples), False
         for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too
             self.display.message(note)
-        self.random = Randomness.from_config(cfg)  # every draw of the run, by purpose
         self.display.model({"trainable": self.spec.numel, "total": sum(p.numel() for p in self.model.parameters()),
                             "seconds": time.perf_counter() - t0, "method": cfg.adapter.method})
+        return encoded
+
+    def _setup_attack(self, cfg, attack) -> None:
+        """The simulated malicious clients (attack section), their data already poisoned by ``prepare``."""
         from .attacks import Backdoor, make_attack
 
-        self.attack = prepared.attack if prepared.attack is not None else make_attack(cfg, len(self.data.clients))
+        self.attack = attack if attack is not None else make_attack(cfg, len(self.data.clients))
         self.backdoor_enc = None
         if isinstance(self.attack, Backdoor):
             self.backdoor_enc = self.task.encode(self.attack.triggered_test(self.data))
         if self.attack.malicious:
             self.display.message(f"attack: {cfg.attack.kind}, {len(self.attack.malicious)} malicious client(s): "
                                  f"{sorted(self.attack.malicious)[:10]}{' …' if len(self.attack.malicious) > 10 else ''}")
-        # each virtual client's own data, cut out of the one encoding; the server side gets its held-out split only
-        self.local = {c.id: local_data(self.task, encoded, c.train, c.test) for c in self.data.clients}
-        self.encoded = encoded if cfg.eval.membership_audit else None  # the auditor sees both sides
+
+    def _setup_server(self, cfg, prepared: Prepared, encoded) -> None:
+        """The server side (server, privacy, secagg, federation sections): the layout and initial state of the shared
+        parameters, the example count each client reports, its own model and held-out split."""
         self.client_sizes = np.array([self.local[c.id].train_rows(self.task) for c in self.data.clients])
-        self.server = Server(cfg, self.spec.layout(), self.spec.flat(), self.client_sizes, run_dir=run_dir,
+        self.server = Server(cfg, self.spec.layout(), self.spec.flat(), self.client_sizes, run_dir=self.run_dir,
                              display=self.display, model=self._server_model(encoded),
                              mechanism=prepared.mechanism, sample_dp=prepared.sample_dp)
-        self.codec, self.ranks, self.personal = self.server.codec, self.server.ranks, self.bundle.personal
-        state_dir = cfg.runtime.state_dir or (run_dir.path / "client_state" if run_dir is not None else None)
+        self.codec, self.ranks = self.server.codec, self.server.ranks
+
+    def _setup_clients(self, cfg, sample_dp) -> None:
+        """The client side for every virtual client (client, runtime sections): their state store, the client
+        algorithm on the shared base, the runtime that carries tasks to it."""
+        self.personal = self.bundle.personal
+        state_dir = cfg.runtime.state_dir or (self.run_dir.path / "client_state" if self.run_dir is not None else None)
         self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
         self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, local=self.local,
                                  codec=self.codec, store=self.store, personal=self.personal,
-                                 personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=prepared.sample_dp)
+                                 personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=sample_dp)
         self.client_algo = make_client(self.ctx)
         self.runtime = make_runtime(cfg, self.client_algo)
         for note in getattr(self.runtime, "notes", []):
             self.display.message(note)
+
+    def _setup_schedule(self, cfg) -> None:
+        """Simulated time (clock, federation sections), the schedule, and what the server checkpoints and evaluates
+        of the simulation besides its own state."""
         self.clock = SimClock(cfg.clock, len(self.data.clients), cfg.federation.seed)
         self.schedule = make_schedule(self)
         self.server.parts.update(schedule=self.schedule, store=self.store)

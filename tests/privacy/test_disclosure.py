@@ -46,7 +46,7 @@ def _matches(key: str, field: str) -> bool:
 
 def _observe(tiny_config, overrides: dict) -> tuple[set[str], set[str], list]:
     cfg = tiny_config(**{"federation.rounds": 1, "eval.every": 1, "partition.num_clients": 4,
-                         "federation.clients_per_round": 4, **overrides})
+                         "federation.clients_per_round": 4, "eval.federated": True, **overrides})
     server = Simulation(prepare(cfg))
     seen: list = []
     real = server.aggregate_results

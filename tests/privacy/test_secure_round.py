@@ -120,7 +120,7 @@ def test_distributed_noise_shares_add_up_to_the_accounted_noise(tiny_config):
     quiet.aggregate_results(1, _results(quiet))
     row = noisy.aggregate_results(1, _results(noisy))
     noise = noisy.global_flat - quiet.global_flat  # the server optimizer is FedAvg with lr 1: the update itself
-    want = z * C * (6 / m) ** 0.5 / noisy.server.server.mechanism.per_round  # six shares of variance (zC)²/m, ÷ E[K]
+    want = z * C * (6 / m) ** 0.5 / noisy.server.mechanism.per_round  # six shares of variance (zC)²/m, ÷ E[K]
     assert row["dp_noise_std"] == pytest.approx(want)
     assert float(noise.std()) == pytest.approx(want, rel=0.1)
     assert "secagg_clamped_fraction" not in row  # under DP nothing but the noised update is unmasked
