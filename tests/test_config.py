@@ -176,3 +176,77 @@ def test_validate_config_rejects_unknown_key_directly():
     data["adapter"]["rr"] = 4
     with pytest.raises(ConfigError, match="adapter.rr"):
         validate_config(data)
+
+
+# ------------------------------------------------------------------ nonsense values and unreadable files (issue 15)
+
+@pytest.mark.parametrize("override, key", [
+    ("client.lr=inf", "client.lr"), ("client.lr=.nan", "client.lr"), ("server.lr=-.inf", "server.lr"),
+    ("clock.speeds=[1.0, .inf]", "clock.speeds"), ("data.test_fraction=nan", "data.test_fraction"),
+    ("partition.power=.nan", "partition.power"),
+])
+def test_non_finite_numbers_are_refused(override, key):
+    msg = _error(overrides=[override])
+    assert key in msg and "finite" in msg
+
+
+def test_non_finite_numbers_in_from_config_are_refused():
+    msg = _error(overrides=["model.name_or_path=null", 'model.from_config={"model_type": "bert", "hidden_size": .inf}'])
+    assert "model.from_config" in msg and "hidden_size" in msg and "finite" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("adapter.r=yes", "adapter.r"), ("federation.rounds=true", "federation.rounds"), ("client.lr=on", "client.lr"),
+    ("adapter.rank_per_client=[true, 8]", "adapter.rank_per_client"), ("clock.availability=[0.5, no]", "clock.availability"),
+])
+def test_a_boolean_is_not_a_number(override, key):
+    msg = _error(overrides=[override])
+    assert key in msg and "boolean" in msg
+
+
+def test_an_int_is_still_a_float_and_a_boolean_still_a_boolean():
+    cfg = load_config("bbc-lora", ["client.lr=1", "adapter.alpha=16", "eval.per_client=no", "clock.availability=1"])
+    assert cfg.client.lr == 1.0 and type(cfg.client.lr) is float and cfg.adapter.alpha == 16.0
+    assert cfg.eval.per_client is False and cfg.clock.availability == 1.0
+
+
+def test_a_duplicate_key_is_named_with_its_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("federation:\n  rounds: 3\n  seed: 1\n  rounds: 4\n")
+    msg = _error(name=str(path))
+    assert str(path) in msg and "duplicate key 'rounds' at line 4" in msg and "first at line 2" in msg
+    assert "\n" not in msg
+
+
+def test_a_duplicate_key_in_an_override_is_named():
+    msg = _error(overrides=["model.name_or_path=null", 'model.from_config={"model_type": "bert", "model_type": "gpt2"}'])
+    assert "model.from_config" in msg and "duplicate key 'model_type'" in msg
+
+
+def test_a_merge_key_may_be_overridden_beside_it(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("client: &c {lr: 0.1, batch_size: 4}\nserver:\n  lr: 0.5\n  <<: {lr: 0.2}\n")
+    cfg = load_config(str(path))
+    assert cfg.client.lr == 0.1 and cfg.server.lr == 0.5
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    msg = _error(name=str(path))
+    assert str(path) in msg and "not UTF-8" in msg and "0xe9" in msg
+
+
+def test_a_config_file_that_is_a_directory_is_named(tmp_path):
+    folder = tmp_path / "configs.yaml"
+    folder.mkdir()
+    for name in (folder, tmp_path):
+        msg = _error(name=str(name))
+        assert f"config file {name} is a directory" in msg
+
+
+def test_a_config_file_with_control_characters_is_one_line(tmp_path):
+    path = tmp_path / "ctl.yaml"
+    path.write_bytes(b"name: a\x01b\n")
+    msg = _error(name=str(path))
+    assert str(path) in msg and "unacceptable character" in msg and "\n" not in msg

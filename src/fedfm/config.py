@@ -2,18 +2,53 @@
 from __future__ import annotations
 
 import difflib
+import math
+import os
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field refuses inf and nan (``client.lr=inf`` would train on nothing)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0: a number field
+        (or a list of numbers) refuses them; an int is still a float."""
+        if _has_bool(value) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got a boolean ({value!r}; YAML reads yes/no/on/off as booleans)")
+        return value
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_bool(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_bool(k) or _has_bool(v) for k, v in value.items())
+    return False
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field's type holds ints or floats and no bool (nor Any, nor a section, which checks its own)."""
+    kinds = _types_in(annotation)
+    sections = any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds)
+    return bool(kinds & {int, float}) and not kinds & {bool, Any} and not sections
+
+
+def _types_in(t: Any) -> set[Any]:
+    """``t`` and every type argument inside it: Optional[list[int]] -> {Optional[list[int]], list[int], int, None}."""
+    return {t}.union(*(_types_in(a) for a in typing.get_args(t)))
 
 
 class TokenizerTrainConfig(Section):
@@ -33,6 +68,15 @@ class ModelConfig(Section):
     dropout: Optional[float] = Field(None, ge=0, lt=1)  # every dropout rate of the base (default: the model's own)
     device: Optional[str] = None  # default: cuda when available, else cpu
     train_tokenizer: Optional["TokenizerTrainConfig"] = None  # a byte-level BPE trained on the public (held-out) text
+
+    @field_validator("from_config")
+    @classmethod
+    def _finite(cls, conf: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """Its values are untyped (a transformers config), so allow_inf_nan does not reach them."""
+        for key, value in (conf or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} is {value}; expected a finite number")
+        return conf
 
 
 class AdapterConfig(Section):
@@ -373,6 +417,21 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def check_writable_dir(path: str | Path, field: str) -> None:
+    """``path`` is a directory, or can be made one, that this process can write into; checked without creating
+    anything (on the nearest part of the path that exists), so a refused run leaves nothing behind."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field}: {path} is a file; expected a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{field}: {existing} is a file, so {path} cannot be a directory")
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only filesystem" if read_only else "is not writable"
+        raise ConfigError(f"{field}: {existing} {why}, so {path} cannot be written")
+
+
 def _check_registered(cfg: RunConfig) -> None:
     """Names that pick a registered algorithm must exist (checked here, before anything loads)."""
     from . import registries
@@ -397,13 +456,54 @@ def builtin_configs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping with the same key twice is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by the keys beside it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first
+            except TypeError:  # an unhashable key: the safe loader says so below
+                continue
+            if seen:
+                raise yaml.MarkedYAMLError(context="first", context_mark=first[key], problem=f"duplicate key {key!r}",
+                                           problem_mark=key_node.start_mark)
+            first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"unacceptable character {chr(err.character)!r} at offset {err.position}"
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if problem is None or mark is None:
+        return " ".join(str(err).split())
+    text = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1})"
+    return text
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; expected a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "expected a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -437,7 +537,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key part")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.load(raw, Loader=UniqueKeyLoader) if raw != "" else None
+        except yaml.MarkedYAMLError as e:
+            if e.problem and e.problem.startswith("duplicate key"):
+                raise ConfigError(f"override {key}: {e.problem}") from None
+            value = raw
         except yaml.YAMLError:
             value = raw
         out.append((parts, value))
