@@ -23,6 +23,7 @@ from .data.sources import load_examples
 from .display import Display
 from .errors import ClientFailure, ConfigError, FedfmError
 from .evaluation import ServerModel
+from .models.adapters import check_target_modules
 from .models.loader import check_model_config
 from .randomness import Randomness
 from .runtime import make_runtime
@@ -48,6 +49,7 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Check the model reference and load + partition the data; no model weights are touched."""
     check_model_config(cfg.model)
+    check_target_modules(cfg)
     task_cls = TASKS.get(cfg.task.name)
     if task_cls.needs_labels and cfg.partition.method in ("dirichlet", "shards") and not cfg.data.label_column:
         raise ConfigError(f"partition.method {cfg.partition.method!r} needs data.label_column")

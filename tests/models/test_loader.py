@@ -85,3 +85,51 @@ def test_a_gguf_copy_is_reused_only_by_the_transformers_major_that_wrote_it(tmp_
     for major in ("4", "5"):
         monkeypatch.setattr(importlib.metadata, "version", lambda name: f"{major}.1.0")
         assert convert_gguf(str(tmp_path / "m"), "x.gguf", "m").endswith(f"m--x-4-transformers{major}")
+
+
+@pytest.mark.parametrize("device, needle", [("tpu", "not a device torch knows"), ("", "not a device torch knows"),
+                                            ("cuda:99", "cuda"), ("mps:3", "mps")])
+def test_a_device_this_machine_lacks_is_a_config_error(device, needle):
+    from types import SimpleNamespace
+
+    from fedfm.models.loader import check_device
+
+    with pytest.raises(ConfigError, match=f"model.device: {device!r}.*{needle}"):
+        check_device(SimpleNamespace(device=device))
+    check_device(SimpleNamespace(device="cpu"))
+    check_device(SimpleNamespace(device=None))
+
+
+def test_target_modules_are_checked_on_a_model_that_holds_no_weights(tmp_path):
+    """from_config, and a model directory (its config.json only: no weights file is there to read)."""
+    import json
+
+    import torch
+
+    from fedfm.config import RunConfig
+    from fedfm.models.adapters import check_target_modules
+    from fedfm.models.loader import empty_base
+    from tests.conftest import TINY_BERT
+
+    cfg = RunConfig(model={"name_or_path": None, "from_config": TINY_BERT}, adapter={"target_modules": ["query"]})
+    model = empty_base(cfg.model, "AutoModelForSequenceClassification")
+    assert {p.device for p in model.parameters()} == {torch.device("meta")}
+    check_target_modules(cfg)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(TINY_BERT))  # no weights at all
+    for model_cfg in ({"name_or_path": None, "from_config": TINY_BERT}, {"name_or_path": str(tmp_path / "m")}):
+        bad = RunConfig(model=model_cfg, adapter={"target_modules": ["query", "q_proj"]})
+        with pytest.raises(ConfigError, match=r"adapter.target_modules: 'q_proj' matches no module .*query"):
+            check_target_modules(bad)
+    bad = RunConfig(model={"name_or_path": str(tmp_path / "m")}, adapter={"target_modules": ["encoder"]})
+    with pytest.raises(ConfigError, match=r"'encoder' matches bert.encoder \(BertEncoder\), not a linear"):
+        check_target_modules(bad)
+
+
+def test_target_modules_of_a_model_not_at_hand_are_left_to_the_load(monkeypatch):
+    from fedfm.config import RunConfig
+    from fedfm.models.adapters import check_target_modules
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = RunConfig(model={"name_or_path": "nobody-org/no-such-model-xyz"}, adapter={"target_modules": ["x"]})
+    check_target_modules(cfg)  # no config in the cache: loading reports the missing model

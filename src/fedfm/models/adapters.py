@@ -161,6 +161,40 @@ def full(model, cfg, task_type: str, head_names: list[str]):
     return model
 
 
+# the layers peft can adapt (transformers' Conv1D, GPT-2's linear layer, by name: no import of its module)
+ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+             torch.nn.MultiheadAttention)
+
+
+def _adaptable(module) -> bool:
+    return isinstance(module, ADAPTABLE) or type(module).__name__ == "Conv1D"
+
+
+def check_target_modules(run_cfg) -> None:
+    """``adapter.target_modules``: each name matches, as peft matches them (a module's name or its last parts), only
+    layers peft can adapt, checked on the base built on the meta device, so before any weights are read."""
+    targets = run_cfg.adapter.target_modules
+    if not targets:
+        return
+    from ..errors import ConfigError
+    from ..tasks import TASKS
+    from .loader import empty_base
+
+    model = empty_base(run_cfg.model, TASKS.get(run_cfg.task.name).auto_class)
+    if model is None:
+        return
+    layers = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _adaptable(m)}))
+    for target in targets:
+        matched = [(n, m) for n, m in model.named_modules() if n == target or n.endswith("." + target)]
+        if not matched:
+            raise ConfigError(f"adapter.target_modules: {target!r} matches no module of the model "
+                              f"(its layers that can be adapted: {layers})")
+        other = next(((n, m) for n, m in matched if not _adaptable(m)), None)
+        if other is not None:
+            raise ConfigError(f"adapter.target_modules: {target!r} matches {other[0]} ({type(other[1]).__name__}), "
+                              f"not a linear, convolution or embedding layer (the model's: {layers})")
+
+
 def apply_adapter(model, cfg, task_type: str, head_names: list[str]):
     """Wrap/freeze ``model`` so exactly the shared parameters require grad."""
     model = METHODS.get(cfg.method)(model, cfg, task_type, head_names)

@@ -153,12 +153,41 @@ def check_quantization(model_cfg) -> None:
         raise ConfigError("model.quantization: a model built from model.from_config has no pre-trained weights to quantize")
 
 
+def check_device(model_cfg) -> None:
+    """``model.device``: a device torch knows and this machine has (moving the loaded base there would fail)."""
+    name = model_cfg.device
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"model.device: {name!r} is not a device torch knows (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, …
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ConfigError(f"model.device: {name!r}: no {device.type} device is available here (use cpu, or leave "
+                          "model.device unset to take cuda when there is one)")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if device.index is not None and count is not None and device.index >= count:
+        raise ConfigError(f"model.device: {name!r}: this machine has {count} {device.type} device(s), "
+                          f"numbered from 0")
+
+
 def check_model_config(model_cfg) -> None:
     """Cheap checks done with the config, before any weights load."""
     check_quantization(model_cfg)
+    check_device(model_cfg)
     if model_cfg.from_config is not None:
         if "model_type" not in model_cfg.from_config:
             raise ConfigError("model.from_config: expected a transformers config with a 'model_type' key")
+        from transformers import CONFIG_MAPPING
+
+        if model_cfg.from_config["model_type"] not in CONFIG_MAPPING:
+            raise ConfigError(f"model.from_config: model_type {model_cfg.from_config['model_type']!r} is not one "
+                              "transformers knows")
         if model_cfg.tokenizer is not None:
             resolve_name_or_path(model_cfg.tokenizer)
         return
@@ -180,6 +209,27 @@ def peek_model_type(model_cfg) -> str | None:
         return transformers.AutoConfig.from_pretrained(path, revision=model_cfg.revision, local_files_only=True).model_type
     except Exception:  # not at hand: loading the model reports what is wrong
         return None
+
+
+def empty_base(model_cfg, auto_class: str) -> Any:
+    """The base built from its config on the meta device: its modules and their shapes, no weights read or
+    allocated. The config is ``model.from_config``, or the config.json of the resolved directory (a GGUF is converted
+    by ``check_model_config`` first); None when it is not at hand (a Hub id not in the local cache)."""
+    import torch
+    import transformers
+
+    quiet_transformers()
+    try:
+        if model_cfg.from_config is not None:
+            conf = dict(model_cfg.from_config)
+            config = transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)
+        else:
+            path = model_path(model_cfg)
+            config = transformers.AutoConfig.from_pretrained(path, revision=model_cfg.revision, local_files_only=True)
+    except (OSError, ValueError):  # not at hand, or not readable: loading the model reports what is wrong
+        return None
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config)
 
 
 def _hub_kwargs(path: str) -> dict:
