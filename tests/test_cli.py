@@ -113,6 +113,19 @@ BAD_INPUT = [
     ("no-model", {"model.from_config": None, "model.name_or_path": "/no/such/model"},
      ["model.name_or_path", "/no/such/model", "does not exist"]),
     ("unknown-method", {"adapter.method": "lorra"}, ["adapter.method", "did you mean 'lora'"]),
+    ("unknown-device", {"model.device": "tpu"}, ["model.device", "'tpu'", "not a device torch knows"]),
+    ("absent-device", {"model.device": "cuda:7"}, ["model.device", "'cuda:7'"]),
+    ("unknown-target-module", {"adapter.target_modules": ["query", "nope"]},
+     ["adapter.target_modules", "'nope' matches no module", "query, token_type_embeddings, value"]),
+    ("target-not-a-layer", {"adapter.target_modules": ["LayerNorm"]},
+     ["adapter.target_modules", "'LayerNorm' matches", "not a linear"]),
+    ("target-module-of-a-shipped-model", {"model.from_config": None, "model.name_or_path": "minilm",
+                                          "adapter.target_modules": ["q_proj"]},
+     ["adapter.target_modules", "'q_proj' matches no module"]),
+    ("unknown-model-type", {"model.from_config": {"model_type": "bertt"}}, ["model.from_config", "'bertt'"]),
+    ("infinite-lr", {"client.lr": "inf"}, ["client.lr", "finite"]),
+    ("nan-alpha", {"partition.alpha": ".nan"}, ["partition.alpha", "finite"]),
+    ("boolean-rank", {"adapter.r": "yes"}, ["adapter.r", "boolean"]),
 ]
 
 
@@ -124,6 +137,67 @@ def test_bad_input_exits_2_before_model_loads(no_model, tiny_csv, one_class_csv,
     res = invoke("run", "bbc-lora", *overrides)
     _assert_clean_failure(res, *needles)
     assert not (tmp_path / "run").exists(), "the run directory was created for an invalid run"
+
+
+def test_output_dir_that_is_a_file_exits_2(no_model, tiny_csv, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for out in (taken, taken / "run"):
+        res = invoke("run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path, **{"output.dir": str(out)}))
+        _assert_clean_failure(res, "output.dir", f"{taken} is a file")
+    assert taken.read_text() == "mine"
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A directory this process may not write into (tests may run as root, where a chmod is no obstacle: the check's
+    os.access is told so, as a read-only filesystem tells it)."""
+    import os
+
+    import fedfm.config
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(fedfm.config.os, "access",
+                        lambda path, mode: False if Path(path) == locked and mode & os.W_OK else real(path, mode))
+    return locked
+
+
+def test_output_dir_that_cannot_be_written_exits_2(no_model, tiny_csv, tmp_path, read_only):
+    res = invoke("run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path, **{"output.dir": str(read_only / "a" / "run")}))
+    _assert_clean_failure(res, "output.dir", f"{read_only} is not writable")
+    assert list(read_only.iterdir()) == []
+
+
+def test_output_dir_on_a_read_only_filesystem_exits_2(no_model, tiny_csv, tmp_path, monkeypatch):
+    import os
+
+    import fedfm.config
+
+    real = os.statvfs
+    ro = os.statvfs_result(tuple(real(tmp_path))[:8] + (os.ST_RDONLY,) + tuple(real(tmp_path))[9:])
+    monkeypatch.setattr(fedfm.config.os, "statvfs", lambda path: ro if Path(path) == tmp_path else real(path))
+    res = invoke("run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path))
+    _assert_clean_failure(res, "output.dir", f"{tmp_path} is on a read-only filesystem")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["duplicate-key", "not-utf8", "directory"])
+def test_unreadable_config_file_exits_2(no_model, tmp_path, kind):
+    path = tmp_path / "mine.yaml"
+    if kind == "duplicate-key":
+        path.write_text("federation:\n  rounds: 3\n  rounds: 4\n")
+        needles = ["duplicate key 'rounds' at line 3", "first at line 2"]
+    elif kind == "not-utf8":
+        path.write_bytes(b"name: \xff\xfe\n")
+        needles = ["not UTF-8"]
+    else:
+        path.mkdir()
+        needles = ["is a directory"]
+    res = invoke("run", str(path))
+    _assert_clean_failure(res, str(path), *needles)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_unknown_config_name_exits_2(no_model):
@@ -315,6 +389,30 @@ def test_export_to_non_empty_dir_exits_2(tiny_run, tmp_path):
     res = invoke("export", str(tiny_run["run_dir"]), "--out", str(out), "--merge")
     _assert_clean_failure(res, "export --out", str(out), "not empty")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_export_to_a_file_exits_2(tiny_run, tmp_path, no_model):
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    for merge in ([], ["--merge"]):
+        res = invoke("export", str(tiny_run["run_dir"]), "--out", str(out), *merge)
+        _assert_clean_failure(res, "export --out", f"{out} is a file")
+    assert out.read_text() == "mine"
+
+
+def test_export_to_a_directory_that_cannot_be_written_exits_2(tiny_run, read_only, no_model):
+    for out in (read_only / "out", read_only / "a" / "b"):
+        res = invoke("export", str(tiny_run["run_dir"]), "--out", str(out), "--merge")
+        _assert_clean_failure(res, "export --out", f"{read_only} is not writable")
+    assert list(read_only.iterdir()) == []
+
+
+def test_generate_on_a_classification_run_exits_2_before_the_model_loads(tiny_run, monkeypatch):
+    import fedfm.export
+
+    monkeypatch.setattr(fedfm.export, "load_trained", _model_loaded)
+    res = invoke("generate", str(tiny_run["run_dir"]), "hello")
+    _assert_clean_failure(res, "generate", "task.name 'classification'", "does not generate text")
 
 
 def test_cli_resume_continues_bit_for_bit(tiny_csv, tmp_path):

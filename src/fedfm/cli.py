@@ -159,8 +159,10 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
     t0 = time.perf_counter()
     run_dir = RunDir(cfg.output_dir())
     try:
+        from .config import check_writable_dir
         from .simulation import Simulation, prepare
 
+        check_writable_dir(run_dir.path, "output.dir")
         prepared = prepare(cfg)  # data + config checks, before any model loads
         if resume:
             if not run_dir.path.exists():

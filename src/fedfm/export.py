@@ -52,8 +52,12 @@ def load_trained(run_dir: str | Path):
 
 
 def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+    from .config import check_writable_dir
+
     run_dir, out = Path(run_dir), Path(out)
     final = _final_dir(run_dir)
+    check_writable_dir(out, "export --out")
+    check_writable_dir(out.parent, "export --out")  # the copy is written beside it, then renamed into place
     if out.exists() and any(out.iterdir()):
         raise FedfmError(f"export --out: {out} already exists and is not empty; choose a new directory")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -76,15 +80,28 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     return out
 
 
+def check_generates(run_dir: str | Path) -> None:
+    """``fedfm generate`` needs a run whose task writes text: said from the run's config, before any weights load."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    _final_dir(run_dir)
+    task = load_config(str(run_dir / "config.yaml")).task.name
+    if task not in ("instruction", "lm"):
+        raise FedfmError(f"generate: {run_dir} is a run of task.name {task!r}, which does not generate text "
+                         "(use a run of task instruction or lm)")
+
+
 def answer(run_dir: str | Path, question: str, max_new_tokens: int = 64) -> str:
     """The run's model answering one question: chat template (or the task's prompt layout) applied, greedy."""
     from .tasks.instruction import InstructionTuning, generate_text
 
+    check_generates(run_dir)
     cfg, model, tokenizer = load_trained(run_dir)
     if tokenizer is None:
         raise FedfmError(f"generate: {run_dir} saved no tokenizer, so text cannot be read or written")
-    if getattr(model.config, "is_encoder_decoder", False) or cfg.task.name not in ("instruction", "lm"):
-        raise FedfmError(f"generate: task {cfg.task.name!r} does not generate text (use a run of task instruction or lm)")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise FedfmError(f"generate: the model of {run_dir} is an encoder-decoder; use a run of a causal LM")
     if cfg.task.name == "instruction":
         prompt = InstructionTuning(cfg, tokenizer).prompt_for(question)
     else:
