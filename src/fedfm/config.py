@@ -420,7 +420,7 @@ class RunConfig(Section):
 def check_writable_dir(path: str | Path, field: str) -> None:
     """``path`` is a directory, or can be made one, that this process can write into; checked without creating
     anything (on the nearest part of the path that exists), so a refused run leaves nothing behind."""
-    path = Path(path).expanduser().absolute()
+    path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{field}: {path} is a file; expected a directory")
     existing = next(p for p in (path, *path.parents) if p.exists())
