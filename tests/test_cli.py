@@ -447,8 +447,21 @@ def test_resume_with_a_config_edited_by_hand_names_the_parameter_that_no_longer_
     cfg = yaml.safe_load((copy / "config.yaml").read_text())
     cfg["adapter"]["r"] = 16
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (copy / "metrics.jsonl").write_bytes((copy / "metrics.jsonl").read_bytes() + b'{"round": 3')
+    before = snapshot(copy)
     res = invoke("run", "--resume", str(copy))
     _assert_clean_failure(res, "checkpoint: trainable parameter", "lora_A", "(8, 32)", "(16, 32)")
+    assert snapshot(copy) == before  # a refused resume changes nothing, not even the cut-short metrics line
+
+
+def test_resume_with_a_bad_metrics_line_names_it_before_the_model_loads(tiny_run, tmp_path, no_model):
+    copy = _copy_run(tiny_run, tmp_path)
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    before = snapshot(copy)
+    res = invoke("run", "--resume", str(copy))
+    _assert_clean_failure(res, f"{copy}/metrics.jsonl: line 2 is not a JSON object")
+    assert snapshot(copy) == before
 
 
 @pytest.mark.parametrize("how", ["random bytes", "cut short"])

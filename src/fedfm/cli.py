@@ -197,11 +197,9 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
             run_dir.check_new(overwrite)  # touches nothing: an old run is replaced only when the new one is built
         prepared = prepare(cfg)  # data + config checks, before any model loads
         ck = None
-        if resume:  # also before the model loads: a cut-short metrics line set aside, a corrupt checkpoint passed over
-            note = run_dir.set_aside_partial_metrics()
-            if note:
-                warn(note)
+        if resume:  # also before the model loads: a corrupt checkpoint passed over, a bad line of the metrics named
             ck = run_dir.load_last_checkpoint(warn)
+            run_dir.check_metrics()
         desc = prepared.data.describe()
         display = RichDisplay(cfg.federation.rounds)
         console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
@@ -211,6 +209,9 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
             if ck is not None:
                 server.load_checkpoint_state(ck)
                 console.print(f"resuming after round {ck['round']}")
+            note = run_dir.set_aside_partial_metrics()  # a last line cut short: kept in metrics.jsonl.partial
+            if note:
+                warn(note)
             run_dir.truncate_metrics(ck["round"] if ck is not None else -1)
         else:
             run_dir.create(overwrite=overwrite)  # only now is an old run in output.dir replaced

@@ -220,14 +220,12 @@ class RunDir:
         with self.writing(self.metrics_file):
             atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def set_aside_partial_metrics(self) -> Optional[str]:
-        """A last line of ``metrics.jsonl`` cut short (a run killed, or out of disk, while writing it) is moved to
-        ``metrics.jsonl.partial``, not dropped; returns a note saying so. Any other line that is not a JSON object is an
-        error naming it."""
+    def check_metrics(self) -> tuple[list[bytes], bytes]:
+        """The whole lines of ``metrics.jsonl`` and a last one cut short (a run killed, or out of disk, while writing
+        it; empty if none); any other line that is not a JSON object is an error naming it. Reads only."""
         if not self.metrics_file.exists():
-            return None
-        data = self.metrics_file.read_bytes()
-        lines = data.split(b"\n")
+            return [], b""
+        lines = self.metrics_file.read_bytes().split(b"\n")
         whole, tail = lines[:-1], lines[-1]  # tail: what follows the last newline (empty when the file ends in one)
         if not tail and whole and not _json_object(whole[-1]):
             whole, tail = whole[:-1], whole[-1]
@@ -235,7 +233,13 @@ class RunDir:
             if line.strip() and not _json_object(line):
                 raise FedfmError(f"{self.metrics_file}: line {number} is not a JSON object; fix or remove it and "
                                  f"resume again")
-        if not tail.strip():
+        return whole, tail if tail.strip() else b""
+
+    def set_aside_partial_metrics(self) -> Optional[str]:
+        """A last line of ``metrics.jsonl`` cut short is moved to ``metrics.jsonl.partial``, not dropped; returns a
+        note saying so."""
+        whole, tail = self.check_metrics()
+        if not tail:
             return None
         partial = self.metrics_file.with_name(self.metrics_file.name + ".partial")
         with self.writing(partial):
