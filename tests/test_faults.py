@@ -151,7 +151,7 @@ def _make(target: Path, case: dict, reference: dict) -> None:
           "user_files": [("", "a", b"1"), ("report", "b", b"2"), ("checkpoints", "c", b"3"), ("notes/deep", "d", b"")]})
 @example(case={"kind": "run", "action": "--resume", "user_files": [("report", "b", b"2"), ("checkpoints", "c", b"3")]})
 @example(case={"kind": "config only", "action": "--overwrite", "user_files": []})
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=contents)
 def test_no_overwrite_or_resume_changes_a_file_that_is_not_the_new_runs_own(reference, case):
