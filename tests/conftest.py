@@ -95,6 +95,17 @@ def privacy_command(cfg, tmp_path, *overrides: str):
     return CliRunner().invoke(app, ["privacy", str(path), *overrides])
 
 
+def snapshot(root) -> dict[str, str]:
+    """Every file and folder under ``root`` (relative path, with ``/``) with a hash of a file's bytes ("dir" for a
+    folder): two snapshots are equal when nothing under ``root`` was added, removed or changed."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
 def reachable(graph, nodes: set) -> set:
     """The nodes reachable from the smallest of ``nodes`` through edges between ``nodes`` (``graph[u]``: u's
     neighbours): equal to ``nodes`` when they form a connected graph."""

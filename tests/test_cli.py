@@ -1,6 +1,7 @@
 """The ``fedfm`` command line: exit codes, one clear error before any model loads, a tiny run, report, export."""
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 import fedfm.cli as cli
 from fedfm.cli import app
 
-from tests.conftest import make_rows, tiny_overrides, write_csv
+from tests.conftest import make_rows, snapshot, tiny_overrides, write_csv
 
 
 @pytest.fixture(autouse=True)
@@ -291,7 +292,7 @@ def test_rerun_with_overwrite_succeeds(tiny_run, tmp_path):
     res = invoke("run", "bbc-lora", *overrides, "--overwrite")
     assert res.exit_code == 0, res.output
     assert f"run directory: {copy}" in res.output
-    assert not (copy / "stale.txt").exists()
+    assert (copy / "stale.txt").read_text() == "from before"  # not fedfm's: kept; the old run's files replaced
     assert len((copy / "metrics.jsonl").read_text().splitlines()) == 1
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["round_0001.pt"]
     assert (copy / "adapter" / "adapter_config.json").exists()
@@ -465,3 +466,206 @@ def test_resume_refuses_a_checkpoint_that_would_run_code_when_unpickled(tiny_csv
     assert res.exit_code != 0
     assert ck.name in res.output and "not loaded" in res.output
     assert not marker.exists() and ck.read_bytes() == before
+
+
+# ------------------------------------------------------------------ nothing lost (issue 15): --overwrite, --resume
+
+
+def _copy_run(tiny_run, tmp_path, name="copy"):
+    copy = tmp_path / name
+    shutil.copytree(tiny_run["run_dir"], copy)
+    return copy
+
+
+def _adapter_bytes(run_dir: Path) -> bytes:
+    return (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_run_writes_only_files_fedfm_owns(tiny_run):
+    """--overwrite removes only what `owned` names: every file a run writes must be named there."""
+    from fedfm.tracking import MARKER, owned
+
+    files = [p.relative_to(tiny_run["run_dir"]).as_posix() for p in tiny_run["run_dir"].rglob("*") if p.is_file()]
+    assert MARKER in files and "config.yaml" in files
+    assert [f for f in files if not owned(f)] == []
+
+
+def test_overwrite_of_a_directory_holding_only_a_config_yaml_touches_nothing(tiny_run, tmp_path, no_model):
+    project = tmp_path / "projdir"
+    project.mkdir()
+    (project / "config.yaml").write_text((tiny_run["run_dir"] / "config.yaml").read_text())
+    before = snapshot(project)
+    res = invoke("run", "bbc-lora", *tiny_run["overrides"], f"output.dir={project}", "--overwrite")
+    _assert_clean_failure(res, "output.dir", str(project), "not a fedfm run directory", ".fedfm-run")
+    assert snapshot(project) == before
+
+
+def test_overwrite_that_fails_to_build_leaves_the_old_run_as_it_was(tiny_run, tmp_path):
+    copy = _copy_run(tiny_run, tmp_path)
+    before = snapshot(copy)
+    res = invoke("run", "bbc-lora", *tiny_run["overrides"], f"output.dir={copy}",
+                 'adapter.target_modules=["no_such_module"]', "--overwrite")
+    assert res.exit_code != 0
+    assert snapshot(copy) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # and nothing beside it
+
+
+def test_resume_of_a_directory_fedfm_did_not_make_touches_nothing(tiny_run, tmp_path, no_model):
+    project = tmp_path / "projdir"
+    project.mkdir()
+    (project / "config.yaml").write_text((tiny_run["run_dir"] / "config.yaml").read_text())
+    (project / "metrics.jsonl").write_text("my own notes\n")
+    before = snapshot(project)
+    res = invoke("run", "--resume", str(project))
+    _assert_clean_failure(res, "--resume", str(project), ".fedfm-run")
+    assert snapshot(project) == before
+
+
+@pytest.mark.parametrize("override, key", [("adapter.r=16", "adapter.r"), ("adapter.method=ia3", "adapter.method"),
+                                           ('adapter.target_modules=["query"]', "adapter.target_modules"),
+                                           ("model.from_config.hidden_size=64", "model.from_config.hidden_size")])
+def test_resume_with_a_changed_layout_names_the_key_before_the_model_loads(tiny_run, tmp_path, no_model,
+                                                                           override, key):
+    copy = _copy_run(tiny_run, tmp_path)
+    before = snapshot(copy)
+    res = invoke("run", "--resume", str(copy), override)
+    _assert_clean_failure(res, "--resume", key, f"{copy}/config.yaml")
+    assert snapshot(copy) == before
+
+
+def test_resume_may_change_where_it_computes(tiny_run, tmp_path):
+    copy = _copy_run(tiny_run, tmp_path)
+    res = invoke("run", "--resume", str(copy), "model.device=cpu", "federation.rounds=2")
+    assert res.exit_code == 0, res.output
+    assert _adapter_bytes(copy) == _adapter_bytes(tiny_run["run_dir"])
+
+
+def test_resume_with_a_config_edited_by_hand_names_the_parameter_that_no_longer_fits(tiny_run, tmp_path):
+    copy = _copy_run(tiny_run, tmp_path)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["adapter"]["r"] = 16
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (copy / "metrics.jsonl").write_bytes((copy / "metrics.jsonl").read_bytes() + b'{"round": 3')
+    before = snapshot(copy)
+    res = invoke("run", "--resume", str(copy))
+    _assert_clean_failure(res, "checkpoint: trainable parameter", "lora_A", "(8, 32)", "(16, 32)")
+    assert snapshot(copy) == before  # a refused resume changes nothing, not even the cut-short metrics line
+
+
+def test_resume_with_a_bad_metrics_line_names_it_before_the_model_loads(tiny_run, tmp_path, no_model):
+    copy = _copy_run(tiny_run, tmp_path)
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    before = snapshot(copy)
+    res = invoke("run", "--resume", str(copy))
+    _assert_clean_failure(res, f"{copy}/metrics.jsonl: line 2 is not a JSON object")
+    assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("how", ["random bytes", "cut short"])
+def test_resume_passes_over_a_corrupt_newest_checkpoint(tiny_run, tmp_path, how):
+    """It warns naming both files, resumes from the one before and ends where the uninterrupted run ended."""
+    import os
+
+    copy = _copy_run(tiny_run, tmp_path)
+    newest = copy / "checkpoints" / "round_0002.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(os.urandom(len(data)) if how == "random bytes" else data[: len(data) // 3])
+    res = invoke("run", "--resume", str(copy))
+    assert res.exit_code == 0, res.output
+    out = one_line(res.output)
+    assert f"warning: checkpoint {newest} is corrupt" in out and f"resuming from {newest.with_name('round_0001.pt')}" \
+        in out and "older fedfm" not in out
+    assert "resuming after round 1" in out
+    assert [json.loads(line)["round"] for line in (copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert _adapter_bytes(copy) == _adapter_bytes(tiny_run["run_dir"])
+
+
+def test_resume_with_no_checkpoint_that_reads_back_exits_2_calling_them_corrupt(tiny_run, tmp_path, no_model):
+    copy = _copy_run(tiny_run, tmp_path)
+    for p in (copy / "checkpoints").glob("round_*.pt"):
+        p.write_bytes(b"\x80\x02random bytes, not a checkpoint" * 10)
+    before = snapshot(copy)
+    res = invoke("run", "--resume", str(copy))
+    _assert_clean_failure(res, "round_0002.pt is corrupt", "round_0001.pt is corrupt", "no earlier checkpoint")
+    assert "older fedfm" not in res.output
+    assert snapshot(copy) == before
+
+
+def test_resume_sets_aside_a_cut_short_metrics_line(tiny_run, tmp_path):
+    copy = _copy_run(tiny_run, tmp_path)
+    metrics = copy / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    metrics.write_bytes(whole + b'{"round": 3, "eval_accuracy": 0.2')
+    res = invoke("run", "--resume", str(copy), "federation.rounds=3")
+    assert res.exit_code == 0, res.output
+    assert "its last line was cut short; moved it to" in one_line(res.output)
+    assert (copy / "metrics.jsonl.partial").read_bytes() == b'{"round": 3, "eval_accuracy": 0.2\n'
+    assert [json.loads(line)["round"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ a full disk: one line, how to go on
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _full_at_checkpoint(monkeypatch):
+    import torch
+
+    save = torch.save
+
+    def full_at_round_2(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("round") == 2:
+            f.write(b"half a checkpoint")
+            _enospc()
+        return save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_at_round_2)
+    return "checkpoints/round_0002.pt", "fedfm run --resume"
+
+
+def _full_at_adapter(monkeypatch):
+    from peft import PeftModel
+
+    save = PeftModel.save_pretrained
+
+    def full(self, path, *a, **k):
+        save(self, path, *a, **k)
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
+        _enospc()
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    return "adapter", "fedfm run --resume"
+
+
+def _full_at_report(monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full(self, path, *a, **k):
+        Path(path).write_bytes(b"\x89PNG half")
+        _enospc()
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    return "report/accuracy.png", "fedfm report"
+
+
+@pytest.mark.parametrize("where", [_full_at_checkpoint, _full_at_adapter, _full_at_report],
+                         ids=["checkpoint", "adapter", "report"])
+def test_a_full_disk_is_one_line_naming_the_file_and_how_to_go_on(tiny_run, tmp_path, monkeypatch, where):
+    run = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        path, advice = where(mp)
+        res = invoke("run", "bbc-lora", *tiny_run["overrides"], f"output.dir={run}")
+    _assert_clean_failure(res, "disk full: could not write", f"{run}/{path}", f"{advice} {run}")
+    assert not any(p.name.endswith(".tmp") for p in run.rglob("*"))  # no half-written file left behind
+    if where is not _full_at_report:
+        assert "round_0001.pt, is intact" in one_line(res.output) or "round_0002.pt, is intact" in one_line(res.output)
+        res = invoke("run", "--resume", str(run))
+    else:
+        assert not (run / path).exists()
+        res = invoke("report", str(run))
+    assert res.exit_code == 0, res.output
+    assert _adapter_bytes(run) == _adapter_bytes(tiny_run["run_dir"])
+    assert (run / "report" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -159,3 +159,12 @@ def test_final_adapter_is_a_peft_directory(tiny_config, tmp_path):
     want = server.spec.unflatten(server.global_flat)
     for n, t in want.items():
         assert torch.equal(got[n].detach(), t), n
+
+
+def test_building_a_simulation_writes_nothing_into_its_run_directory(tiny_config, tmp_path):
+    """So --overwrite can leave an old run as it was until the new one is built (the CLI creates the directory
+    then, issue 15)."""
+    rd = RunDir(tmp_path / "not_yet")
+    Simulation(prepare(tiny_config(**{"output.dir": str(rd.path), "client.algorithm": "scaffold",
+                                      "client.optimizer": "sgd"})), rd)
+    assert not rd.path.exists()

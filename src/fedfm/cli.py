@@ -1,17 +1,17 @@
 """``fedfm`` command line: run, configs, report, export."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import FedfmError
+from .errors import DiskFull, FedfmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="fedfm: federated fine-tuning of foundation models.")
 console = Console(highlight=False)
@@ -130,15 +130,17 @@ def run_cmd(
     """Run a federated fine-tuning job (default: the built-in `bbc-lora`)."""
     from .config import load_config
 
+    from .tracking import RunDir
+
     overrides = list(overrides or [])
     try:
         if resume is not None:
             if config != "bbc-lora" and "=" in config:
                 overrides.insert(0, config)
-            cfg_path = resume / "config.yaml"
-            if not cfg_path.exists():
-                raise FedfmError(f"--resume: {resume} is not a run directory (no config.yaml)")
-            cfg = load_config(str(cfg_path), overrides + [f"output.dir={resume}"])
+            RunDir(resume).check_resumable()
+            cfg_path = str(resume / "config.yaml")
+            cfg = load_config(cfg_path, overrides + [f"output.dir={resume}"])
+            _check_unchanged(load_config(cfg_path, [f"output.dir={resume}"]), cfg, resume)
         else:
             if "=" in config and not Path(config).exists():  # `fedfm run key=value` means the default config
                 overrides.insert(0, config)
@@ -153,43 +155,71 @@ def run_cmd(
     _run(cfg, resume=resume is not None, overwrite=overwrite)
 
 
+# What a run's trained parameters are made from: resuming with any of these changed is refused, naming the key. Only
+# where and how they are computed may change.
+_RESUME_SAME = ("model", "adapter", "task.name")
+_RESUME_MAY_CHANGE = ("model.device", "model.autocast", "model.gradient_checkpointing")
+
+
+def _flat(obj: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return {k: v for key, sub in obj.items() for k, v in _flat(sub, f"{prefix}.{key}").items()} or {prefix: {}}
+    return {prefix: obj}
+
+
+def _check_unchanged(saved, cfg, run: Path) -> None:
+    """``--resume`` with a key of ``_RESUME_SAME`` changed from the run's own config.yaml: refused before anything
+    loads, naming the key (the checkpoint's parameters would not fit the model the config builds)."""
+    old, new = saved.model_dump(mode="json"), cfg.model_dump(mode="json")
+    for section in _RESUME_SAME:
+        first, _, rest = section.partition(".")
+        was, now = _flat(old[first], first), _flat(new[first], first)
+        for key in dict.fromkeys([*was, *now]):
+            if key.startswith(section) and not key.startswith(_RESUME_MAY_CHANGE) and was.get(key) != now.get(key):
+                raise FedfmError(f"--resume: {key} is {now.get(key)!r} here but {was.get(key)!r} in {run}/config.yaml, "
+                                 f"which the run's checkpoints were trained with; resume without changing {key}, or "
+                                 f"start a new run (another output.dir)")
+
+
 def _run(cfg, resume: bool, overwrite: bool) -> None:
     from .tracking import RunDir
 
     t0 = time.perf_counter()
     run_dir = RunDir(cfg.output_dir())
+
+    def warn(text: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+
     try:
         from .config import check_writable_dir
         from .simulation import Simulation, prepare
 
         check_writable_dir(run_dir.path, "output.dir")
+        if not resume:
+            run_dir.check_new(overwrite)  # touches nothing: an old run is replaced only when the new one is built
         prepared = prepare(cfg)  # data + config checks, before any model loads
-        if resume:
-            if not run_dir.path.exists():
-                raise FedfmError(f"--resume: run directory {run_dir.path} does not exist")
-        else:
-            run_dir.create(overwrite=overwrite)
-            run_dir.write_config(cfg.to_yaml())
+        ck = None
+        if resume:  # also before the model loads: a corrupt checkpoint passed over, a bad line of the metrics named
+            ck = run_dir.load_last_checkpoint(warn)
+            run_dir.check_metrics()
         desc = prepared.data.describe()
-        run_dir.write_json("partition.json", desc)
         display = RichDisplay(cfg.federation.rounds)
         console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
         display.partition(desc)
-        try:
-            server = Simulation(prepared, run_dir, display)
-        except FedfmError:
-            if not resume:  # nothing was trained: leave no half-made run directory behind
-                shutil.rmtree(run_dir.path, ignore_errors=True)
-            raise
+        server = Simulation(prepared, run_dir, display)  # builds the model; writes nothing into the run directory
         if resume:
-            ck = run_dir.load_last_checkpoint()
             if ck is not None:
                 server.load_checkpoint_state(ck)
-                run_dir.truncate_metrics(ck["round"])
                 console.print(f"resuming after round {ck['round']}")
-            else:
-                run_dir.truncate_metrics(0)
-        with display:
+            note = run_dir.set_aside_partial_metrics()  # a last line cut short: kept in metrics.jsonl.partial
+            if note:
+                warn(note)
+            run_dir.truncate_metrics(ck["round"] if ck is not None else -1)
+        else:
+            run_dir.create(overwrite=overwrite)  # only now is an old run in output.dir replaced
+            run_dir.write_config(cfg.to_yaml())
+        run_dir.write_json("partition.json", desc)
+        with display, run_dir.writing():  # a full disk anywhere else in the run: one line, too
             display.progress.update(display.rounds, completed=server.start_round - 1)
             server.run()
         rows = run_dir.read_metrics()
@@ -201,6 +231,9 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
         from .tracking.report import make_report
 
         make_report(run_dir.path)
+    except DiskFull as e:
+        _fail(e)
+        return
     except Exception as e:  # a plot failing must not hide a finished run
         console.print(f"[yellow]report not drawn: {e}[/yellow]")
     console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")

@@ -19,6 +19,11 @@ class ModelError(FedfmError):
     """A model that cannot be resolved or loaded."""
 
 
+class DiskFull(FedfmError):
+    """The disk filled up while fedfm wrote a file of a run: the message names the file and how to go on; what was
+    written before (the last checkpoint, the adapter) stays valid."""
+
+
 class UpdateRejected(Exception):
     """A client update that failed validation; the client drops out of the round."""
 

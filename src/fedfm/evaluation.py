@@ -41,18 +41,26 @@ class ServerModel:
             out.update({f"eval_{k}": v for k, v in metrics.items()})
         return out, records
 
-    def save(self, run_dir, flat: torch.Tensor) -> Path:
-        """The global state as a standard PEFT adapter directory (or a full model dir for non-peft methods), written
-        to a temporary name and renamed into place."""
+    def target(self, run_dir) -> Path:
+        """Where ``save`` writes: ``adapter/`` (a PEFT adapter) or ``model/`` (a full model, for non-peft methods)."""
         from .models.adapters import is_peft
 
+        return run_dir.adapter if is_peft(self.model) else run_dir.path / "model"
+
+    def save(self, run_dir, flat: torch.Tensor) -> Path:
+        """The global state as a standard PEFT adapter directory (or a full model dir for non-peft methods), written
+        to a temporary name and renamed into place: a failed write leaves the previous one as it was."""
         self.load(flat)
-        target = run_dir.adapter if is_peft(self.model) else run_dir.path / "model"
+        target = self.target(run_dir)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp))
-        if self.bundle.tokenizer is not None:
-            self.bundle.tokenizer.save_pretrained(str(tmp))
+        try:
+            self.model.save_pretrained(str(tmp))
+            if self.bundle.tokenizer is not None:
+                self.bundle.tokenizer.save_pretrained(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         return target

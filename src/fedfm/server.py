@@ -157,13 +157,13 @@ class Server:
 
     def checkpoint_state(self, rnd: int) -> dict[str, Any]:
         return {"round": rnd, "names": self.spec.names, "global": self.global_flat.clone(),
+                "shapes": {n: list(s) for n, s in self.spec.shapes.items()},
                 "aggregation": self.chain_state,
                 **{key: part.state_dict() for key, part in self._stateful_parts().items()},
                 "sample_dp": {"eps": dict(self.sample_eps), "steps": dict(self.sample_steps)}}
 
     def load_checkpoint_state(self, ck: dict[str, Any]) -> None:
-        if ck["names"] != self.spec.names:
-            raise FedfmError("checkpoint does not match this config's trainable parameters (was the config changed?)")
+        self._check_layout(ck)
         self.global_flat = ck["global"].clone()
         self.chain_state = ck["aggregation"]
         for key, part in self._stateful_parts().items():
@@ -171,6 +171,23 @@ class Server:
         sdp = ck.get("sample_dp", {})
         self.sample_eps, self.sample_steps = dict(sdp.get("eps", {})), dict(sdp.get("steps", {}))
         self.start_round = ck["round"] + 1
+
+    def _check_layout(self, ck: dict[str, Any]) -> None:
+        """The checkpoint holds this config's trainable parameters: the same names, in order, with the same shapes
+        (a checkpoint written before shapes were recorded is checked by its names and length)."""
+        mine = {n: tuple(s) for n, s in self.spec.shapes.items()}
+        theirs = {n: tuple(s) for n, s in ck["shapes"].items()} if "shapes" in ck else dict.fromkeys(ck["names"])
+
+        def shape(of: dict, name: str) -> str:
+            return f"of shape {of[name]}" if name in of else "absent"
+
+        for name in dict.fromkeys([*mine, *theirs]):
+            if name not in mine or name not in theirs or theirs[name] not in (None, mine[name]):
+                raise FedfmError(f"checkpoint: trainable parameter {name} is {shape(theirs, name)} there but "
+                                 f"{shape(mine, name)} in this config (were model.* or adapter.* changed?)")
+        if list(theirs) != list(mine) or ck["global"].numel() != self.spec.numel:
+            raise FedfmError(f"checkpoint: its {ck['global'].numel()} values are laid out otherwise than this "
+                             f"config's {self.spec.numel} (were model.* or adapter.* changed?)")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int = 0) -> dict[str, Any]:
@@ -301,4 +318,5 @@ class Server:
         """The final global state as a standard PEFT adapter directory (or a full model dir for non-peft methods),
         written by the server's own model."""
         assert self.run_dir is not None and self.model is not None
-        return self.model.save(self.run_dir, self.global_flat)
+        with self.run_dir.writing(self.model.target(self.run_dir)):
+            return self.model.save(self.run_dir, self.global_flat)

@@ -53,9 +53,7 @@ class ClientStateStore:
         self._version: dict[int, int] = {}  # cid -> the version of its current file
         self._next = 0
         self._manifests: deque[dict[int, int]] = deque(maxlen=max(keep_manifests, 1))
-        self._writes = 0
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._writes = 0  # the state_dir is made at the first write: building a store writes nothing
 
     def _path(self, cid: int, version: int) -> Path:
         assert self.state_dir is not None
@@ -101,6 +99,7 @@ class ClientStateStore:
         version = self._next
         self._next += 1
         path = self._path(cid, version)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(state, str(tmp))
         os.replace(tmp, path)
@@ -129,7 +128,7 @@ class ClientStateStore:
 
     def _collect(self) -> None:
         keep = {(c, v) for m in self._manifests for c, v in m.items()} | set(self._version.items())
-        for p in self.state_dir.iterdir():
+        for p in self.state_dir.iterdir() if self.state_dir.exists() else ():
             m = re.fullmatch(r"client_(\d+)\.v(\d+)\.safetensors", p.name)
             if m and (int(m.group(1)), int(m.group(2))) not in keep:
                 p.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedfm.errors import FedfmError  # noqa: E402
+from fedfm.tracking import RunDir, atomic_write_text  # noqa: E402
 
 __all__ = ["make_report"]
 
@@ -175,10 +176,22 @@ def _human_bytes(n: float) -> str:
     return f"{n:.0f} B" if unit == "B" else f"{n / scale:.2f} {unit}"
 
 
+def _writing(path: Path):
+    """A full disk while writing a file of ``RUN_DIR/report/``: one line naming it (the partial file removed)."""
+    run_dir = path.parent.parent
+    return RunDir(run_dir).writing(path, then=f"the run's checkpoints and adapter are intact: free some space, then "
+                                              f"draw the report with `fedfm report {run_dir}`")
+
+
 def _save(fig: Any, path: Path) -> Path:
     try:
         fig.tight_layout()
-        fig.savefig(path, dpi=DPI)
+        with _writing(path):
+            try:
+                fig.savefig(path, dpi=DPI)
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
     finally:
         plt.close(fig)
     return path
@@ -490,8 +503,6 @@ def _cell(text: str, limit: int = 160) -> str:
 
 def generation_changes(run_dir: Path) -> tuple[list[int], list[dict[str, Any]]]:
     """The fixed held-out prompts with the answer at the first and the last eval (from generations_round_*.jsonl)."""
-    from . import RunDir
-
     gens = RunDir(run_dir).read_generations()
     if not gens:
         return [], []
@@ -548,5 +559,6 @@ def make_report(run_dir: str | Path) -> list[Path]:
         p = _plot_partition(partition, out)
         if p is not None:
             pngs.append(p)
-    (out / "summary.md").write_text(_summary(records, pngs, run_dir), encoding="utf-8")
+    with _writing(out / "summary.md"):
+        atomic_write_text(out / "summary.md", _summary(records, pngs, run_dir))
     return pngs
