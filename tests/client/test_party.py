@@ -17,6 +17,8 @@ from tests.conftest import make_rows, write_csv
 def test_messages_round_trip_and_refuse_garbage():
     task = ClientTask(client_id=3, round=7, payload=b"\x00\x01abc", seed=12345, extras={"c": b"xyz", "e": b""})
     assert task_from_bytes(task_to_bytes(task)) == task
+    asks_eval = ClientTask(client_id=1, round=2, payload=b"p", seed=5, evaluate=True)  # eval.federated's request
+    assert task_from_bytes(task_to_bytes(asks_eval)) == asks_eval
     res = ClientResult(client_id=3, update=b"u" * 10, num_examples=42, metrics={"train_loss": 0.5, "steps": 2},
                        extras={"delta_c": b"dc"})
     assert result_from_bytes(result_to_bytes(res)) == res

@@ -36,13 +36,14 @@ def _unpack(data: bytes, what: str) -> tuple[dict[str, bytes], dict[str, Any]]:
 
 def task_to_bytes(task: ClientTask) -> bytes:
     blobs = {_PAYLOAD: task.payload, **{_EXTRA + k: v for k, v in task.extras.items()}}
-    return _pack(blobs, {"client_id": task.client_id, "round": task.round, "seed": task.seed})
+    return _pack(blobs, {"client_id": task.client_id, "round": task.round, "seed": task.seed,
+                         "evaluate": task.evaluate})
 
 
 def task_from_bytes(data: bytes) -> ClientTask:
     blobs, meta = _unpack(data, "task")
     return ClientTask(client_id=int(meta["client_id"]), round=int(meta["round"]), seed=int(meta["seed"]),
-                      payload=blobs.get(_PAYLOAD, b""),
+                      payload=blobs.get(_PAYLOAD, b""), evaluate=bool(meta.get("evaluate", False)),
                       extras={k[len(_EXTRA):]: v for k, v in blobs.items() if k.startswith(_EXTRA)})
 
 
