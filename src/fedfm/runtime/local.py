@@ -1,11 +1,10 @@
 """The ``local`` runtime: clients run one after another in this process, on the one shared base."""
 from __future__ import annotations
 
-import traceback
 from typing import Callable
 
 from ..client import ClientResult, ClientTask
-from . import RUNTIMES, Progress, Runtime
+from . import RUNTIMES, Progress, Runtime, call_client
 
 
 class LocalRuntime(Runtime):
@@ -15,13 +14,7 @@ class LocalRuntime(Runtime):
     def run(self, tasks: list[ClientTask], on_result: Progress = None) -> list[ClientResult]:
         results = []
         for task in tasks:
-            try:
-                result = self.client_fn(task)
-            except Exception as e:  # a failing client drops out of the round; the round goes on
-                last = traceback.extract_tb(e.__traceback__)[-1]
-                result = ClientResult(client_id=task.client_id,
-                                      error=f"{type(e).__name__}: {e} (at {last.filename.split('/')[-1]}:{last.lineno})",
-                                      crashed=True)
+            result = call_client(self.client_fn, task)
             results.append(result)
             if on_result is not None:
                 on_result(result)
