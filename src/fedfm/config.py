@@ -239,6 +239,11 @@ class RuntimeConfig(Section):
     cache_clients: int = Field(1000, ge=1)
     threads: Optional[int] = Field(None, ge=1)
     max_clients_per_batch: Optional[int] = Field(None, ge=1)  # batched runtime: clients per stacked batch (memory cap)
+    # ray runtime (docs/scaling.md): a pool of actors, each loading the base once; address joins a running cluster
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # fractional: several workers share one GPU
+    address: Optional[str] = None  # e.g. "ray://head:10001" or "auto"; None: start a local Ray on this machine
 
 
 class EvalConfig(Section):

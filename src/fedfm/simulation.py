@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -95,6 +95,56 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack, sample_dp=sample_dp)
 
 
+class PartitionData(Mapping):
+    """The clients' own data on a worker of a remote runtime: each client's ``LocalData`` cut from this machine's
+    copy of the seeded partition when the client is first given to the worker (never shipped by the driver)."""
+
+    def __init__(self, task, encoded: dict[str, torch.Tensor], data: FederatedData):
+        self.task, self.encoded, self.clients = task, encoded, {c.id: c for c in data.clients}
+        self.cut: dict[int, Any] = {}
+
+    def __getitem__(self, cid: int):
+        if cid not in self.cut:
+            c = self.clients[cid]
+            self.cut[cid] = local_data(self.task, self.encoded, c.train, c.test)
+        return self.cut[cid]
+
+    def __iter__(self):
+        return iter(self.clients)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+
+def worker_clients(cfg: RunConfig):
+    """The client side in a worker process of a remote runtime (``runtime.name: ray``), built from the config alone:
+    the same seeded partition as the driver's (``prepare``), the base loaded once, the client algorithm; returns it
+    (``ClientTask -> ClientResult``). Only what a client needs for itself: no server side, no held-out model."""
+    from .compression import make_codec
+    from .models import build_model
+    from .models.ranks import assign_ranks
+
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    prepared = prepare(cfg)
+    data = prepared.data
+    bundle = build_model(cfg, data.examples, public_texts=data.public_texts())
+    if cfg.data.tokenized_cache:
+        from .models.loader import cache_root
+        from .tasks.cache import encode_cached
+
+        encoded, _ = encode_cached(bundle.task, data.examples, cache_root())
+    else:
+        encoded = bundle.task.encode(data.examples)
+    ranks = None if cfg.adapter.rank_per_client is None else \
+        assign_ranks(cfg.adapter.rank_per_client, len(data.clients), cfg.federation.seed)
+    ctx = ClientContext(cfg=cfg, model=bundle.model, spec=bundle.spec, task=bundle.task,
+                        local=PartitionData(bundle.task, encoded, data), codec=make_codec(cfg.codec.name),
+                        store=ClientStateStore(cfg.runtime.cache_clients, None), personal=bundle.personal,
+                        personal_init=bundle.personal.flat(), ranks=ranks)
+    return make_client(ctx)
+
+
 class Simulation:
     """``fedfm run``: the data partitioned into virtual clients, one shared base, the client side, the server side,
     the runtime and the (simulated) clock."""
@@ -166,7 +216,7 @@ class Simulation:
                                  codec=self.codec, store=self.store, personal=self.personal,
                                  personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=sample_dp)
         self.client_algo = make_client(self.ctx)
-        self.runtime = make_runtime(cfg, self.client_algo)
+        self.runtime = make_runtime(cfg, self.client_algo, worker_clients)
         for note in getattr(self.runtime, "notes", []):
             self.display.message(note)
 
