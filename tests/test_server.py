@@ -95,8 +95,11 @@ def test_a_run_whose_every_client_crashes_stops_with_the_error(tiny_config, tmp_
         raise RuntimeError("Expected all tensors to be on the same device")
 
     server.runtime.client_fn = broken
+    closed = []
+    server.runtime.close = lambda: closed.append(True)  # a Ray the runtime started must stop however the run ends
     with pytest.raises(ClientFailure, match="round 1: every sampled client.*same device"):
         server.run()
+    assert closed == [True]
     rows = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["round"] == 1 and rows[-1]["aggregated"] is False  # the failed round is still logged
 

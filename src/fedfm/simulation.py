@@ -379,6 +379,14 @@ class Simulation:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict[str, Any]]:
+        """The rounds from ``start_round`` on, the membership audit, the final adapter; the runtime is closed however
+        the run ends (a Ray it started stops even when a round raises)."""
+        try:
+            return self._run()
+        finally:
+            self.runtime.close()
+
+    def _run(self) -> list[dict[str, Any]]:
         cfg, server = self.cfg, self.server
         rows = []
         if server.start_round == 1 and cfg.eval.initial and cfg.eval.every:
@@ -409,5 +417,4 @@ class Simulation:
                 self.run_dir.write_json("privacy_audit.json", audit)
         if self.run_dir is not None:
             server.save_final()
-        self.runtime.close()
         return rows
