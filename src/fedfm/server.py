@@ -20,7 +20,7 @@ from .client import CLIENT_ALGORITHMS, ClientResult
 from .compression import make_codec
 from .display import Display
 from .errors import FedfmError
-from .models.ranks import assign_ranks, view_of
+from .models.ranks import client_ranks, view_of
 from .randomness import Randomness
 from .sampling import make_sampler, num_sampled
 from .stateful import Stateful
@@ -90,8 +90,7 @@ class Server:
         self.random = Randomness.from_config(cfg)  # every draw of the server, by purpose
         self.codec = make_codec(cfg.codec.name)
         self.sampler = make_sampler(cfg.federation.sampling)
-        self.ranks = None if cfg.adapter.rank_per_client is None else \
-            assign_ranks(cfg.adapter.rank_per_client, n, cfg.federation.seed)
+        self.ranks = client_ranks(cfg, n)
         algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
         self.extra_names = algorithm.extra_names
         self.algo_server = algorithm.server_side(layout, self.codec, n)  # the algorithm's server half (SCAFFOLD's c)

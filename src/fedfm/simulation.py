@@ -95,6 +95,17 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack, sample_dp=sample_dp)
 
 
+def encode(cfg, task, examples) -> tuple[dict[str, torch.Tensor], bool]:
+    """The examples encoded once, and whether from the tokenized cache (``data.tokenized_cache``: memory-mapped from
+    ``$FEDFM_CACHE/tokenized`` on the next run)."""
+    if not cfg.data.tokenized_cache:
+        return task.encode(examples), False
+    from .models.loader import cache_root
+    from .tasks.cache import encode_cached
+
+    return encode_cached(task, examples, cache_root())
+
+
 class PartitionData(Mapping):
     """The clients' own data on a worker of a remote runtime: each client's ``LocalData`` cut from this machine's
     copy of the seeded partition when the client is first given to the worker (never shipped by the driver)."""
@@ -122,22 +133,15 @@ def worker_clients(cfg: RunConfig):
     (``ClientTask -> ClientResult``). Only what a client needs for itself: no server side, no held-out model."""
     from .compression import make_codec
     from .models import build_model
-    from .models.ranks import assign_ranks
+    from .models.ranks import client_ranks
 
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     prepared = prepare(cfg)
     data = prepared.data
     bundle = build_model(cfg, data.examples, public_texts=data.public_texts())
-    if cfg.data.tokenized_cache:
-        from .models.loader import cache_root
-        from .tasks.cache import encode_cached
-
-        encoded, _ = encode_cached(bundle.task, data.examples, cache_root())
-    else:
-        encoded = bundle.task.encode(data.examples)
-    ranks = None if cfg.adapter.rank_per_client is None else \
-        assign_ranks(cfg.adapter.rank_per_client, len(data.clients), cfg.federation.seed)
+    encoded, _ = encode(cfg, bundle.task, data.examples)
+    ranks = client_ranks(cfg, len(data.clients))
     ctx = ClientContext(cfg=cfg, model=bundle.model, spec=bundle.spec, task=bundle.task,
                         local=PartitionData(bundle.task, encoded, data), codec=make_codec(cfg.codec.name),
                         store=ClientStateStore(cfg.runtime.cache_clients, None), personal=bundle.personal,
@@ -172,13 +176,7 @@ class Simulation:
         t0 = time.perf_counter()
         self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
-        if cfg.data.tokenized_cache:  # tokenized once, memory-mapped from the cache on the next run
-            from .models.loader import cache_root
-            from .tasks.cache import encode_cached
-
-            encoded, self.tokenized_from_cache = encode_cached(self.task, self.data.examples, cache_root())
-        else:
-            encoded, self.tokenized_from_cache = self.task.encode(self.data.examples), False
+        encoded, self.tokenized_from_cache = encode(cfg, self.task, self.data.examples)
         for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too
             self.display.message(note)
         self.display.model({"trainable": self.spec.numel, "total": sum(p.numel() for p in self.model.parameters()),
@@ -333,7 +331,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ one round
     def num_sampled(self) -> int:
-        return num_sampled(self.cfg.federation, len(self.data.clients))
+        return self.server.num_sampled()
 
     def planned_steps(self, cid: int) -> int:
         """Optimizer steps client ``cid`` will take (for the simulated clock)."""

@@ -23,22 +23,20 @@ class Client:
     """A client party: its own ``LocalData``, the base with the adapter, the task, its own state store."""
 
     def __init__(self, cfg, bundle, own: LocalData, client_id: int = 0, state_dir: Optional[str | Path] = None):
-        from ..models.ranks import assign_ranks
+        from ..models.ranks import client_ranks
         from ..runtime.state_store import ClientStateStore
 
         if cfg.privacy.mode == "sample":
             raise ConfigError("privacy.mode 'sample' is simulated only for now: a client in its own process does not "
                               "yet keep its own DP-SGD accountant")
         self.cfg, self.bundle, self.client_id = cfg, bundle, client_id
-        ranks = None
-        if cfg.adapter.rank_per_client is not None:  # the rank the server assigns this client (seeded, public)
-            ranks = assign_ranks(cfg.adapter.rank_per_client, cfg.partition.num_clients, cfg.federation.seed)
         from ..compression import make_codec
 
         self.ctx = ClientContext(cfg=cfg, model=bundle.model, spec=bundle.spec, task=bundle.task,
                                  local={client_id: own}, codec=make_codec(cfg.codec.name),
                                  store=ClientStateStore(cfg.runtime.cache_clients, state_dir),
-                                 personal=bundle.personal, personal_init=bundle.personal.flat(), ranks=ranks)
+                                 personal=bundle.personal, personal_init=bundle.personal.flat(),
+                                 ranks=client_ranks(cfg, cfg.partition.num_clients))  # the server's, seeded
         self.algorithm = make_client(self.ctx)
 
     @classmethod

@@ -88,6 +88,14 @@ class FullView:
         return state
 
 
+def client_ranks(cfg, num_clients: int) -> np.ndarray | None:
+    """The LoRA rank the server assigns each client (``adapter.rank_per_client``, seeded and public), or None when
+    every client trains at ``adapter.r``."""
+    if cfg.adapter.rank_per_client is None:
+        return None
+    return assign_ranks(cfg.adapter.rank_per_client, num_clients, cfg.federation.seed)
+
+
 def assign_ranks(rank_per_client, num_clients: int, seed: int) -> np.ndarray:
     """Per-client ranks from a list (one per client) or tiers ``{rank: fraction}`` (seeded, largest remainder)."""
     if isinstance(rank_per_client, (list, tuple)):
