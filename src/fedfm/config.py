@@ -244,6 +244,7 @@ class RuntimeConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # fractional: several workers share one GPU
     address: Optional[str] = None  # e.g. "ray://head:10001" or "auto"; None: start a local Ray on this machine
+    worker_timeout_s: float = Field(3600.0, gt=0)  # a worker silent this long in a round: its clients drop, it is replaced
 
 
 class EvalConfig(Section):

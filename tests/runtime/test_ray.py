@@ -108,6 +108,26 @@ def test_a_worker_killed_mid_round_drops_its_clients_and_is_replaced(tiny_csv, t
     assert not ray.is_initialized()
 
 
+def test_a_silent_worker_times_out_naming_it_instead_of_hanging(tiny_csv, tmp_path):
+    cfg = _config(tiny_csv, tmp_path, "silent", **{"runtime.name": "ray", "runtime.num_workers": 2,
+                                                   "federation.rounds": 1, "federation.min_clients": 1})
+    sim = Simulation(prepare(cfg))
+    rt = sim.runtime
+    try:
+        ray.get([w.ready.remote() for w in rt.workers])
+        first = list(rt.workers)
+        rt.timeout = 0.05  # shorter than any client's training: every client is still out when it expires
+        row = sim.run_round(1)
+        dropped = {d["id"]: d["error"] for d in row["dropped"]}
+        assert sorted(dropped) == [0, 1, 2, 3]
+        assert all("gave no answer within runtime.worker_timeout_s=0.05s" in e and "a local Ray" in e
+                   for e in dropped.values()), dropped
+        assert all(a is not b for a, b in zip(rt.workers, first)) and rt.replaced == 2
+    finally:
+        rt.close()
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize("override, named", [
     ({"client.algorithm": "scaffold", "client.optimizer": "sgd"}, "client.algorithm 'scaffold'"),
     ({"adapter.method": "fedsa-lora"}, "adapter.method 'fedsa-lora'"),
@@ -122,5 +142,5 @@ def test_ray_refuses_per_client_state_before_anything_loads(tiny_csv, tmp_path, 
 def test_the_package_does_not_import_ray_unless_chosen():
     code = ("import sys, fedfm; from fedfm.simulation import Simulation; import fedfm.runtime; "
             "from fedfm.config import load_config; print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr

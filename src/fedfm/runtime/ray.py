@@ -4,8 +4,9 @@ Each actor builds the client side once from the config alone (``worker_clients(c
 own copy of the seeded partition, each client's ``LocalData`` cut there when the client is first given to it) and
 trains the clients it is given one after another. Only the messages travel, as bytes (``client/wire.py``): a
 ``ClientTask`` down, a ``ClientResult`` up; never example data. A client goes to worker ``client_id % num_workers``.
-A worker that dies mid-round: its clients come back as dropped (the error names the worker), it is replaced, and
-the run goes on. Without ``runtime.address`` a local Ray is started (no dashboard) and stopped by ``close()``.
+A worker that dies mid-round, or gives no answer within ``runtime.worker_timeout_s`` (hung, or never scheduled on a
+cluster short of the resources it asks for): its clients come back as dropped (the error names the worker and where
+it runs), it is replaced, and the run goes on; the round never waits forever. Without ``runtime.address`` a local Ray is started (no dashboard) and stopped by ``close()``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class _Worker:
 class RayRuntime(Runtime):
     def __init__(self, cfg, worker_clients: Callable):
         rc = cfg.runtime
-        self.num_workers, self.started = rc.num_workers, False
+        self.num_workers, self.started, self.timeout = rc.num_workers, False, rc.worker_timeout_s
         if not ray.is_initialized():
             if rc.address is None:  # a local Ray sized to the pool, loopback only, no dashboard
                 ray.init(num_cpus=math.ceil(rc.num_workers * rc.cpus_per_worker),
@@ -70,7 +71,18 @@ class RayRuntime(Runtime):
         results: list[ClientResult | None] = [None] * len(submitted)
         dead: dict[int, str] = {}
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
+            if not done:  # nobody answered in time: every client still out is dropped, its worker replaced
+                where = self._cfg.runtime.address or "a local Ray"
+                for ref, k in pending.items():
+                    task, w, _ = submitted[k]
+                    dead.setdefault(w, "silent")
+                    results[k] = ClientResult(client_id=task.client_id, crashed=True, error=(
+                        f"ray worker {w} (on {where}) gave no answer within runtime.worker_timeout_s="
+                        f"{self.timeout:g}s; it is replaced"))
+                    if on_result is not None:
+                        on_result(results[k])
+                break
             k = pending.pop(done[0])
             task, w, ref = submitted[k]
             try:
@@ -82,7 +94,8 @@ class RayRuntime(Runtime):
             results[k] = result
             if on_result is not None:
                 on_result(result)
-        for w in dead:  # the run goes on: a fresh actor in the dead one's place for the next round
+        for w in dead:  # the run goes on: a fresh actor in the dead (or silent) one's place for the next round
+            ray.kill(self.workers[w])
             self.workers[w] = self._new_worker()
             self.replaced += 1
         return results  # type: ignore[return-value]
