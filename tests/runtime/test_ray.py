@@ -5,6 +5,7 @@ never imports ray unless the runtime is chosen."""
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 
 import pytest
@@ -116,11 +117,18 @@ def test_a_silent_worker_times_out_naming_it_instead_of_hanging(tiny_csv, tmp_pa
     try:
         ray.get([w.ready.remote() for w in rt.workers])
         first = list(rt.workers)
-        rt.timeout = 0.05  # shorter than any client's training: every client is still out when it expires
+
+        @ray.remote(num_cpus=0)
+        def never_answers():
+            time.sleep(600)
+
+        # every task goes out, but what the round waits on is a reference that is never ready (a hung worker)
+        rt.submit = lambda tasks: [(t, t.client_id % rt.num_workers, never_answers.remote()) for t in tasks]
+        rt.timeout = 0.5
         row = sim.run_round(1)
         dropped = {d["id"]: d["error"] for d in row["dropped"]}
         assert sorted(dropped) == [0, 1, 2, 3]
-        assert all("gave no answer within runtime.worker_timeout_s=0.05s" in e and "a local Ray" in e
+        assert all("gave no answer within runtime.worker_timeout_s=0.5s" in e and "a local Ray" in e
                    for e in dropped.values()), dropped
         assert all(a is not b for a, b in zip(rt.workers, first)) and rt.replaced == 2
     finally:
