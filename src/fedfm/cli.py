@@ -191,33 +191,17 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
         console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
     try:
-        from .config import check_writable_dir
+        from .federation import begin, open_run_dir
         from .simulation import Simulation, prepare
 
-        check_writable_dir(run_dir.path, "output.dir")
-        if not resume:
-            run_dir.check_new(overwrite)  # touches nothing: an old run is replaced only when the new one is built
+        ck = open_run_dir(run_dir, resume, overwrite, warn)  # touches nothing; a checkpoint read before the model
         prepared = prepare(cfg)  # data + config checks, before any model loads
-        ck = None
-        if resume:  # also before the model loads: a corrupt checkpoint passed over, a bad line of the metrics named
-            ck = run_dir.load_last_checkpoint(warn)
-            run_dir.check_metrics()
         desc = prepared.data.describe()
         display = RichDisplay(cfg.federation.rounds)
         console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
         display.partition(desc)
         server = Simulation(prepared, run_dir, display)  # builds the model; writes nothing into the run directory
-        if resume:
-            if ck is not None:
-                server.load_checkpoint_state(ck)
-                console.print(f"resuming after round {ck['round']}")
-            note = run_dir.set_aside_partial_metrics()  # a last line cut short: kept in metrics.jsonl.partial
-            if note:
-                warn(note)
-            run_dir.truncate_metrics(ck["round"] if ck is not None else -1)
-        else:
-            run_dir.create(overwrite=overwrite)  # only now is an old run in output.dir replaced
-            run_dir.write_config(cfg.to_yaml())
+        begin(server, run_dir, ck, resume, overwrite, warn, say=console.print)
         run_dir.write_json("partition.json", desc)
         with display, run_dir.writing():  # a full disk anywhere else in the run: one line, too
             display.progress.update(display.rounds, completed=server.start_round - 1)
@@ -355,6 +339,93 @@ def generate_cmd(
         _fail(e)
         return
     console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+deploy_app = typer.Typer(no_args_is_help=True, help="Run fedfm between organisations over Flower "
+                                                     "(pip install \"fedfm[flower]\"; docs/deployment.md).")
+app.add_typer(deploy_app, name="deploy")
+
+
+def _config(config: str, overrides: Optional[list[str]]):
+    from .config import load_config
+
+    return load_config(config, list(overrides or []))
+
+
+@deploy_app.command("app")
+def deploy_app_cmd(directory: Path = typer.Argument(..., help="where to write the Flower app (its pyproject.toml)")) -> None:
+    """Write the Flower app directory that `flwr run` takes (fedfm's ServerApp and ClientApp)."""
+    from .deploy.local import write_app
+
+    console.print(f"Flower app written to {write_app(directory)}")
+
+
+@deploy_app.command("run")
+def deploy_run_cmd(
+    config: str = typer.Argument("bbc-lora", help="a built-in config name or a YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+    superlink: str = typer.Option(..., "--superlink", help="the SuperLink's address, HOST:PORT"),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates",
+                                                     help="the CA certificate that signed the SuperLink's (TLS)"),
+    insecure: bool = typer.Option(False, "--insecure", help="plain HTTP, no TLS (loopback tests only)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run whose config.yaml is here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run directory"),
+    timeout_s: float = typer.Option(24 * 3600.0, "--timeout", help="give up after this many seconds"),
+) -> None:
+    """Start a run on a SuperLink whose SuperNodes hold the clients' data; the server side writes the run
+    directory (output.dir, on the SuperLink's machine) as `fedfm run` does."""
+    import tempfile
+
+    from .deploy.local import run_app
+
+    try:
+        if (root_certificates is None) == (not insecure):
+            raise FedfmError("fedfm deploy run: give --root-certificates CA.pem (TLS, the default between "
+                             "organisations) or --insecure (plain HTTP, loopback tests only)")
+        cfg = _config(str(resume / "config.yaml"), [f"output.dir={resume}", *(overrides or [])]) if resume else \
+            _config(config, overrides)
+        with tempfile.TemporaryDirectory(prefix="fedfm-deploy-") as work:
+            status = run_app(cfg.to_yaml(), superlink, root_certificates, Path(work), resume=resume is not None,
+                             overwrite=overwrite, timeout_s=timeout_s)
+    except FedfmError as e:
+        _fail(e)
+        return
+    if not status.endswith("completed"):
+        _fail(FedfmError(f"the run on {superlink} ended {status} (its output is above)"))
+
+
+@deploy_app.command("local")
+def deploy_local_cmd(
+    config: str = typer.Argument("bbc-lora", help="a built-in config name or a YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+    work: Optional[Path] = typer.Option(None, "--work", help="where the sites, certificates and logs go "
+                                                             "(default: a new folder beside output.dir)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS and no SuperNode authentication"),
+) -> None:
+    """A federation on this machine to try: the config's data split into partition.num_clients sites (one folder
+    each), a SuperLink with TLS that admits only their registered keys, one SuperNode per site, the run."""
+    from .deploy.local import LocalFederation, site_config, write_sites
+
+    try:
+        cfg = _config(config, overrides)
+        work = work or Path(f"{cfg.output_dir()}-federation")
+        if work.exists() and any(work.iterdir()):
+            raise FedfmError(f"--work: {work} is not empty; give another folder")
+        console.print(f"splitting {cfg.data.source} into {cfg.partition.num_clients} sites under {work}")
+        sites = write_sites(cfg, work / "sites")
+        with LocalFederation(work / "flower", secure=not insecure) as fed:
+            fed.start_superlink()
+            console.print(f"SuperLink on {fed.address} ({'TLS, registered SuperNodes only' if fed.secure else 'insecure'})")
+            for cid, (train, test) in enumerate(sites):
+                fed.start_supernode(f"site{cid}", train, test, client_id=cid)
+            console.print(f"{len(sites)} SuperNodes started, each with its own files; logs in {fed.work}")
+            status = fed.run(site_config(cfg).to_yaml(), timeout_s=24 * 3600.0, echo=True)
+    except FedfmError as e:
+        _fail(e)
+        return
+    if not status.endswith("completed"):
+        _fail(FedfmError(f"the run ended {status} (logs in {work / 'flower'})"))
+    console.print(f"run directory: [bold]{cfg.output_dir()}[/bold]")
 
 
 def main() -> None:  # pragma: no cover

@@ -128,6 +128,9 @@ class DataConfig(Section):
     text_column: str = "text"
     format: Literal["auto", "alpaca", "chat", "prompt_completion"] = "auto"  # instruction data: how a row is laid out
     label_column: Optional[str] = "label"
+    # the classes, in order (label ids index this list); unset: the sorted labels found in the data. A deployment sets
+    # it from what the sites report, so that every party numbers the classes alike
+    label_names: Optional[list[str]] = None
     client_column: Optional[str] = None
     test_fraction: float = Field(0.2, ge=0, lt=1)  # the server's own held-out set (0: none; see eval.federated)
     max_examples: Optional[int] = Field(None, ge=2)
@@ -245,6 +248,8 @@ class RuntimeConfig(Section):
     gpus_per_worker: float = Field(0.0, ge=0)  # fractional: several workers share one GPU
     address: Optional[str] = None  # e.g. "ray://head:10001" or "auto"; None: start a local Ray on this machine
     worker_timeout_s: float = Field(3600.0, gt=0)  # a worker silent this long in a round: its clients drop, it is replaced
+    # flower deployment (docs/deployment.md): how long the server side waits for partition.num_clients SuperNodes
+    connect_timeout_s: float = Field(300.0, gt=0)
 
 
 class EvalConfig(Section):

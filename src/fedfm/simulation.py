@@ -6,7 +6,6 @@ gets none of it: it sees the clients' encoded results, their number and the exam
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -14,15 +13,16 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .client import ClientContext, ClientResult, make_client
+from .client import ClientContext, make_client
 from .client.data import local_data
 from .clock import SimClock
 from .config import RunConfig
 from .data import FederatedData, build_federated_data
 from .data.sources import load_examples
 from .display import Display
-from .errors import ClientFailure, ConfigError, FedfmError
+from .errors import ConfigError
 from .evaluation import ServerModel
+from .federation import Federation
 from .models.adapters import check_target_modules
 from .models.loader import check_model_config
 from .randomness import Randomness
@@ -149,7 +149,7 @@ def worker_clients(cfg: RunConfig):
     return make_client(ctx)
 
 
-class Simulation:
+class Simulation(Federation):
     """``fedfm run``: the data partitioned into virtual clients, one shared base, the client side, the server side,
     the runtime and the (simulated) clock."""
 
@@ -249,31 +249,7 @@ class Simulation:
         rng = self.random.rng(purpose)
         return np.sort(rng.choice(indices, size=k, replace=False))
 
-    # ------------------------------------------------------------------ the server side's state, as a run sees it
-    @property
-    def global_flat(self) -> torch.Tensor:
-        return self.server.global_flat
-
-    @global_flat.setter
-    def global_flat(self, flat: torch.Tensor) -> None:
-        self.server.global_flat = flat
-        self._load_global()
-
-    @property
-    def start_round(self) -> int:
-        return self.server.start_round
-
-    def checkpoint_state(self, rnd: int) -> dict[str, Any]:
-        return self.server.checkpoint_state(rnd)
-
-    def load_checkpoint_state(self, ck: dict[str, Any]) -> None:
-        self.server.load_checkpoint_state(ck)
-        self._load_global()
-
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, rnd: int = 0) -> dict[str, Any]:
-        return self.server.evaluate(rnd)
-
     def _backdoor(self, rnd: int) -> dict[str, Any]:
         """How often the trigger turns a held-out example into the target label."""
         n = len(next(iter(self.backdoor_enc.values())))
@@ -325,85 +301,9 @@ class Simulation:
                 out[f"client_{short}{suffix}_worst10"] = worst_fraction_mean(list(vals.values()), 0.1, better_high)
         return out
 
-    def _load_global(self) -> None:
-        """The global model: the shared global state, personal parameters at their initial values."""
-        self.server.model.load(self.server.global_flat)
-
-    # ------------------------------------------------------------------ one round
-    def num_sampled(self) -> int:
-        return self.server.num_sampled()
-
-    def planned_steps(self, cid: int) -> int:
-        """Optimizer steps client ``cid`` will take (for the simulated clock)."""
-        ccfg = self.cfg.client
-        if ccfg.steps is not None:
-            return ccfg.steps
-        batches = math.ceil(self.client_sizes[cid] / ccfg.batch_size) * ccfg.epochs
-        return max(1, math.ceil(batches / ccfg.grad_accum))  # as local_sgd counts: one last partial accumulation
-
-    def sample(self, rng: np.random.Generator, k: int, t: float, exclude=(), online_only: bool = False) -> np.ndarray:
-        """``k`` clients by ``federation.sampling``; online ones only for availability-aware sampling."""
-        if online_only or self.server.sampler.online_only:
-            candidates = self.clock.online_clients(t)
-        else:
-            candidates = np.arange(len(self.data.clients))
-        if exclude:
-            candidates = np.setdiff1d(candidates, np.fromiter(exclude, dtype=np.int64))
-        return self.server.sample(rng, k, candidates)
-
-    def wait_for_clients(self, t: float) -> float:
-        """With availability-aware sampling, advance simulated time until enough clients are online."""
-        if not self.server.sampler.online_only:
-            return t
-        need = min(self.cfg.federation.min_clients, len(self.data.clients))
-        for _ in range(10_000):
-            if len(self.clock.online_clients(t)) >= need:
-                return t
-            t = self.clock.next_period(t)
-        raise FedfmError(f"fewer than federation.min_clients={need} clients were ever online "
-                         f"(clock.availability={self.cfg.clock.availability})")
-
-    def broadcast(self, rnd: int, cid: int) -> tuple[bytes, dict[str, bytes]]:
-        return self.server.broadcast(rnd, cid)
-
-    def aggregate_results(self, rnd: int, results: list[ClientResult],
-                          weights: Optional[list[float]] = None) -> dict[str, Any]:
-        row = self.server.aggregate_results(rnd, results, weights)
-        self._load_global()
-        return row
-
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        return self.schedule.run_round(rnd)
-
-    # ------------------------------------------------------------------ the run
-    def run(self) -> list[dict[str, Any]]:
-        """The rounds from ``start_round`` on, the membership audit, the final adapter; the runtime is closed however
-        the run ends (a Ray it started stops even when a round raises)."""
-        try:
-            return self._run()
-        finally:
-            self.runtime.close()
-
-    def _run(self) -> list[dict[str, Any]]:
-        cfg, server = self.cfg, self.server
-        rows = []
-        if server.start_round == 1 and cfg.eval.initial and cfg.eval.every:
-            t0 = time.perf_counter()
-            row = {"round": 0, **self.evaluate(0), "wall_s": time.perf_counter() - t0}
-            server.log(row)
-            rows.append(row)
-        for rnd in range(server.start_round, cfg.federation.rounds + 1):
-            if server.privacy_spent(rnd):
-                break
-            server._all_crashed = False
-            row = self.run_round(rnd)
-            if server._all_crashed and server.global_version == 0 and server.start_round == 1:
-                server.log(row)
-                first = row["dropped"][0]["error"] if row.get("dropped") else "unknown error"
-                raise ClientFailure(f"round {rnd}: every sampled client raised an error before any update was "
-                                    f"aggregated, e.g. {first}; stopping (metrics.jsonl lists each client's error)")
-            server.end_round(rnd, row)
-            rows.append(row)
+    def _after_rounds(self, rows: list[dict[str, Any]]) -> None:
+        """The membership audit (eval.membership_audit): the auditor sees both sides, as only a simulation can."""
+        cfg = self.cfg
         if cfg.eval.membership_audit and rows:
             from .privacy.audit import membership_audit
 
@@ -413,6 +313,3 @@ class Simulation:
                                  f"{audit['mia_members']} training vs {audit['mia_nonmembers']} held-out examples")
             if self.run_dir is not None:
                 self.run_dir.write_json("privacy_audit.json", audit)
-        if self.run_dir is not None:
-            server.save_final()
-        return rows

@@ -19,6 +19,26 @@ from .data import LocalData, own_data
 from .wire import result_to_bytes, task_from_bytes
 
 
+def own_examples(cfg, source: str | Path, test_source: Optional[str | Path] = None):
+    """A client's own examples read with the config's column mapping: ``source``, then ``test_source`` (if any)
+    after it; and how many of them came from ``test_source`` (None without one). Labels are numbered by
+    ``data.label_names`` when set, else by the labels found in both files together."""
+    from ..data.sources import concat_examples, load_examples
+    from ..tasks import TASKS
+
+    task_cls = TASKS.get(cfg.task.name)
+
+    def read(path):
+        return load_examples(cfg.data.model_copy(update={"source": str(path)}), needs_labels=task_cls.needs_labels,
+                             seed=cfg.federation.seed, chat=task_cls.reads_chat)
+
+    examples = read(source)
+    if test_source is None:
+        return examples, None
+    test = read(test_source)
+    return concat_examples(examples, test), len(test)
+
+
 class Client:
     """A client party: its own ``LocalData``, the base with the adapter, the task, its own state store."""
 
@@ -40,28 +60,23 @@ class Client:
         self.algorithm = make_client(self.ctx)
 
     @classmethod
-    def from_config(cls, cfg, source: str | Path, client_id: int = 0,
-                    state_dir: Optional[str | Path] = None) -> "Client":
+    def from_config(cls, cfg, source: str | Path, client_id: int = 0, state_dir: Optional[str | Path] = None,
+                    test_source: Optional[str | Path] = None) -> "Client":
         """Read ``source`` (a CSV/JSON/Parquet file, a saved dataset: any ``data.source``) as this client's own
-        data, with the config's column mapping; build the base and the adapter; keep
-        ``partition.local_test_fraction`` of the examples for local evaluation."""
-        from ..data.sources import load_examples
+        data, with the config's column mapping; build the base and the adapter. Its local test split is
+        ``test_source`` when given (a file of its own), else ``partition.local_test_fraction`` of its examples."""
         from ..models import build_model
-        from ..tasks import TASKS
 
         if cfg.runtime.threads:
             import torch
 
             torch.set_num_threads(cfg.runtime.threads)
-        data_cfg = cfg.data.model_copy(update={"source": str(source)})
-        task_cls = TASKS.get(cfg.task.name)
-        examples = load_examples(data_cfg, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
-                                 chat=task_cls.reads_chat)
+        examples, n_test = own_examples(cfg, source, test_source)
         bundle = build_model(cfg, examples)
         encoded = bundle.task.encode(examples)
         rng = Randomness(cfg.federation.seed).rng("local_split", client_id)
-        return cls(cfg, bundle, own_data(bundle.task, encoded, cfg.partition.local_test_fraction, rng),
-                   client_id, state_dir)
+        own = own_data(bundle.task, encoded, cfg.partition.local_test_fraction, rng, test_examples=n_test)
+        return cls(cfg, bundle, own, client_id, state_dir)
 
     def __call__(self, task: ClientTask) -> ClientResult:
         if task.client_id != self.client_id:

@@ -364,6 +364,42 @@ def _held_out_splits(splits: np.ndarray, src: str) -> tuple[Optional[np.ndarray]
     return is_test, [f"held-out set: split {names} of {src} ({int(is_test.sum())} examples)"]
 
 
+def label_order(names) -> list[str]:
+    """Label names in the order ``load_examples`` numbers them: by value when every name is an integer (the column
+    held numbers), else as strings."""
+    names = sorted({str(n) for n in names})
+    if names and all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return names
+
+
+def concat_examples(a: Examples, b: Examples) -> Examples:
+    """``a``'s examples then ``b``'s (one party's training file and its test file), labels numbered over both."""
+    out = Examples(texts=None, source=a.source, notes=a.notes + b.notes)
+    for name in ("texts", "input_ids", "messages"):
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None):
+            raise DataError(f"{b.source}: its rows are not of the same kind as {a.source}'s ({name})")
+        if x is not None:
+            setattr(out, name, list(x) + list(y))
+    if a.labels is not None and b.labels is not None:
+        names = a.label_names if a.label_names == b.label_names else label_order([*a.label_names, *b.label_names])
+        index = {n: i for i, n in enumerate(names)}
+        out.label_names = names
+        out.labels = np.array([index[a.label_names[i]] for i in a.labels] + [index[b.label_names[i]] for i in b.labels],
+                              dtype=np.int64)
+    return out
+
+
+def _named_labels(values: list, names: list[str], src: str) -> np.ndarray:
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({str(v) for v in values} - set(index))
+    if unknown:
+        raise DataError(f"data.label_column: {src} has label(s) {', '.join(map(repr, unknown[:5]))} that are not in "
+                        f"data.label_names ({', '.join(map(repr, names[:10]))}{' …' if len(names) > 10 else ''})")
+    return np.array([index[str(v)] for v in values], dtype=np.int64)
+
+
 def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = False) -> Examples:
     """Read the source and map its columns; labels become ids with names taken from the data.
 
@@ -418,6 +454,10 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
         ex.texts = [str(t) for t in col(data_cfg.text_column)]
     if needs_labels:
         values = col(data_cfg.label_column)
+        if data_cfg.label_names is not None:  # the classes every party numbers alike (a deployment's sites)
+            ex.labels, ex.label_names = _named_labels(values, data_cfg.label_names, src), list(data_cfg.label_names)
+            values = None
+    if needs_labels and values is not None:
         numeric = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
         arr = np.array(values if numeric else [str(v) for v in values])
         uniq, ids = np.unique(arr, return_inverse=True)

@@ -1,0 +1,256 @@
+"""fedfm as a Flower app (Message API, flwr 1.42): a ``ServerApp`` around ``Deployment`` and a ``ClientApp`` around
+``client.party.Client``.
+
+What travels is fedfm's own bytes: a task (``client.wire``, the codec's payload inside) and the run's config down, a
+result (the codec's update inside) up, each in a ``ConfigRecord`` of a Flower message, counted at the message. A
+SuperNode names its own data in its node config, which never leaves it:
+
+    flower-supernode --superlink HOST:PORT ... --node-config 'data="/site/train.csv" test-data="/site/test.csv" client-id=0'
+
+and ``fedfm deploy run CONFIG --superlink HOST:PORT`` (or ``flwr run`` on the app ``fedfm deploy app`` writes)
+starts the run; the server side writes the same run directory as ``fedfm run``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Optional
+
+import yaml
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..client import ClientResult, ClientTask
+from ..client.wire import result_from_bytes, task_to_bytes
+from ..config import RunConfig, validate_config
+from ..display import Display
+from ..errors import FedfmError, UpdateRejected
+from ..runtime import Runtime
+from . import Deployment, Node, assign_clients, check_config, deployment_config
+
+RECORD = "fedfm"  # the one ConfigRecord in every fedfm message
+
+
+def _config_from_text(text: str, what: str) -> RunConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise FedfmError(f"{what}: not YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise FedfmError(f"{what}: expected a fedfm config (a YAML mapping)")
+    return validate_config(data)
+
+
+# ---------------------------------------------------------------------------------------------- the client side
+client_app = ClientApp()
+
+
+def _node_settings(context: Context) -> dict[str, Any]:
+    """The SuperNode's own settings (its node config): ``data`` (its training file), optionally ``test-data`` (its
+    local test split), ``client-id``, ``state-dir``."""
+    nc = dict(context.node_config)
+    if not nc.get("data"):
+        raise FedfmError("this SuperNode's node config names no data: start it with --node-config "
+                         "'data=\"/path/to/train.csv\"' (and optionally test-data=\"...\" client-id=N)")
+    cid = nc.get("client-id")
+    return {"data": str(nc["data"]), "test": str(nc["test-data"]) if nc.get("test-data") else None,
+            "client_id": int(cid) if cid is not None and str(cid) != "" else None,
+            "state_dir": str(nc["state-dir"]) if nc.get("state-dir") else None}
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Joining: this client's id (if its node config names one), its training example count and the label names it
+    holds; read from its own files with the run's config, no model loaded."""
+    from ..client.party import own_examples
+
+    cfg = _config_from_text(str(msg.content[RECORD]["config"]), "the server's config")
+    node = _node_settings(context)
+    examples, n_test = own_examples(cfg, node["data"], node["test"])
+    n = len(examples)
+    train = n - n_test if n_test is not None else n - int(round(cfg.partition.local_test_fraction * n))
+    labels = sorted({examples.label_names[i] for i in examples.labels}) if examples.labels is not None else []
+    info = {"client_id": node["client_id"], "train_examples": int(train), "labels": labels}
+    return Message(RecordDict({RECORD: ConfigRecord({"info": json.dumps(info)})}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round's task: the base and this client's own data loaded, the task run, the result's bytes sent back."""
+    from ..client.party import Client
+    from ..client.wire import task_from_bytes
+
+    record = msg.content[RECORD]
+    cfg = _config_from_text(str(record["config"]), "the server's config")
+    node = _node_settings(context)
+    body = bytes(record["task"])
+    task = task_from_bytes(body)
+    if node["client_id"] is not None and task.client_id != node["client_id"]:
+        raise FedfmError(f"this SuperNode is client {node['client_id']}, the task is for client {task.client_id}")
+    client = Client.from_config(cfg, node["data"], task.client_id, state_dir=node["state_dir"],
+                                test_source=node["test"])
+    return Message(RecordDict({RECORD: ConfigRecord({"result": client.handle(body)})}), reply_to=msg)
+
+
+# ---------------------------------------------------------------------------------------------- the server side
+class FlowerRuntime(Runtime):
+    """Carries a round's tasks to the clients' SuperNodes as Flower messages and their results back. A client whose
+    node does not answer within ``runtime.worker_timeout_s`` (or answers with an error) drops out of the round,
+    named; its node is not sampled again."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig):
+        self.grid, self.cfg = grid, cfg
+        self.config_text = cfg.to_yaml()
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.lost: set[int] = set()  # nodes that did not answer
+        self.counts = {"message_bytes_down": 0, "message_bytes_up": 0}
+
+    def _message(self, node: int, kind: str, fields: dict[str, Any]) -> Message:
+        return Message(RecordDict({RECORD: ConfigRecord(fields)}), dst_node_id=node, message_type=kind)
+
+    def discover(self, say=print) -> list[Node]:
+        """Wait for ``partition.num_clients`` SuperNodes (up to ``runtime.connect_timeout_s``), ask each what it
+        holds, and give each its client id."""
+        want, limit = self.cfg.partition.num_clients, self.cfg.runtime.connect_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            found = sorted(self.grid.get_node_ids())
+            if len(found) >= want:
+                break
+            if time.monotonic() > deadline:
+                raise FedfmError(f"deployment: {len(found)} of partition.num_clients={want} SuperNodes connected to "
+                                 f"the SuperLink within runtime.connect_timeout_s={limit:g}")
+            time.sleep(0.5)
+        say(f"{len(found)} SuperNodes connected; asking each what it holds")
+        replies = list(self.grid.send_and_receive(
+            [self._message(n, MessageType.QUERY, {"config": self.config_text}) for n in found], timeout=limit))
+        infos: dict[int, dict[str, Any]] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise FedfmError(f"SuperNode {node} could not join: {reply.error.reason}")
+            infos[node] = json.loads(str(reply.content[RECORD]["info"]))
+        silent = [n for n in found if n not in infos]
+        if silent:
+            raise FedfmError(f"deployment: SuperNode(s) {silent} did not answer within runtime.connect_timeout_s="
+                             f"{limit:g}")
+        ids = assign_clients([(n, infos[n]["client_id"]) for n in found], want)
+        unused = [n for n in found if n not in ids]
+        if unused:
+            say(f"SuperNode(s) {unused} not used: partition.num_clients={want} are")
+        self.node_of = {cid: node for node, cid in ids.items()}
+        return [Node(node_id=node, client_id=cid, train_examples=int(infos[node]["train_examples"]),
+                     labels=list(infos[node]["labels"])) for node, cid in ids.items()]
+
+    def set_config(self, cfg: RunConfig) -> None:
+        """The config every client trains with (``deployment_config``: the label names settled)."""
+        self.cfg, self.config_text = cfg, cfg.to_yaml()
+
+    def reachable(self) -> list[int]:
+        connected = set(self.grid.get_node_ids()) - self.lost
+        return [cid for cid, node in self.node_of.items() if node in connected]
+
+    def run(self, tasks: list[ClientTask], on_result=None) -> list[ClientResult]:
+        limit = self.cfg.runtime.worker_timeout_s
+        messages, body_of = [], {}
+        for t in tasks:
+            body = task_to_bytes(t)
+            node = self.node_of[t.client_id]
+            messages.append(self._message(node, MessageType.TRAIN, {"task": body, "config": self.config_text}))
+            self.counts["message_bytes_down"] += len(body) + len(self.config_text.encode())
+            body_of[node] = t
+        got: dict[int, ClientResult] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=limit):
+            node = reply.metadata.src_node_id
+            task = body_of.get(node)
+            if task is None:
+                continue
+            if reply.has_error():
+                res = ClientResult(client_id=task.client_id, error=f"SuperNode {node}: {reply.error.reason}",
+                                   crashed=True)
+            else:
+                data = bytes(reply.content[RECORD]["result"])
+                self.counts["message_bytes_up"] += len(data)
+                try:
+                    res = result_from_bytes(data)
+                except UpdateRejected as e:
+                    res = ClientResult(client_id=task.client_id, error=f"SuperNode {node}: {e}")
+            got[node] = res
+            if on_result is not None:
+                on_result(res)
+        out = []
+        for t in tasks:
+            node = self.node_of[t.client_id]
+            if node not in got:
+                self.lost.add(node)
+                got[node] = ClientResult(client_id=t.client_id, error=f"SuperNode {node} (client {t.client_id}) did "
+                                                                      f"not answer within runtime.worker_timeout_s={limit:g}")
+            out.append(got[node])
+        return out
+
+    def take_counts(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {k: 0 for k in self.counts}
+        return counts
+
+
+class PrintDisplay(Display):
+    """One line per round on the ServerApp's output (``flwr run --stream`` and the SuperLink's log show it)."""
+
+    def message(self, text: str) -> None:
+        print(f"fedfm: {text}", flush=True)
+
+    def round_end(self, row: dict) -> None:
+        keys = ("eval_accuracy", "fed_accuracy", "fed_loss", "train_loss", "bytes_up", "bytes_down",
+                "message_bytes_up", "message_bytes_down")
+        parts = [f"{k} {row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float))]
+        dropped = [f"{d['id']}: {d.get('error')}" for d in row.get("dropped") or []]
+        print(f"fedfm: round {row['round']} | " + " | ".join(parts) + (f" | dropped {dropped}" if dropped else ""),
+              flush=True)
+
+
+def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = None) -> list[dict[str, Any]]:
+    """The server side of a deployment run: the config from the run config (``fedfm-config``: the YAML text), the
+    clients joined, the rounds run into the run directory, the report drawn."""
+    from ..federation import begin, open_run_dir
+    from ..tracking import RunDir
+
+    display = display or PrintDisplay()
+    cfg = _config_from_text(str(run_config.get("fedfm-config") or ""), "run config fedfm-config")
+    resume, overwrite = bool(run_config.get("resume", False)), bool(run_config.get("overwrite", False))
+    check_config(cfg)
+    run_dir = RunDir(cfg.output_dir())
+    ck = open_run_dir(run_dir, resume, overwrite, display.message)
+    runtime = FlowerRuntime(grid, cfg)
+    nodes = runtime.discover(display.message)
+    cfg = deployment_config(cfg, nodes)
+    runtime.set_config(cfg)
+    display.message(f"run {cfg.name} -> {run_dir.path.resolve()}; clients: " +
+                    ", ".join(f"{n.client_id}=node {n.node_id} ({n.train_examples} examples)" for n in
+                              sorted(nodes, key=lambda n: n.client_id)))
+    fed = Deployment(cfg, nodes, runtime, run_dir, display)
+    begin(fed, run_dir, ck, resume, overwrite, display.message, say=display.message)
+    run_dir.write_json("partition.json", fed.describe())
+    with run_dir.writing():
+        rows = fed.run()
+    try:
+        from ..tracking.report import make_report
+
+        make_report(run_dir.path)
+    except Exception as e:  # a plot failing must not hide a finished run
+        display.message(f"report not drawn: {e}")
+    display.message(f"done: run directory {run_dir.path.resolve()}")
+    return rows
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        serve(grid, dict(context.run_config))
+    except FedfmError as e:
+        print(f"fedfm: error: {e}", file=sys.stderr, flush=True)
+        raise
