@@ -241,6 +241,7 @@ class LocalFederation:
     procs: list[subprocess.Popen] = field(default_factory=list)
     certs: Optional[Certificates] = None
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    server_env: dict[str, str] = field(default_factory=dict)  # more environment for the SuperLink and its ServerApp
 
     @property
     def address(self) -> str:
@@ -263,7 +264,8 @@ class LocalFederation:
                     "--ssl-ca-certfile", str(self.certs.ca), "--enable-supernode-auth"]
         else:
             cmd += ["--insecure"]
-        proc = self._spawn(cmd, "superlink.log", env=flower_env(FLWR_HOME=str(self.work / "superlink-home")))
+        proc = self._spawn(cmd, "superlink.log", env=flower_env(FLWR_HOME=str(self.work / "superlink-home"),
+                                                               **self.server_env))
         wait_listening("127.0.0.1", self.port, timeout_s, "the SuperLink", proc, self.work / "superlink.log")
         write_connection(self.work / "flwr-cli", self.address, self.certs.ca if self.certs else None)
 
@@ -281,7 +283,7 @@ class LocalFederation:
 
     def start_supernode(self, name: str, data: Path, test_data: Optional[Path] = None,
                         client_id: Optional[int] = None, register: bool = True,
-                        private_key: Optional[Path] = None) -> subprocess.Popen:
+                        private_key: Optional[Path] = None, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
         """A SuperNode whose node config names its own files. Secure: with its own key pair, the public half
         registered first unless ``register`` is False (then the SuperLink refuses it)."""
         settings = [f'data="{data}"']
@@ -299,8 +301,8 @@ class LocalFederation:
             cmd += ["--root-certificates", str(self.certs.ca), "--auth-supernode-private-key", str(private_key)]
         else:
             cmd += ["--insecure"]
-        env = flower_env(FLWR_HOME=str(self.work / f"node-{name}"))
-        proc = self._spawn(cmd, f"supernode-{name}.log", env=env)
+        proc = self._spawn(cmd, f"supernode-{name}.log",
+                           env=flower_env(FLWR_HOME=str(self.work / f"node-{name}"), **(env or {})))
         self.nodes[name] = proc
         return proc
 
