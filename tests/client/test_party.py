@@ -76,3 +76,70 @@ def test_a_client_in_its_own_process_given_only_its_own_file(tiny_config, tmp_pa
     assert float(delta.norm()) > 0
     decoded = server.spec.flatten(server.codec.decode(result.update, server.spec))
     torch.testing.assert_close(delta, decoded)  # one client, FedAvg, server lr 1: the global moves by its update
+
+
+def _party_setup(tiny_config, tmp_path, **over):
+    from fedfm.data.sources import load_examples
+    from fedfm.models import build_model
+    from fedfm.server import Server
+
+    rows = make_rows(n=160, seed=4, sites=2)
+    own = write_csv(tmp_path / "site0.csv", [r for r in rows if r["site"] == "site0"])
+    held = write_csv(tmp_path / "held.csv", [r for r in rows if r["site"] == "site1"])
+    cfg = tiny_config(**{"data.source": str(held), "federation.clients_per_round": 1, "federation.min_clients": 1,
+                         "partition.num_clients": 1, **over})
+    bundle = build_model(cfg, load_examples(cfg.data, needs_labels=True, seed=cfg.federation.seed))
+    server = Server(cfg, bundle.spec.layout(), bundle.spec.flat(), client_sizes=np.array([64]))
+    return cfg, own, server
+
+
+def _task(server, rnd: int) -> bytes:
+    payload, extras = server.broadcast(rnd, 0)
+    return task_to_bytes(ClientTask(client_id=0, round=rnd, payload=payload, extras=extras,
+                                    seed=server.random.seed("client_task", rnd, 0)))
+
+
+def _sent(result: bytes):
+    """What a result carries but its wall time."""
+    r = result_from_bytes(result)
+    return r.update, r.extras, r.num_examples, {k: v for k, v in r.metrics.items() if k != "seconds"}
+
+
+def test_a_client_that_lives_one_task_keeps_its_state_across_rounds_in_its_state_dir(tiny_config, tmp_path):
+    """SCAFFOLD's c_i: a new Client per round (a Flower ClientApp's process per message) with a state directory
+    sends what one long-lived client sends; a round asked again (a resumed server) is answered as the first time."""
+    from fedfm.client.party import Client
+
+    cfg, own, server = _party_setup(tiny_config, tmp_path, **{"client.algorithm": "scaffold", "client.optimizer": "sgd"})
+    long_lived = Client.from_config(cfg, own, client_id=0)
+    sent, tasks = {}, {}
+    for rnd in (1, 2):
+        task = tasks[rnd] = _task(server, rnd)
+        one = Client.from_config(cfg, own, client_id=0, state_dir=tmp_path / "state").handle(task)
+        assert _sent(one) == _sent(long_lived.handle(task)), rnd  # byte for byte, c_i included
+        sent[rnd] = one
+        server.aggregate_results(rnd, [result_from_bytes(one)])
+    assert sorted(p.name for p in (tmp_path / "state").glob("manifest.*")) == ["manifest.r000001.json",
+                                                                               "manifest.r000002.json"]
+    # the same task again (a server resumed from round 1's checkpoint sends it): c_i is read as round 1 left it
+    again = Client.from_config(cfg, own, client_id=0, state_dir=tmp_path / "state").handle(tasks[2])
+    assert _sent(again) == _sent(sent[2])
+
+
+def test_sample_level_dp_in_a_client_of_its_own_accounts_across_rounds(tiny_config, tmp_path):
+    from fedfm.client.party import Client
+
+    cfg, own, server = _party_setup(tiny_config, tmp_path, **{"privacy.mode": "sample", "privacy.noise_multiplier": 1.0,
+                                                              "privacy.clip": 1.0})
+    with pytest.raises(Exception, match="state directory"):
+        Client.from_config(cfg, own, client_id=0)
+    got = []
+    for rnd in (1, 2):
+        res = result_from_bytes(Client.from_config(cfg, own, client_id=0, state_dir=tmp_path / "s").handle(
+            _task(server, rnd)))
+        assert res.error is None, res.error
+        assert set(res.metrics) == {"dp_steps", "dp_epsilon"}  # all a DP-SGD client tells
+        got.append(res.metrics)
+        server.aggregate_results(rnd, [res])
+    assert got[1]["dp_steps"] == 2 * got[0]["dp_steps"] > 0  # its accountant went on from where it was
+    assert got[1]["dp_epsilon"] > got[0]["dp_epsilon"] > 0

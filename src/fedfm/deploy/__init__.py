@@ -34,22 +34,11 @@ class Node:
 
 def check_config(cfg: RunConfig) -> None:
     """What a deployment cannot do (yet), refused before anything loads, naming the key."""
-    from ..client import CLIENT_ALGORITHMS
-    from ..models import personal_patterns
-
     refusals = [
         (cfg.federation.schedule != "sync", f"federation.schedule {cfg.federation.schedule!r}: a deployment runs "
                                             "synchronous rounds (fedbuff here simulates time)"),
         (cfg.attack.kind != "none", f"attack.kind {cfg.attack.kind!r}: simulated attacks are for simulations"),
-        (cfg.privacy.mode == "sample", "privacy.mode 'sample': each client would need its DP-SGD accountant kept "
-                                       "across rounds on its own machine, which a deployment does not do yet"),
         (cfg.secagg.enabled, "secagg.enabled: SecAgg+ between SuperNodes is not carried over Flower yet"),
-        (bool(CLIENT_ALGORITHMS.get(cfg.client.algorithm).extra_names),
-         f"client.algorithm {cfg.client.algorithm!r} keeps per-client state (e.g. SCAFFOLD's c_i), which a "
-         "SuperNode does not keep across rounds yet"),
-        (bool(personal_patterns(cfg.adapter)), "personal parameters (adapter.personal, or a method that keeps some "
-                                               "local) stay on each client across rounds, which a SuperNode does not "
-                                               "do yet"),
         (cfg.model.train_tokenizer is not None, "model.train_tokenizer: the server side has no text to train it on"),
     ]
     for refused, why in refusals:
@@ -130,9 +119,15 @@ class Deployment(Federation):
         self.bundle = build_model(cfg, Examples(texts=[], label_names=cfg.data.label_names))
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
         none = np.zeros(0, dtype=np.int64)
-        self.server = Server(cfg, self.spec.layout(), self.spec.flat(),
-                             np.array([node.train_examples for node in self.nodes]), run_dir=run_dir,
-                             display=self.display, model=ServerModel(cfg, self.bundle, None, none, none))
+        sizes = np.array([node.train_examples for node in self.nodes])
+        sample_dp = None
+        if cfg.privacy.mode == "sample":  # z for every client (derived from the target ε over their sizes)
+            from ..privacy.dpsgd import sample_level_dp
+
+            sample_dp = sample_level_dp(cfg, sizes)
+        self.server = Server(cfg, self.spec.layout(), self.spec.flat(), sizes, run_dir=run_dir,
+                             display=self.display, model=ServerModel(cfg, self.bundle, None, none, none),
+                             sample_dp=sample_dp)
         self.codec = self.server.codec
         self.runtime = runtime
         self.clock = SimClock(cfg.clock, n, cfg.federation.seed)

@@ -60,6 +60,19 @@ def _node_settings(context: Context) -> dict[str, Any]:
             "state_dir": str(nc["state-dir"]) if nc.get("state-dir") else None}
 
 
+def _state_dir(node: dict[str, Any], run: str, client_id: int):
+    """Where this client keeps its state across rounds of the fedfm run ``run`` (SCAFFOLD's c_i, personal
+    parameters, its DP-SGD steps): ``state-dir`` of the node config, else ``$FEDFM_CACHE/node-state``."""
+    from pathlib import Path
+
+    from ..models.loader import cache_root
+
+    if not run.isalnum():
+        raise FedfmError(f"the server's run id {run!r} is not alphanumeric")
+    root = Path(node["state_dir"]) if node["state_dir"] else cache_root() / "node-state"
+    return root / run / f"client_{client_id:06d}"
+
+
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
     """Joining: this client's id (if its node config names one), its training example count and the label names it
@@ -89,8 +102,10 @@ def train(msg: Message, context: Context) -> Message:
     task = task_from_bytes(body)
     if node["client_id"] is not None and task.client_id != node["client_id"]:
         raise FedfmError(f"this SuperNode is client {node['client_id']}, the task is for client {task.client_id}")
-    client = Client.from_config(cfg, node["data"], task.client_id, state_dir=node["state_dir"],
-                                test_source=node["test"])
+    z = record.get("dp_noise_multiplier")
+    client = Client.from_config(cfg, node["data"], task.client_id, test_source=node["test"],
+                                state_dir=_state_dir(node, str(record["run"]), task.client_id),
+                                noise_multiplier=float(z) if z is not None else None)
     return Message(RecordDict({RECORD: ConfigRecord({"result": client.handle(body)})}), reply_to=msg)
 
 
@@ -103,6 +118,8 @@ class FlowerRuntime(Runtime):
     def __init__(self, grid: Grid, cfg: RunConfig):
         self.grid, self.cfg = grid, cfg
         self.config_text = cfg.to_yaml()
+        self.run = ""  # the fedfm run's id: a client keeps its state under it, across a resume too
+        self.extra: dict[str, Any] = {}  # more for every task (the noise multiplier the server derived)
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.lost: set[int] = set()  # nodes that did not answer
         self.counts = {"message_bytes_down": 0, "message_bytes_up": 0}
@@ -158,7 +175,8 @@ class FlowerRuntime(Runtime):
         for t in tasks:
             body = task_to_bytes(t)
             node = self.node_of[t.client_id]
-            messages.append(self._message(node, MessageType.TRAIN, {"task": body, "config": self.config_text}))
+            messages.append(self._message(node, MessageType.TRAIN, {"task": body, "config": self.config_text,
+                                                                    "run": self.run, **self.extra}))
             self.counts["message_bytes_down"] += len(body) + len(self.config_text.encode())
             body_of[node] = t
         got: dict[int, ClientResult] = {}
@@ -210,6 +228,18 @@ class PrintDisplay(Display):
               flush=True)
 
 
+def run_id(run_dir, resume: bool) -> str:
+    """The fedfm run's id, kept in the run directory (``deployment.json``) so that a resumed run has the same."""
+    import uuid
+
+    path = run_dir.path / "deployment.json"
+    if resume and path.exists():
+        return str(json.loads(path.read_text())["run"])
+    rid = uuid.uuid4().hex
+    run_dir.write_json("deployment.json", {"run": rid})
+    return rid
+
+
 def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = None) -> list[dict[str, Any]]:
     """The server side of a deployment run: the config from the run config (``fedfm-config``: the YAML text), the
     clients joined, the rounds run into the run directory, the report drawn."""
@@ -231,6 +261,9 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
                               sorted(nodes, key=lambda n: n.client_id)))
     fed = Deployment(cfg, nodes, runtime, run_dir, display)
     begin(fed, run_dir, ck, resume, overwrite, display.message, say=display.message)
+    runtime.run = run_id(run_dir, resume)
+    if fed.server.sample_dp is not None:  # the z every client's DP-SGD uses (derived from the target ε if not given)
+        runtime.extra["dp_noise_multiplier"] = float(fed.server.sample_dp.noise_multiplier)
     run_dir.write_json("partition.json", fed.describe())
     with run_dir.writing():
         rows = fed.run()
