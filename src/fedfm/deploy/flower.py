@@ -113,7 +113,8 @@ def train(msg: Message, context: Context) -> Message:
 class FlowerRuntime(Runtime):
     """Carries a round's tasks to the clients' SuperNodes as Flower messages and their results back. A client whose
     node does not answer within ``runtime.worker_timeout_s`` (or answers with an error) drops out of the round,
-    named; its node is not sampled again."""
+    named; its node is not sampled again. A node that dies mid-round is answered for by the SuperLink once its
+    heartbeat lapses (Flower 1.42: 2 × 30 s), with a NODE_UNAVAILABLE error, and it leaves the connected nodes."""
 
     def __init__(self, grid: Grid, cfg: RunConfig):
         self.grid, self.cfg = grid, cfg
@@ -166,8 +167,16 @@ class FlowerRuntime(Runtime):
         self.cfg, self.config_text = cfg, cfg.to_yaml()
 
     def reachable(self) -> list[int]:
+        """The clients whose node is connected and has not been lost; fewer than ``federation.min_clients`` stops
+        the run (no round could aggregate)."""
         connected = set(self.grid.get_node_ids()) - self.lost
-        return [cid for cid, node in self.node_of.items() if node in connected]
+        out = [cid for cid, node in self.node_of.items() if node in connected]
+        need = self.cfg.federation.min_clients
+        if len(out) < need:
+            gone = sorted(cid for cid in self.node_of if cid not in out)
+            raise FedfmError(f"deployment: only {len(out)} of {len(self.node_of)} clients' SuperNodes are connected "
+                             f"(clients {gone} lost), fewer than federation.min_clients={need}")
+        return out
 
     def run(self, tasks: list[ClientTask], on_result=None) -> list[ClientResult]:
         limit = self.cfg.runtime.worker_timeout_s
@@ -180,8 +189,12 @@ class FlowerRuntime(Runtime):
             self.counts["message_bytes_down"] += len(body) + len(self.config_text.encode())
             body_of[node] = t
         got: dict[int, ClientResult] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=limit):
-            node = reply.metadata.src_node_id
+        replies = list(self.grid.send_and_receive(messages, timeout=limit))
+        # a reply names the message it answers (pushing set each message's id); the SuperLink itself answers for a
+        # node whose heartbeat stopped (NODE_UNAVAILABLE, sent from the SuperLink's node id, not the dead node's)
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        for reply in replies:
+            node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             task = body_of.get(node)
             if task is None:
                 continue
