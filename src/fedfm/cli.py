@@ -376,6 +376,7 @@ def deploy_run_cmd(
     directory (output.dir, on the SuperLink's machine) as `fedfm run` does."""
     import tempfile
 
+    from .deploy import check_config
     from .deploy.local import run_app
 
     try:
@@ -384,6 +385,7 @@ def deploy_run_cmd(
                              "organisations) or --insecure (plain HTTP, loopback tests only)")
         cfg = _config(str(resume / "config.yaml"), [f"output.dir={resume}", *(overrides or [])]) if resume else \
             _config(config, overrides)
+        check_config(cfg)  # what a deployment refuses, here rather than on the SuperLink once the run has started
         with tempfile.TemporaryDirectory(prefix="fedfm-deploy-") as work:
             status = run_app(cfg.to_yaml(), superlink, root_certificates, Path(work), resume=resume is not None,
                              overwrite=overwrite, timeout_s=timeout_s)
@@ -404,11 +406,14 @@ def deploy_local_cmd(
 ) -> None:
     """A federation on this machine to try: the config's data split into partition.num_clients sites (one folder
     each), a SuperLink with TLS that admits only their registered keys, one SuperNode per site, the run."""
+    from .deploy import check_config
     from .deploy.local import LocalFederation, site_config, write_sites
 
     try:
         cfg = _config(config, overrides)
-        work = work or Path(f"{cfg.output_dir()}-federation")
+        check_config(cfg)  # before the data is split and any process started
+        # absolute: each Flower process runs in a folder of its own, where relative paths would resolve again
+        work = (work or Path(f"{cfg.output_dir()}-federation")).resolve()
         if work.exists() and any(work.iterdir()):
             raise FedfmError(f"--work: {work} is not empty; give another folder")
         console.print(f"splitting {cfg.data.source} into {cfg.partition.num_clients} sites under {work}")
@@ -425,7 +430,7 @@ def deploy_local_cmd(
         return
     if not status.endswith("completed"):
         _fail(FedfmError(f"the run ended {status} (logs in {work / 'flower'})"))
-    console.print(f"run directory: [bold]{cfg.output_dir()}[/bold]")
+    console.print(f"run directory: [bold]{cfg.output_dir().resolve()}[/bold]")
 
 
 def main() -> None:  # pragma: no cover

@@ -87,15 +87,31 @@ def write_connection(home: Path, address: str, root_certificates: Optional[Path]
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise naming ``address`` unless something accepts a TCP connection there within ``timeout_s`` (``flwr run``
+    against a closed port retries for a while and then says only that the connection is unavailable)."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise FedfmError(f"--superlink {address!r}: expected HOST:PORT (e.g. superlink.example.org:8000)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise FedfmError(f"no SuperLink reachable at {address} ({e.strerror or e}): is flower-superlink running "
+                         f"there, with --host/--port matching, and does the firewall let this machine in?") from None
+
+
 def run_app(config_yaml: str, address: str, root_certificates: Optional[Path], work: Path, resume: bool = False,
             overwrite: bool = False, timeout_s: float = 3600.0, log=None) -> str:
     """``flwr run`` of fedfm's app on the SuperLink at ``address`` with the run's config; streams the server side's
     output (to ``log``, a binary file, or this process's stdout) and returns when the run ends with its Flower status
-    (``finished:completed``, ``finished:failed``, …); raises after ``timeout_s`` naming the address."""
+    (``finished:completed``, ``finished:failed``, …); raises naming the address when nothing listens there (within
+    10 s) or after ``timeout_s``."""
     import json
     import re
     import threading
 
+    check_reachable(address)
     app = write_app(work / "app")
     home = work / "flwr-cli"
     write_connection(home, address, root_certificates)
@@ -243,6 +259,10 @@ class LocalFederation:
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     server_env: dict[str, str] = field(default_factory=dict)  # more environment for the SuperLink and its ServerApp
 
+    def __post_init__(self) -> None:
+        # every process runs in ``work`` and is given paths under it: relative ones would resolve twice
+        self.work = Path(self.work).resolve()
+
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -377,9 +397,12 @@ def write_sites(cfg, directory: Path) -> list[tuple[Path, Optional[Path]]]:
 
 
 def site_config(cfg):
-    """The config the sites' files are read with: every example a site wrote is its own (no ``data.max_examples``)."""
+    """The config the sites' files are read with: every example a site wrote is its own (no ``data.max_examples``);
+    the run directory an absolute path, where this command's user asked for it (the SuperLink runs in its own
+    folder, where a relative ``output.dir`` would resolve)."""
     from ..config import validate_config
 
     data = cfg.model_dump(mode="json")
     data["data"]["max_examples"] = None
+    data["output"]["dir"] = str(cfg.output_dir().resolve())
     return validate_config(data)
