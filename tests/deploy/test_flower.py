@@ -104,15 +104,31 @@ def test_three_authenticated_sites_over_tls_and_the_server_never_opens_their_fil
         assert not (mine & site_files) - {str(p.resolve()) for p in pair}
 
 
-def test_a_deployment_trains_the_simulations_model(tmp_path):
+def _serverapp(superlink_pid: int):
+    """The ServerApp process (fedfm's server side) the SuperLink started, once it runs."""
+    import psutil
+
+    for p in psutil.Process(superlink_pid).children(recursive=True):
+        try:
+            if any("flwr-serverapp" in part for part in p.cmdline()):
+                return p
+        except psutil.Error:
+            pass
+    return None
+
+
+def test_a_deployment_trains_the_simulations_model_even_when_its_server_side_is_killed_and_resumed(tmp_path):
     """Same seed, data and config: each SuperNode holds exactly its simulated client's examples (training and test),
-    and the final adapter is the simulation's within 1e-6."""
+    and the final adapter is the simulation's within 1e-6: also when the server side (the ServerApp process) is
+    SIGKILLed after round 1's checkpoint and the run goes on with ``resume`` (``fedfm deploy run --resume``)."""
+    import threading
+    import time
     from fedfm.simulation import Simulation, prepare
     from fedfm.tracking import RunDir
 
     rows = make_rows(n=180, seed=5, sites=3)
     table = write_csv(tmp_path / "all.csv", rows)
-    common = {"partition.num_clients": 3, "federation.clients_per_round": 2, "federation.rounds": 2,
+    common = {"partition.num_clients": 3, "federation.clients_per_round": 2, "federation.rounds": 3,
               "data.test_fraction": 0, "eval.federated": True, "eval.per_client": False,
               "runtime.connect_timeout_s": 120, "runtime.worker_timeout_s": 300}
     sim_cfg = load_config("bbc-lora", tiny_overrides(table, tmp_path, **common, **{"output.dir": str(tmp_path / "sim")}))
@@ -136,10 +152,26 @@ def test_a_deployment_trains_the_simulations_model(tmp_path):
         fed.start_superlink()
         for i, (train, test) in enumerate(sites):
             fed.start_supernode(f"site{i}", train, test, client_id=i)
-        status = fed.run(dep_cfg.to_yaml(), timeout_s=900)
-        assert status == "finished:completed", (fed.work / "run.log").read_text()[-3000:]
+        first: dict = {}
+        runner = threading.Thread(target=lambda: first.update(status=fed.run(dep_cfg.to_yaml(), timeout_s=900)))
+        runner.start()
+        checkpoint = tmp_path / "dep" / "checkpoints" / "round_0001.pt"
+        deadline = time.monotonic() + 600
+        while not checkpoint.exists() and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert checkpoint.exists(), (fed.work / "run.log").read_text()[-3000:]
+        server_side = _serverapp(fed.procs[0].pid)
+        assert server_side is not None
+        server_side.kill()  # SIGKILL: no clean-up of any kind
+        runner.join(timeout=600)
+        assert first["status"] != "finished:completed"
+        status = fed.run(dep_cfg.to_yaml(), resume=True, timeout_s=900)
+        log = (fed.work / "run.log").read_text()
+        assert status == "finished:completed", log[-3000:]
+        assert "resuming after round 1" in log or "resuming after round 2" in log, log[-3000:]
 
     dep_rows = [json.loads(x) for x in (tmp_path / "dep" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in dep_rows] == [1, 2, 3]  # each round once: what the killed side logged was cut back
     assert [r["clients"] for r in dep_rows] == [r["clients"] for r in sim_rows]  # the same clients sampled
     for a, b in zip(sim_rows, dep_rows):
         np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=0, atol=1e-6)

@@ -49,15 +49,68 @@ client_app = ClientApp()
 
 def _node_settings(context: Context) -> dict[str, Any]:
     """The SuperNode's own settings (its node config): ``data`` (its training file), optionally ``test-data`` (its
-    local test split), ``client-id``, ``state-dir``."""
+    local test split), ``client-id``, ``state-dir``. Or, as Flower's simulation engine gives every virtual SuperNode,
+    ``partition-id`` (with ``num-partitions``): then the client is that partition of the config's ``data.source``,
+    cut as ``fedfm run`` cuts it (the same seeded ``partition.*``), and its client id is the partition id."""
     nc = dict(context.node_config)
+    state_dir = str(nc["state-dir"]) if nc.get("state-dir") else None
+    if not nc.get("data") and nc.get("partition-id") is not None:
+        pid = int(nc["partition-id"])
+        return {"partition": pid, "data": None, "test": None, "client_id": pid, "state_dir": state_dir}
     if not nc.get("data"):
         raise FedfmError("this SuperNode's node config names no data: start it with --node-config "
                          "'data=\"/path/to/train.csv\"' (and optionally test-data=\"...\" client-id=N)")
     cid = nc.get("client-id")
-    return {"data": str(nc["data"]), "test": str(nc["test-data"]) if nc.get("test-data") else None,
-            "client_id": int(cid) if cid is not None and str(cid) != "" else None,
-            "state_dir": str(nc["state-dir"]) if nc.get("state-dir") else None}
+    return {"partition": None, "data": str(nc["data"]), "test": str(nc["test-data"]) if nc.get("test-data") else None,
+            "client_id": int(cid) if cid is not None and str(cid) != "" else None, "state_dir": state_dir}
+
+
+class _Partition:
+    """A client of the seeded partition of the config's data (Flower's simulation engine): its examples, its own
+    rows encoded, cut as a simulation cuts them."""
+
+    def __init__(self, cfg, pid: int):
+        from ..simulation import prepare
+
+        data = prepare(cfg).data
+        if not 0 <= pid < len(data.clients):
+            raise FedfmError(f"partition-id {pid} is not one of the {len(data.clients)} clients (partition.num_clients)")
+        self.cfg, self.data, self.client = cfg, data, data.clients[pid]
+
+    def info(self) -> dict[str, Any]:
+        ex, c = self.data.examples, self.client
+        labels = sorted({ex.label_names[int(ex.labels[i])] for i in [*c.train, *c.test]}) if ex.labels is not None else []
+        return {"client_id": c.id, "train_examples": int(len(c.train)), "labels": labels}
+
+    def local(self, bundle_task):
+        from ..client.data import local_data
+        from ..simulation import encode
+
+        encoded, _ = encode(self.cfg, bundle_task, self.data.examples)
+        return local_data(bundle_task, encoded, self.client.train, self.client.test)
+
+
+# the client this process built last: kept while the process lives (Flower's simulation engine reuses its workers;
+# a SuperNode starts a process per message, so there it is built for every task)
+_LAST: dict[tuple, Any] = {}
+
+
+def _client(cfg_text: str, cfg, node: dict[str, Any], client_id: int, state_dir, z):
+    from ..client.party import Client
+
+    key = (cfg_text, tuple(sorted(node.items())), client_id, str(state_dir), z)
+    if key not in _LAST:
+        _LAST.clear()
+        if node["partition"] is not None:
+            from ..models import build_model
+
+            part = _Partition(cfg, node["partition"])
+            bundle = build_model(cfg, part.data.examples, public_texts=part.data.public_texts())
+            _LAST[key] = Client(cfg, bundle, part.local(bundle.task), client_id, state_dir, z)
+        else:
+            _LAST[key] = Client.from_config(cfg, node["data"], client_id, test_source=node["test"],
+                                            state_dir=state_dir, noise_multiplier=z)
+    return _LAST[key]
 
 
 def _state_dir(node: dict[str, Any], run: str, client_id: int):
@@ -81,6 +134,9 @@ def query(msg: Message, context: Context) -> Message:
 
     cfg = _config_from_text(str(msg.content[RECORD]["config"]), "the server's config")
     node = _node_settings(context)
+    if node["partition"] is not None:
+        info = _Partition(cfg, node["partition"]).info()
+        return Message(RecordDict({RECORD: ConfigRecord({"info": json.dumps(info)})}), reply_to=msg)
     examples, n_test = own_examples(cfg, node["data"], node["test"])
     n = len(examples)
     train = n - n_test if n_test is not None else n - int(round(cfg.partition.local_test_fraction * n))
@@ -92,20 +148,19 @@ def query(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round's task: the base and this client's own data loaded, the task run, the result's bytes sent back."""
-    from ..client.party import Client
     from ..client.wire import task_from_bytes
 
     record = msg.content[RECORD]
-    cfg = _config_from_text(str(record["config"]), "the server's config")
+    cfg_text = str(record["config"])
+    cfg = _config_from_text(cfg_text, "the server's config")
     node = _node_settings(context)
     body = bytes(record["task"])
     task = task_from_bytes(body)
     if node["client_id"] is not None and task.client_id != node["client_id"]:
         raise FedfmError(f"this SuperNode is client {node['client_id']}, the task is for client {task.client_id}")
     z = record.get("dp_noise_multiplier")
-    client = Client.from_config(cfg, node["data"], task.client_id, test_source=node["test"],
-                                state_dir=_state_dir(node, str(record["run"]), task.client_id),
-                                noise_multiplier=float(z) if z is not None else None)
+    client = _client(cfg_text, cfg, node, task.client_id, _state_dir(node, str(record["run"]), task.client_id),
+                     float(z) if z is not None else None)
     return Message(RecordDict({RECORD: ConfigRecord({"result": client.handle(body)})}), reply_to=msg)
 
 
@@ -119,7 +174,7 @@ class FlowerRuntime(Runtime):
     def __init__(self, grid: Grid, cfg: RunConfig):
         self.grid, self.cfg = grid, cfg
         self.config_text = cfg.to_yaml()
-        self.run = ""  # the fedfm run's id: a client keeps its state under it, across a resume too
+        self.run_token = ""  # the fedfm run's id: a client keeps its state under it, across a resume too
         self.extra: dict[str, Any] = {}  # more for every task (the noise multiplier the server derived)
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.lost: set[int] = set()  # nodes that did not answer
@@ -185,7 +240,7 @@ class FlowerRuntime(Runtime):
             body = task_to_bytes(t)
             node = self.node_of[t.client_id]
             messages.append(self._message(node, MessageType.TRAIN, {"task": body, "config": self.config_text,
-                                                                    "run": self.run, **self.extra}))
+                                                                    "run": self.run_token, **self.extra}))
             self.counts["message_bytes_down"] += len(body) + len(self.config_text.encode())
             body_of[node] = t
         got: dict[int, ClientResult] = {}
@@ -274,7 +329,7 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
                               sorted(nodes, key=lambda n: n.client_id)))
     fed = Deployment(cfg, nodes, runtime, run_dir, display)
     begin(fed, run_dir, ck, resume, overwrite, display.message, say=display.message)
-    runtime.run = run_id(run_dir, resume)
+    runtime.run_token = run_id(run_dir, resume)
     if fed.server.sample_dp is not None:  # the z every client's DP-SGD uses (derived from the target ε if not given)
         runtime.extra["dp_noise_multiplier"] = float(fed.server.sample_dp.noise_multiplier)
     run_dir.write_json("partition.json", fed.describe())
