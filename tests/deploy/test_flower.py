@@ -117,29 +117,23 @@ def _serverapp(superlink_pid: int):
     return None
 
 
-def test_a_deployment_trains_the_simulations_model_even_when_its_server_side_is_killed_and_resumed(tmp_path):
-    """Same seed, data and config: each SuperNode holds exactly its simulated client's examples (training and test),
-    and the final adapter is the simulation's within 1e-6: also when the server side (the ServerApp process) is
-    SIGKILLed after round 1's checkpoint and the run goes on with ``resume`` (``fedfm deploy run --resume``)."""
-    import threading
-    import time
+def _simulated_and_sites(tmp_path: Path, extra: dict):
+    """A simulation of 3 clients run to the end, each client's examples (in the simulation's order) written to its
+    own training and test files, and the same config for a deployment (its data.source never read)."""
     from fedfm.simulation import Simulation, prepare
     from fedfm.tracking import RunDir
 
     rows = make_rows(n=180, seed=5, sites=3)
     table = write_csv(tmp_path / "all.csv", rows)
-    common = {"partition.num_clients": 3, "federation.clients_per_round": 2, "federation.rounds": 3,
+    common = {"partition.num_clients": 3, "federation.clients_per_round": 2, "federation.rounds": 2,
               "data.test_fraction": 0, "eval.federated": True, "eval.per_client": False,
-              "runtime.connect_timeout_s": 120, "runtime.worker_timeout_s": 300}
+              "runtime.connect_timeout_s": 120, "runtime.worker_timeout_s": 300, **extra}
     sim_cfg = load_config("bbc-lora", tiny_overrides(table, tmp_path, **common, **{"output.dir": str(tmp_path / "sim")}))
     prepared = prepare(sim_cfg)
     rd = RunDir(sim_cfg.output.dir)
     rd.create(overwrite=False)
     rd.write_config(sim_cfg.to_yaml())
-    sim = Simulation(prepared, rd)
-    sim_rows = sim.run()
-
-    # each client's examples, in the simulation's order, in its own files
+    sim_rows = Simulation(prepared, rd).run()
     sites = []
     for c in prepared.data.clients:
         pick = lambda idx: [rows[int(i)] for i in idx]  # noqa: E731  (load_examples kept every row, in order)
@@ -148,6 +142,26 @@ def test_a_deployment_trains_the_simulations_model_even_when_its_server_side_is_
         sites.append((write_csv(org / "train.csv", pick(c.train)), write_csv(org / "test.csv", pick(c.test))))
     dep_cfg = load_config("bbc-lora", tiny_overrides(tmp_path / "no-data-here.csv", tmp_path,
                                                      **common, **{"output.dir": str(tmp_path / "dep")}))
+    return sim_rows, sites, dep_cfg
+
+
+def _same_adapter(tmp_path: Path) -> None:
+    """The deployment's final adapter is the simulation's, within 1e-6."""
+    sim_adapter = load_file(str(tmp_path / "sim" / "adapter" / "adapter_model.safetensors"))
+    dep_adapter = load_file(str(tmp_path / "dep" / "adapter" / "adapter_model.safetensors"))
+    assert sim_adapter.keys() == dep_adapter.keys() and sim_adapter
+    for k in sim_adapter:
+        torch.testing.assert_close(dep_adapter[k], sim_adapter[k], rtol=0, atol=1e-6)
+
+
+def test_a_deployment_trains_the_simulations_model_even_when_its_server_side_is_killed_and_resumed(tmp_path):
+    """Same seed, data and config: each SuperNode holds exactly its simulated client's examples (training and test),
+    and the final adapter is the simulation's within 1e-6: also when the server side (the ServerApp process) is
+    SIGKILLed after round 1's checkpoint and the run goes on with ``resume`` (``fedfm deploy run --resume``)."""
+    import threading
+    import time
+
+    sim_rows, sites, dep_cfg = _simulated_and_sites(tmp_path, {"federation.rounds": 3})
     with LocalFederation(tmp_path / "flower", secure=False) as fed:
         fed.start_superlink()
         for i, (train, test) in enumerate(sites):
@@ -176,8 +190,26 @@ def test_a_deployment_trains_the_simulations_model_even_when_its_server_side_is_
     for a, b in zip(sim_rows, dep_rows):
         np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=0, atol=1e-6)
         np.testing.assert_allclose(b["fed_accuracy"], a["fed_accuracy"], rtol=0, atol=1e-9)
-    sim_adapter = load_file(str(tmp_path / "sim" / "adapter" / "adapter_model.safetensors"))
-    dep_adapter = load_file(str(tmp_path / "dep" / "adapter" / "adapter_model.safetensors"))
-    assert sim_adapter.keys() == dep_adapter.keys() and sim_adapter
-    for k in sim_adapter:
-        torch.testing.assert_close(dep_adapter[k], sim_adapter[k], rtol=0, atol=1e-6)
+    _same_adapter(tmp_path)
+
+
+def test_sample_level_dp_in_a_deployment_is_the_simulations(tmp_path):
+    """privacy.mode sample: DP-SGD on each SuperNode, its accountant's steps kept in its state directory across
+    rounds (a new ClientApp process every round); with the noise seeded (privacy.randomness: seeded) the deployment
+    gives the simulation's model and the simulation's ε, round by round."""
+    dp = {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "privacy.clip": 1.0,
+          "privacy.randomness": "seeded", "federation.clients_per_round": 3}
+    sim_rows, sites, dep_cfg = _simulated_and_sites(tmp_path, dp)
+    with LocalFederation(tmp_path / "flower", secure=False) as fed:
+        fed.start_superlink()
+        for i, (train, test) in enumerate(sites):
+            fed.start_supernode(f"site{i}", train, test, client_id=i)
+        status = fed.run(dep_cfg.to_yaml(), timeout_s=900)
+        assert status == "finished:completed", (fed.work / "run.log").read_text()[-3000:]
+    dep_rows = [json.loads(x) for x in (tmp_path / "dep" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in dep_rows] == [1, 2]
+    for a, b in zip(sim_rows, dep_rows):
+        assert b["epsilon"] > 0 and "train_loss" not in b  # a DP-SGD client tells only its own accounting
+        np.testing.assert_allclose(b["epsilon"], a["epsilon"], rtol=1e-12)
+    assert dep_rows[1]["epsilon"] > dep_rows[0]["epsilon"]  # each client's accountant went on from round 1
+    _same_adapter(tmp_path)
