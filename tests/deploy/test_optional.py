@@ -78,10 +78,10 @@ def test_deploy_run_refuses_an_address_without_a_port():
 
 
 def test_deploy_run_refuses_what_a_deployment_cannot_do_before_reaching_out():
-    out, _ = _fedfm("deploy", "run", "bbc-lora", "secagg.enabled=true", "--superlink", "127.0.0.1:1", "--insecure")
+    out, _ = _fedfm("deploy", "run", "bbc-lora", "attack.kind=sign-flip", "--superlink", "127.0.0.1:1", "--insecure")
     text = out.stdout + out.stderr
     assert out.returncode != 0
-    assert "secagg.enabled" in text and "no SuperLink reachable" not in text, text[-2000:]
+    assert "attack.kind" in text and "no SuperLink reachable" not in text, text[-2000:]
 
 
 def test_deploy_local_refuses_what_a_deployment_cannot_do_before_splitting_the_data(tmp_path):

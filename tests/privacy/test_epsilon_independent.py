@@ -202,7 +202,7 @@ def test_adaptive_clipping_noise_has_the_stds_the_budget_split_assumes():
 def test_distributed_noise_shares_sum_to_the_std_the_accountant_assumes(tiny_config):
     """m = federation.min_clients clients each add their share; the sum of the shares, measured over many
     coordinates and clients, has std zC: the central mechanism's."""
-    from fedfm.privacy.secagg import RingCodec, SecAggRound
+    from fedfm.privacy.secagg import RingCodec, SecAggClient, SecAggRound
     from fedfm.privacy.dp import noise_share_std
     from fedfm.privacy.secure import SecureClient, SecureSum
 
@@ -225,8 +225,8 @@ def test_distributed_noise_shares_sum_to_the_std_the_accountant_assumes(tiny_con
     rnd = SecAggRound(range(m), dim=Spec.numel, codec=RingCodec.for_sum(stage.clip, m, 32), k=None)
     zero = torch.zeros(Spec.numel)
     share = noise_share_std(z, C, m)  # what DP-FedAvg asks of each client under distributed noise
-    codes = [SecureClient(u, rnd, stage, clip=C, noise_share=share).contribution(zero, 1, seed=100 + u)
-             for u in range(m)]
+    codes = [SecureClient(SecAggClient(u, rnd.config), rnd.codec, stage.max_examples, stage.min_survivors, clip=C,
+                          noise_share=share).contribution(zero, 1, seed=100 + u) for u in range(m)]
     total = rnd.codec.decode(np.sum(codes, axis=0, dtype=np.uint64), m)  # what the server unmasks
     assert len(total) == Spec.numel  # the noised update and nothing else
     assert float(total.std()) == pytest.approx(z * C * 1.0, rel=0.02)  # = the std of the central noise

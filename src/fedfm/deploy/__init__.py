@@ -38,7 +38,6 @@ def check_config(cfg: RunConfig) -> None:
         (cfg.federation.schedule != "sync", f"federation.schedule {cfg.federation.schedule!r}: a deployment runs "
                                             "synchronous rounds (fedbuff here simulates time)"),
         (cfg.attack.kind != "none", f"attack.kind {cfg.attack.kind!r}: simulated attacks are for simulations"),
-        (cfg.secagg.enabled, "secagg.enabled: SecAgg+ between SuperNodes is not carried over Flower yet"),
         (cfg.model.train_tokenizer is not None, "model.train_tokenizer: the server side has no text to train it on"),
     ]
     for refused, why in refusals:

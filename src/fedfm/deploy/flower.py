@@ -159,9 +159,111 @@ def train(msg: Message, context: Context) -> Message:
     if node["client_id"] is not None and task.client_id != node["client_id"]:
         raise FedfmError(f"this SuperNode is client {node['client_id']}, the task is for client {task.client_id}")
     z = record.get("dp_noise_multiplier")
-    client = _client(cfg_text, cfg, node, task.client_id, _state_dir(node, str(record["run"]), task.client_id),
-                     float(z) if z is not None else None)
-    return Message(RecordDict({RECORD: ConfigRecord({"result": client.handle(body)})}), reply_to=msg)
+    state_dir = _state_dir(node, str(record["run"]), task.client_id)
+    client = _client(cfg_text, cfg, node, task.client_id, state_dir, float(z) if z is not None else None)
+    result = client.handle(body)
+    if cfg.secagg.enabled:  # the update stays here, checked, until this client masks it (train.secagg)
+        result = _keep_for_masking(client, result, state_dir / "secagg", task.round)
+    return Message(RecordDict({RECORD: ConfigRecord({"result": result})}), reply_to=msg)
+
+
+# ------------------------------------------------------------------ SecAgg+ with each party on its own machine
+def _keep_for_masking(client, result_bytes: bytes, folder, rnd: int) -> bytes:
+    """Under secure aggregation: check this client's own update as the server would (``UpdateCheck``), keep it on
+    this machine for the masking phase, and send the result without it (metrics as ``privacy.disclose`` cut them).
+    An update the check rejects is not kept: the client says why and drops out before masking."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ..aggregation.chain import UpdateCheck
+    from ..client import CLIENT_ALGORITHMS
+    from ..client.wire import result_to_bytes
+    from ..models.ranks import view_of
+
+    result = result_from_bytes(result_bytes)
+    if result.error is not None:
+        return result_bytes
+    ctx, layout = client.ctx, client.ctx.spec.layout()
+    check = UpdateCheck(ctx.codec, layout, lambda cid: view_of(layout, ctx.ranks, cid), ctx.cfg.server.max_update_norm,
+                        CLIENT_ALGORITHMS.get(ctx.cfg.client.algorithm).extra_names, ctx.cfg.client.algorithm)
+    try:
+        flat, _ = check(result)
+    except Exception as e:
+        return result_to_bytes(dataclasses.replace(result, update=b"", error=f"rejected by the client before "
+                                                                             f"masking: {e}"))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"flat": flat.contiguous(), "num_examples": torch.tensor([result.num_examples], dtype=torch.float64)},
+              str(folder / f"update.r{rnd:06d}.safetensors"))
+    return result_to_bytes(dataclasses.replace(result, update=b""))
+
+
+def _secagg_round(record) -> tuple[Any, Any]:
+    """The round's SecAgg+ configuration (roster, graph, ring) as the server sent it, and the ring codec."""
+    from ..privacy.secagg import RingCodec, SecAggConfig
+
+    clients = tuple(json.loads(str(record["clients"])))
+    config = SecAggConfig(clients, int(record["dim"]), int(record["k"]), int(record["t"]), int(record["bits"]),
+                          int(str(record["graph_seed"])), bytes(record["session"]))
+    return config, RingCodec.for_sum(float(record["ring_clip"]), len(clients), int(record["bits"]))
+
+
+@client_app.train("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """One phase of SecAgg+ (Bell et al. 2020) for this client's party: advertise its keys, share them, mask its
+    kept update, help unmask the sum. Its secrets live on this machine between phases (0600) and are deleted when
+    the round's unmasking is done; the server side gets protocol messages only."""
+    import os
+    import secrets
+
+    from safetensors.torch import load_file
+
+    from ..privacy import secagg as sa
+    from ..privacy.secure import SecureClient
+
+    record = msg.content[RECORD]
+    cfg = _config_from_text(str(record["config"]), "the server's config")
+    node = _node_settings(context)
+    cid, rnd, phase = int(record["client_id"]), int(record["round"]), str(record["phase"])
+    if node["client_id"] is not None and cid != node["client_id"]:
+        raise FedfmError(f"this SuperNode is client {node['client_id']}, the message is for client {cid}")
+    folder = _state_dir(node, str(record["run"]), cid) / "secagg"
+    party_file = folder / f"party.r{rnd:06d}.json"
+    config, codec = _secagg_round(record)
+    body = bytes(record["body"])
+    if phase == "advertise":
+        party = sa.SecAggClient(cid, config)
+        out = party.advertise_keys()
+    else:
+        if not party_file.exists():
+            raise FedfmError(f"SecAgg+ {phase} for round {rnd}: this client holds no party of that round")
+        party = sa.party_from_bytes(config, party_file.read_bytes())
+        clip = float(record["clip"]) if float(record["clip"]) >= 0 else None
+        share = float(record["noise_share"]) if float(record["noise_share"]) >= 0 else None
+        secure = SecureClient(party, codec, int(record["max_examples"]), int(record["min_survivors"]), clip, share)
+        if phase == "share":
+            out = party.share_keys(sa.ShareKeysRequest.from_bytes(body))
+        elif phase == "mask":
+            kept = load_file(str(folder / f"update.r{rnd:06d}.safetensors"))
+            # a noise share the server cannot redraw: from this machine's OS (seeded only when the run says so)
+            seed = int(record["noise_seed"]) if cfg.privacy.randomness == "seeded" else secrets.randbits(63)
+            x = secure.contribution(kept["flat"], int(kept["num_examples"][0]), seed)
+            out = party.masked_input_collection(sa.MaskingRequest.from_bytes(body), x)
+        elif phase == "unmask":
+            out = secure.unmasking(sa.UnmaskingRequest.from_bytes(body))
+        else:
+            raise FedfmError(f"SecAgg+: unknown phase {phase!r}")
+    if phase == "unmask":  # the round is over for this client: its secrets and its update go
+        for p in folder.glob(f"*.r{rnd:06d}.*"):
+            p.unlink(missing_ok=True)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = party_file.with_name(f".{party_file.name}.tmp")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(sa.party_to_bytes(party))
+        os.replace(tmp, party_file)
+    return Message(RecordDict({RECORD: ConfigRecord({"body": out.to_bytes()})}), reply_to=msg)
 
 
 # ---------------------------------------------------------------------------------------------- the server side
@@ -233,52 +335,117 @@ class FlowerRuntime(Runtime):
                              f"(clients {gone} lost), fewer than federation.min_clients={need}")
         return out
 
-    def run(self, tasks: list[ClientTask], on_result=None) -> list[ClientResult]:
+    def exchange(self, kind: str, fields: dict[int, dict[str, Any]]) -> dict[int, Any]:
+        """One message to each client's node (``fields`` by client id), the replies back: by client id, the reply's
+        ConfigRecord, or a string saying why there is none (an error the node or the SuperLink answered with, or
+        silence for ``runtime.worker_timeout_s``; a silent node is not sampled again)."""
         limit = self.cfg.runtime.worker_timeout_s
-        messages, body_of = [], {}
-        for t in tasks:
-            body = task_to_bytes(t)
-            node = self.node_of[t.client_id]
-            messages.append(self._message(node, MessageType.TRAIN, {"task": body, "config": self.config_text,
-                                                                    "run": self.run_token, **self.extra}))
-            self.counts["message_bytes_down"] += len(body) + len(self.config_text.encode())
-            body_of[node] = t
-        got: dict[int, ClientResult] = {}
+        messages = []
+        for cid, f in fields.items():
+            messages.append(self._message(self.node_of[cid], kind, f))
+            self.counts["message_bytes_down"] += sum(len(v) for v in f.values() if isinstance(v, bytes)) + \
+                sum(len(v.encode()) for v in f.values() if isinstance(v, str))
         replies = list(self.grid.send_and_receive(messages, timeout=limit))
         # a reply names the message it answers (pushing set each message's id); the SuperLink itself answers for a
         # node whose heartbeat stopped (NODE_UNAVAILABLE, sent from the SuperLink's node id, not the dead node's)
         node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        client_of = {node: cid for cid, node in self.node_of.items() if cid in fields}
+        out: dict[int, Any] = {}
         for reply in replies:
             node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            task = body_of.get(node)
-            if task is None:
+            if node not in client_of:
                 continue
             if reply.has_error():
-                res = ClientResult(client_id=task.client_id, error=f"SuperNode {node}: {reply.error.reason}",
-                                   crashed=True)
+                out[client_of[node]] = f"SuperNode {node}: {reply.error.reason}"
             else:
-                data = bytes(reply.content[RECORD]["result"])
-                self.counts["message_bytes_up"] += len(data)
-                try:
-                    res = result_from_bytes(data)
-                except UpdateRejected as e:
-                    res = ClientResult(client_id=task.client_id, error=f"SuperNode {node}: {e}")
-            got[node] = res
-            if on_result is not None:
-                on_result(res)
+                out[client_of[node]] = reply.content[RECORD]
+                self.counts["message_bytes_up"] += sum(len(v) for v in out[client_of[node]].values()
+                                                       if isinstance(v, bytes))
+        for cid in fields:
+            if cid not in out:
+                self.lost.add(self.node_of[cid])
+                out[cid] = (f"SuperNode {self.node_of[cid]} (client {cid}) did not answer within "
+                            f"runtime.worker_timeout_s={limit:g}")
+        return out
+
+    def common(self) -> dict[str, Any]:
+        """What every message of the run carries: the config, the run's id, what the server derived for all."""
+        return {"config": self.config_text, "run": self.run_token, **self.extra}
+
+    def run(self, tasks: list[ClientTask], on_result=None) -> list[ClientResult]:
+        got = self.exchange(MessageType.TRAIN, {t.client_id: {"task": task_to_bytes(t), **self.common()} for t in tasks})
         out = []
         for t in tasks:
-            node = self.node_of[t.client_id]
-            if node not in got:
-                self.lost.add(node)
-                got[node] = ClientResult(client_id=t.client_id, error=f"SuperNode {node} (client {t.client_id}) did "
-                                                                      f"not answer within runtime.worker_timeout_s={limit:g}")
-            out.append(got[node])
+            reply = got[t.client_id]
+            if isinstance(reply, str):
+                res = ClientResult(client_id=t.client_id, error=reply, crashed="did not answer" not in reply)
+            else:
+                try:
+                    res = result_from_bytes(bytes(reply["result"]))
+                except UpdateRejected as e:
+                    res = ClientResult(client_id=t.client_id, error=f"SuperNode {self.node_of[t.client_id]}: {e}")
+            if on_result is not None:
+                on_result(res)
+            out.append(res)
         return out
 
     def take_counts(self) -> dict[str, int]:
         counts, self.counts = self.counts, {k: 0 for k in self.counts}
         return counts
+
+
+class FlowerParties:
+    """SecAgg+'s client parties on the clients' own SuperNodes (``SecureSum.parties`` in a deployment): each phase
+    is one ``train.secagg`` message to every client of the round, carrying fedfm's protocol messages as bytes. A
+    client that fails a phase is dropped, as the protocol allows; the server side sees masked inputs and their sum
+    only (the updates stayed on the clients, ``_keep_for_masking``)."""
+
+    def __init__(self, runtime: FlowerRuntime, stage, rnd, u):
+        self.runtime, self.stage, self.u = runtime, stage, u
+        c = rnd.config
+        self.params = {"round": int(u.rnd), "clients": json.dumps(list(c.clients)), "dim": int(c.dim), "k": int(c.k),
+                       "t": int(c.t), "bits": int(c.bits), "graph_seed": str(c.graph_seed), "session": c.session,
+                       "ring_clip": float(rnd.codec.clip), "max_examples": int(stage.max_examples),
+                       "min_survivors": int(stage.min_survivors),
+                       "clip": float(u.clip) if u.clip is not None else -1.0,
+                       "noise_share": float(u.noise_share) if u.noise_share is not None else -1.0}
+
+    def _phase(self, phase: str, bodies: dict[int, bytes], kind) -> tuple[list, list[dict]]:
+        fields = {cid: {**self.runtime.common(), **self.params, "client_id": cid, "phase": phase, "body": body,
+                        "noise_seed": str(self.stage.random.seed("noise_share", self.u.rnd, cid))}
+                  for cid, body in bodies.items()}
+        got = self.runtime.exchange("train.secagg", fields)
+        replies, dropped = [], []
+        for cid, reply in got.items():
+            if isinstance(reply, str):
+                dropped.append({"id": cid, "error": f"SecAgg+ {phase}: {reply}"})
+            else:
+                replies.append(kind.from_bytes(bytes(reply["body"])))
+        return replies, dropped
+
+    def advertise_keys(self) -> list:
+        from ..privacy.secagg import AdvertiseKeys
+
+        return self._phase("advertise", {c: b"" for c in json.loads(self.params["clients"])}, AdvertiseKeys)[0]
+
+    def share_keys(self, requests: dict) -> list:
+        from ..privacy.secagg import ShareKeys
+
+        return self._phase("share", {c: r.to_bytes() for c, r in requests.items()}, ShareKeys)[0]
+
+    def masked_inputs(self, requests: dict, results) -> tuple[list, list[dict]]:
+        from ..privacy.secagg import MaskedInput
+
+        dropped = [{"id": r.client_id, "error": r.error} for r in results if r.error is not None]
+        trained = {r.client_id for r in results if r.error is None}
+        masked, failed = self._phase("mask", {c: req.to_bytes() for c, req in requests.items() if c in trained},
+                                     MaskedInput)
+        return masked, dropped + failed
+
+    def unmasking(self, requests: dict) -> tuple[list, list[dict]]:
+        from ..privacy.secagg import UnmaskingResponse
+
+        return self._phase("unmask", {c: r.to_bytes() for c, r in requests.items()}, UnmaskingResponse)
 
 
 class PrintDisplay(Display):
@@ -294,6 +461,13 @@ class PrintDisplay(Display):
         dropped = [f"{d['id']}: {d.get('error')}" for d in row.get("dropped") or []]
         print(f"fedfm: round {row['round']} | " + " | ".join(parts) + (f" | dropped {dropped}" if dropped else ""),
               flush=True)
+
+
+def _stages(stage):
+    """A chain's stages, outermost first (each wraps the next as ``inner``)."""
+    while stage is not None:
+        yield stage
+        stage = getattr(stage, "inner", None)
 
 
 def run_id(run_dir, resume: bool) -> str:
@@ -330,6 +504,12 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
     fed = Deployment(cfg, nodes, runtime, run_dir, display)
     begin(fed, run_dir, ck, resume, overwrite, display.message, say=display.message)
     runtime.run_token = run_id(run_dir, resume)
+    if cfg.secagg.enabled:  # the sum by SecAgg+ between the clients' own parties, over Flower messages
+        from ..privacy.secure import SecureSum
+
+        for stage in _stages(fed.server.chain):
+            if isinstance(stage, SecureSum):
+                stage.parties = lambda st, rnd, u: FlowerParties(runtime, st, rnd, u)
     if fed.server.sample_dp is not None:  # the z every client's DP-SGD uses (derived from the target ε if not given)
         runtime.extra["dp_noise_multiplier"] = float(fed.server.sample_dp.noise_multiplier)
     run_dir.write_json("partition.json", fed.describe())

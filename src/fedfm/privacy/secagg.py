@@ -705,6 +705,35 @@ class SecAggClient:
                                  b_shares={v: self._held[v][1] for v, kind in wanted.items() if kind == "b"})
 
 
+def party_to_bytes(party: SecAggClient) -> bytes:
+    """Client u's secrets and what it holds between two phases, for a party whose process ends after each phase
+    (a Flower ClientApp): written only to the client's own disk, deleted when its round ends."""
+    import json
+
+    return json.dumps({
+        "u": party.u, "phase": party._phase, "b_u": party._b_u.hex(),
+        "c_sk": party._c_sk.private_bytes_raw().hex(), "s_sk": party._s_sk.private_bytes_raw().hex(),
+        "keys": {str(v): [c.hex(), s.hex()] for v, (c, s) in party._keys.items()},
+        "held": {str(v): [str(a), str(b)] for v, (a, b) in party._held.items()},
+        "revealed": {str(v): k for v, k in party._revealed.items()},
+    }).encode()
+
+
+def party_from_bytes(config: SecAggConfig, data: bytes) -> SecAggClient:
+    """The party ``party_to_bytes`` wrote, in the round ``config`` describes."""
+    import json
+
+    st = json.loads(data)
+    party = SecAggClient(int(st["u"]), config)
+    party._phase, party._b_u = st["phase"], bytes.fromhex(st["b_u"])
+    party._c_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(st["c_sk"]))
+    party._s_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(st["s_sk"]))
+    party._keys = {int(v): (bytes.fromhex(c), bytes.fromhex(k)) for v, (c, k) in st["keys"].items()}
+    party._held = {int(v): (int(a), int(b)) for v, (a, b) in st["held"].items()}
+    party._revealed = {int(v): k for v, k in st["revealed"].items()}
+    return party
+
+
 class SecAggServer:
     """The server's side of one round. It holds only public keys, the running sum of masked inputs and the shares
     clients revealed; ciphertexts pass through. Each phase method takes every message that arrived before that

@@ -38,10 +38,10 @@ class SecureClient:
     """Client k's side of a secure round: its protocol party (its own keys) and what it does with its own update
     before masking it: clip it to ``clip`` and add N(0, noise_share²) under DP-FedAvg."""
 
-    def __init__(self, u: int, rnd: SecAggRound, stage: "SecureSum", clip: Optional[float] = None,
-                 noise_share: Optional[float] = None):
-        self.party = SecAggClient(u, rnd.config)
-        self.stage, self.codec = stage, rnd.codec
+    def __init__(self, party: SecAggClient, codec: RingCodec, max_examples: int, min_survivors: int,
+                 clip: Optional[float] = None, noise_share: Optional[float] = None):
+        self.party, self.codec = party, codec
+        self.max_examples, self.min_survivors = max_examples, min_survivors
         self.clip, self.noise_share = clip, noise_share
 
     def contribution(self, flat: torch.Tensor, num_examples: int, seed: int) -> np.ndarray:
@@ -59,7 +59,7 @@ class SecureClient:
                 g = torch.Generator().manual_seed(seed)
                 vec = vec + torch.randn(vec.numel(), generator=g, dtype=torch.float64) * self.noise_share
             return self.codec.encode(vec.numpy())
-        a = num_examples / self.stage.max_examples
+        a = num_examples / self.max_examples
         vec = flat.double().numpy() * a
         b = float((np.abs(vec) > self.codec.clip).mean())
         return self.codec.encode(np.concatenate([vec, [a * self.codec.clip, b * self.codec.clip]]))
@@ -68,10 +68,9 @@ class SecureClient:
         """Reveal shares only for a sum that carries enough noise: with distributed noise, at least
         ``federation.min_clients`` masked inputs, each with its share (else the server would unmask a sum with less
         noise than the accountant assumes)."""
-        st = self.stage
-        if self.noise_share is not None and len(request.survivors) < st.min_survivors:
+        if self.noise_share is not None and len(request.survivors) < self.min_survivors:
             raise UnmaskingRefused(f"client {self.party.u} refuses Unmasking: only {len(request.survivors)} masked "
-                                   f"inputs carry noise shares, fewer than federation.min_clients={st.min_survivors}")
+                                   f"inputs carry noise shares, fewer than federation.min_clients={self.min_survivors}")
         return self.party.unmasking(request)
 
 
@@ -121,6 +120,51 @@ def graph_for(sa, n: int) -> GraphBounds:
     return graph_bounds(n, k, t, sa.corrupt_fraction, sa.dropout_fraction)
 
 
+class LocalParties:
+    """The sampled clients' protocol parties in this process (a simulation): each its own ``SecureClient`` with its
+    own keys; what a client does before masking (its ``UpdateCheck``, clip, noise share) runs in its party. A
+    deployment gives ``SecureSum.parties`` one whose parties are on the clients' machines (``deploy.flower``)."""
+
+    def __init__(self, stage: "SecureSum", rnd: SecAggRound, u):
+        self.stage, self.u = stage, u
+        self.clients = {c: SecureClient(SecAggClient(c, rnd.config), rnd.codec, stage.max_examples,
+                                        stage.min_survivors, u.clip, u.noise_share) for c in rnd.config.clients}
+
+    def advertise_keys(self) -> list:
+        return [c.party.advertise_keys() for c in self.clients.values()]
+
+    def share_keys(self, requests: dict) -> list:
+        return [self.clients[c].party.share_keys(req) for c, req in requests.items()]
+
+    def masked_inputs(self, requests: dict, results) -> tuple[list[MaskedInput], list[dict]]:
+        """Each client that trained masks its own checked contribution; one that failed, or whose own check rejects
+        its update, is dropped before masking."""
+        masked, dropped = [], []
+        for r in results:
+            if r.error is not None:  # crashed, refused or straggled after ShareKeys: dropped before masking
+                dropped.append({"id": r.client_id, "error": r.error})
+                continue
+            try:
+                flat, _ = self.stage.check(r)
+                x = self.clients[r.client_id].contribution(flat, r.num_examples,
+                                                           self.stage.random.seed("noise_share", self.u.rnd,
+                                                                                  r.client_id))
+            except Exception as e:  # the client's own validation: it does not send a masked input
+                dropped.append({"id": r.client_id, "error": f"rejected by the client before masking: {e}"})
+                continue
+            masked.append(self.clients[r.client_id].party.masked_input_collection(requests[r.client_id], x))
+        return masked, dropped
+
+    def unmasking(self, requests: dict) -> tuple[list, list[dict]]:
+        replies, dropped = [], []
+        for c, req in requests.items():
+            try:
+                replies.append(self.clients[c].unmasking(req))
+            except UnmaskingRefused as e:
+                dropped.append({"id": c, "error": str(e)})
+        return replies, dropped
+
+
 class SecureSum(Stage):
     """SecAgg+ (Bell et al. 2020), one instance per round over the sampled clients; its result is the unmasked
     weighted mean, or under DP-FedAvg (``updates.clip`` set) the unmasked clipped sum, for the wrapper to noise and
@@ -132,6 +176,7 @@ class SecureSum(Stage):
         self.max_examples = max(int(max_examples), 1)
         self.min_survivors = cfg.federation.min_clients
         self.clip = ring_clip(cfg, mechanism)
+        self.parties = LocalParties  # (stage, round, updates) -> the round's parties: here, or on the clients' machines
 
     def __call__(self, state, u, weights):
         """``u.results``: the round's ClientResults (errors included: they completed ShareKeys and then dropped)."""
@@ -163,30 +208,15 @@ class SecureSum(Stage):
         dim = u.spec.numel + (0 if u.clip is not None else 2)
         rnd_ = SecAggRound(roster, dim=dim, codec=codec, k=g.k, t=g.t,
                            graph_seed=self.random.seed("secagg_graph", u.rnd), session=b"fedfm round %d" % u.rnd)
-        clients = {c: SecureClient(c, rnd_, self, u.clip, u.noise_share) for c in roster}  # each only its own keys
-        masked: list[MaskedInput] = []
+        parties = self.parties(self, rnd_, u)
         try:
-            keys = rnd_.advertise_keys(c.party.advertise_keys() for c in clients.values())
-            shares = rnd_.share_keys(clients[c].party.share_keys(keys[c]) for c in keys)
-            for r in results:
-                if r.error is not None:  # crashed, refused or straggled after ShareKeys: dropped before masking
-                    dropped.append({"id": r.client_id, "error": r.error})
-                    continue
-                try:
-                    flat, _ = self.check(r)
-                    x = clients[r.client_id].contribution(flat, r.num_examples,
-                                                          self.random.seed("noise_share", u.rnd, r.client_id))
-                except Exception as e:  # the client's own validation: it does not send a masked input
-                    dropped.append({"id": r.client_id, "error": f"rejected by the client before masking: {e}"})
-                    continue
-                masked.append(clients[r.client_id].party.masked_input_collection(shares[r.client_id], x))
+            keys = rnd_.advertise_keys(parties.advertise_keys())
+            shares = rnd_.share_keys(parties.share_keys(keys))
+            masked, gone = parties.masked_inputs(shares, results)
+            dropped += gone
             asks = rnd_.masked_input_collection(masked)
-            replies = []
-            for c, ask in asks.items():
-                try:
-                    replies.append(clients[c].unmasking(UnmaskingRequest(ask.survivors, ask.dropped)))
-                except UnmaskingRefused as e:
-                    dropped.append({"id": c, "error": str(e)})
+            replies, refused = parties.unmasking({c: UnmaskingRequest(a.survivors, a.dropped) for c, a in asks.items()})
+            dropped += refused
             total = torch.from_numpy(rnd_.unmasking(replies))
         except SecAggAbort as e:
             info.update(secagg_error=str(e), secagg_seconds=time.perf_counter() - t0)
