@@ -104,6 +104,11 @@ def _client(cfg_text: str, cfg, node: dict[str, Any], client_id: int, state_dir,
         if node["partition"] is not None:
             from ..models import build_model
 
+            if cfg.runtime.threads:  # as Client.from_config does
+                import torch
+
+                torch.set_num_threads(cfg.runtime.threads)
+
             part = _Partition(cfg, node["partition"])
             bundle = build_model(cfg, part.data.examples, public_texts=part.data.public_texts())
             _LAST[key] = Client(cfg, bundle, part.local(bundle.task), client_id, state_dir, z)

@@ -301,16 +301,24 @@ class LocalFederation:
         if out.returncode != 0:
             raise FedfmError(f"flwr supernode register {public_key}: {out.stdout[-1000:]}{out.stderr[-1000:]}")
 
-    def start_supernode(self, name: str, data: Path, test_data: Optional[Path] = None,
+    def start_supernode(self, name: str, data: Optional[Path], test_data: Optional[Path] = None,
                         client_id: Optional[int] = None, register: bool = True,
-                        private_key: Optional[Path] = None, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+                        private_key: Optional[Path] = None, env: Optional[dict[str, str]] = None,
+                        node_config: Optional[dict[str, object]] = None) -> subprocess.Popen:
         """A SuperNode whose node config names its own files. Secure: with its own key pair, the public half
-        registered first unless ``register`` is False (then the SuperLink refuses it)."""
-        settings = [f'data="{data}"']
-        if test_data is not None:
-            settings.append(f'test-data="{test_data}"')
-        if client_id is not None:
-            settings.append(f"client-id={client_id}")
+        registered first unless ``register`` is False (then the SuperLink refuses it). ``node_config`` replaces the
+        data settings (``data``, ``test_data``, ``client_id``) with its own, e.g. ``{"partition-id": 3,
+        "num-partitions": 10}``: that partition of the config's ``data.source``, as the simulation engine gives."""
+        if node_config is not None:
+            settings = [f'{k}="{v}"' if isinstance(v, (str, Path)) else f"{k}={v}" for k, v in node_config.items()]
+        else:
+            if data is None:
+                raise FedfmError(f"SuperNode {name}: no data and no node_config")
+            settings = [f'data="{data}"']
+            if test_data is not None:
+                settings.append(f'test-data="{test_data}"')
+            if client_id is not None:
+                settings.append(f"client-id={client_id}")
         cmd = [flower_exe("flower-supernode"), "--superlink", self.address, "--node-config", " ".join(settings),
                "--port", str(free_port()), "--max-wait-time", "60"]
         if self.secure:
