@@ -220,12 +220,12 @@ def secagg(msg: Message, context: Context) -> Message:
     kept update, help unmask the sum. Its secrets live on this machine between phases (0600) and are deleted when
     the round's unmasking is done; the server side gets protocol messages only."""
     import os
-    import secrets
 
     from safetensors.torch import load_file
 
     from ..privacy import secagg as sa
     from ..privacy.secure import SecureClient
+    from ..randomness import Randomness
 
     record = msg.content[RECORD]
     cfg = _config_from_text(str(record["config"]), "the server's config")
@@ -251,8 +251,9 @@ def secagg(msg: Message, context: Context) -> Message:
             out = party.share_keys(sa.ShareKeysRequest.from_bytes(body))
         elif phase == "mask":
             kept = load_file(str(folder / f"update.r{rnd:06d}.safetensors"))
-            # a noise share the server cannot redraw: from this machine's OS (seeded only when the run says so)
-            seed = int(record["noise_seed"]) if cfg.privacy.randomness == "seeded" else secrets.randbits(63)
+            # a noise share the server cannot redraw: drawn here, from this machine's OS (from the run's seed, as
+            # in a simulation, only under privacy.randomness: seeded)
+            seed = Randomness.from_config(cfg).seed("noise_share", rnd, cid)
             x = secure.contribution(kept["flat"], int(kept["num_examples"][0]), seed)
             out = party.masked_input_collection(sa.MaskingRequest.from_bytes(body), x)
         elif phase == "unmask":
@@ -416,8 +417,7 @@ class FlowerParties:
                        "noise_share": float(u.noise_share) if u.noise_share is not None else -1.0}
 
     def _phase(self, phase: str, bodies: dict[int, bytes], kind) -> tuple[list, list[dict]]:
-        fields = {cid: {**self.runtime.common(), **self.params, "client_id": cid, "phase": phase, "body": body,
-                        "noise_seed": str(self.stage.random.seed("noise_share", self.u.rnd, cid))}
+        fields = {cid: {**self.runtime.common(), **self.params, "client_id": cid, "phase": phase, "body": body}
                   for cid, body in bodies.items()}
         got = self.runtime.exchange("train.secagg", fields)
         replies, dropped = [], []
