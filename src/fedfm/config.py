@@ -515,11 +515,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    return _sections(data, f"config file {path}")
+
+
+def _sections(data: Any, what: str) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+        raise ConfigError(f"{what}: expected a mapping of sections at the top level")
     return data
+
+
+def config_from_text(text: str, what: str) -> RunConfig:
+    """A config given as YAML text (``what`` names where it came from), read as a config file is (duplicate keys
+    refused) and validated."""
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+    return validate_config(_sections(data, what))
 
 
 def resolve_config_source(name_or_path: str) -> Path:

@@ -17,30 +17,19 @@ import sys
 import time
 from typing import Any, Optional
 
-import yaml
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..client import ClientResult, ClientTask
 from ..client.wire import result_from_bytes, task_to_bytes
-from ..config import RunConfig, validate_config
+from ..config import RunConfig, config_from_text
 from ..display import Display
 from ..errors import FedfmError, UpdateRejected
 from ..runtime import Runtime
 from . import Deployment, Node, assign_clients, check_config, deployment_config
 
 RECORD = "fedfm"  # the one ConfigRecord in every fedfm message
-
-
-def _config_from_text(text: str, what: str) -> RunConfig:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise FedfmError(f"{what}: not YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise FedfmError(f"{what}: expected a fedfm config (a YAML mapping)")
-    return validate_config(data)
 
 
 # ---------------------------------------------------------------------------------------------- the client side
@@ -137,7 +126,7 @@ def query(msg: Message, context: Context) -> Message:
     holds; read from its own files with the run's config, no model loaded."""
     from ..client.party import own_examples
 
-    cfg = _config_from_text(str(msg.content[RECORD]["config"]), "the server's config")
+    cfg = config_from_text(str(msg.content[RECORD]["config"]), "the server's config")
     node = _node_settings(context)
     if node["partition"] is not None:
         info = _Partition(cfg, node["partition"]).info()
@@ -157,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
 
     record = msg.content[RECORD]
     cfg_text = str(record["config"])
-    cfg = _config_from_text(cfg_text, "the server's config")
+    cfg = config_from_text(cfg_text, "the server's config")
     node = _node_settings(context)
     body = bytes(record["task"])
     task = task_from_bytes(body)
@@ -228,7 +217,7 @@ def secagg(msg: Message, context: Context) -> Message:
     from ..randomness import Randomness
 
     record = msg.content[RECORD]
-    cfg = _config_from_text(str(record["config"]), "the server's config")
+    cfg = config_from_text(str(record["config"]), "the server's config")
     node = _node_settings(context)
     cid, rnd, phase = int(record["client_id"]), int(record["round"]), str(record["phase"])
     if node["client_id"] is not None and cid != node["client_id"]:
@@ -494,7 +483,11 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
     from ..tracking import RunDir
 
     display = display or PrintDisplay()
-    cfg = _config_from_text(str(run_config.get("fedfm-config") or ""), "run config fedfm-config")
+    text = str(run_config.get("fedfm-config") or "")
+    if not text.strip():
+        raise FedfmError("run config fedfm-config is empty: expected the run's fedfm config as YAML text "
+                         "(fedfm deploy run sends it)")
+    cfg = config_from_text(text, "run config fedfm-config")
     resume, overwrite = bool(run_config.get("resume", False)), bool(run_config.get("overwrite", False))
     check_config(cfg)
     run_dir = RunDir(cfg.output_dir())
