@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fedfm import composition
+from fedfm.compression.feedback import RESIDUAL
 from fedfm.config import load_config
 from fedfm.simulation import Simulation, prepare
 from tests.conftest import make_rows, tiny_overrides, write_csv
@@ -89,9 +90,13 @@ def _invariants(server, rows, c: dict) -> None:
         assert server.personal.names  # the B factors stay on the clients
     if c["server.optimizer"] != "fedavg":
         assert server.server.chain_state["optimizer"]  # its moments or momentum, checkpointed
-    payload = server.codec.encode(server.spec.unflatten(server.global_flat))
-    per_value = 4 if c["codec.name"] == "fp32" else 2
+    down = server.downlink  # the broadcast: codec.name, or fp32 under a sparse codec (it sends changes, not states)
+    assert down.name == (c["codec.name"] if down.carries_state and server.codec.carries_state else "fp32")
+    payload = down.encode(server.spec.unflatten(server.global_flat), torch.Generator().manual_seed(0))
+    per_value = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}[down.name]
     assert per_value * server.spec.numel <= len(payload) < (per_value + 1) * server.spec.numel + 4096
+    if not server.codec.carries_state:  # a sparse codec: each client that trained keeps what it did not send
+        assert any(RESIDUAL in (server.store.get(cid) or {}) for cid in range(4))
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))

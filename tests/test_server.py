@@ -124,8 +124,10 @@ def test_too_few_clients_leaves_global_unchanged(tiny_config):
     {"privacy.mode": "client", "privacy.noise_multiplier": 0.3, "privacy.target_quantile": 0.5, "privacy.count_noise": 1.0,
      "privacy.randomness": "seeded"},
     {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "privacy.randomness": "seeded"},
+    {"codec.name": "topk", "codec.fraction": 0.05, "codec.values": "int8", "codec.stochastic": True,
+     "codec.downlink": "int8", "runtime.cache_clients": 1},
 ], ids=["fedavg", "fedyogi-state", "scaffold-control-variates", "fedsa-personal-b", "fedbuff-in-flight",
-        "dp-adaptive-clip", "dp-sample-epsilons"])
+        "dp-adaptive-clip", "dp-sample-epsilons", "topk-int8-error-feedback-spilled"])
 def test_resume_is_bit_for_bit(tiny_config, tmp_path, algo):
     """A run interrupted after round 2 and resumed ends with the same global state as an uninterrupted one
     (also when the server optimizer keeps state: its moments are in the checkpoint). Checkpoints hold only tensors

@@ -150,7 +150,8 @@ def tamper_results(sim, results: list, rnd: int) -> list:
         if r.error is None and r.client_id in attack.malicious:
             view = sim.server.view(r.client_id)
             delta = sim.codec.decode(r.update, view)
-            r = replace(r, update=sim.codec.encode(attack.tamper(dict(delta), r.client_id, rnd)))
+            draws = sim.server.random.torch("codec", rnd, r.client_id) if sim.codec.random else None
+            r = replace(r, update=sim.codec.encode(attack.tamper(dict(delta), r.client_id, rnd), draws))
         out.append(r)
     return out
 

@@ -44,6 +44,9 @@ COMPANIONS: dict[tuple[str, Any], dict[str, Any]] = {
     ("privacy.mode", "sample"): {"privacy.noise_multiplier": 0.5, "privacy.randomness": "seeded"},
     ("federation.schedule", "fedbuff"): {"federation.buffer_size": 2, "federation.concurrency": 3},
     ("secagg.enabled", True): {"secagg.corrupt_fraction": 0.0},  # 4 tiny clients: none of them corrupt
+    ("codec.name", "int8"): {"codec.stochastic": True},
+    ("codec.name", "topk"): {"codec.fraction": 0.1, "codec.values": "int8"},  # top-k + int8 values
+    ("codec.name", "randk"): {"codec.fraction": 0.1},
 }
 
 Choice = tuple[str, Any]

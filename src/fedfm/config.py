@@ -233,7 +233,20 @@ SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "nesterov": 0.7, "fedadam":
 
 
 class CodecConfig(Section):
-    name: str = "fp32"
+    name: str = "fp32"  # what a client sends: fp32 | fp16 | bf16 | int8 | int4 | topk | randk (docs/communication.md)
+    downlink: Optional[str] = None  # what the server broadcasts; None: codec.name when it can carry a state, else fp32
+    block_size: int = Field(64, ge=1)  # int8/int4 (and their use as codec.values): values per scale
+    stochastic: bool = False  # int8/int4 updates: stochastic rounding, so the decoded update is unbiased
+    fraction: Optional[float] = Field(None, gt=0, le=1)  # topk/randk: the fraction of values kept (default 0.1)
+    count: Optional[int] = Field(None, ge=1)  # topk/randk: the number of values kept (instead of a fraction)
+    values: Literal["fp32", "fp16", "bf16", "int8", "int4"] = "fp32"  # topk/randk: the codec of the kept values
+    error_feedback: Optional[bool] = None  # keep what was not sent and add it next round; None: on for topk/randk
+
+    @model_validator(mode="after")
+    def _sparse(self) -> "CodecConfig":
+        if self.fraction is not None and self.count is not None:
+            raise ValueError("codec: give codec.fraction or codec.count, not both")
+        return self
 
 
 class RuntimeConfig(Section):
@@ -332,6 +345,31 @@ class RunConfig(Section):
     attack: AttackConfig = AttackConfig()
     secagg: SecureAggregationConfig = SecureAggregationConfig()
 
+    def _codec_checks(self, sends_state: bool) -> None:
+        """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept
+        coordinates differ per client, so it is neither a downlink nor a secure sum's input."""
+        from .registries import capability
+
+        c = self.codec
+        sparse = not capability("codec.name", c.name, "carries_state", default=True)
+        if c.downlink is not None and not capability("codec.name", c.downlink, "carries_state", default=True):
+            raise ValueError(f"codec.downlink {c.downlink!r} sends a sparse change, not the whole state the server "
+                             f"broadcasts; use fp32, fp16, bf16, int8 or int4")
+        if not sparse and (c.fraction is not None or c.count is not None):
+            raise ValueError(f"codec.fraction and codec.count choose the kept values of topk or randk; codec.name "
+                             f"{c.name!r} keeps every value")
+        quantizes = c.name in ("int8", "int4") or (sparse and c.values in ("int8", "int4"))
+        if c.stochastic and not quantizes:
+            raise ValueError(f"codec.stochastic rounds int8/int4 values; codec.name {c.name!r} (codec.values "
+                             f"{c.values!r}) has none to round")
+        if sparse and self.secagg.enabled:
+            raise ValueError(f"codec.name {c.name!r} with secagg.enabled: each client keeps different coordinates, so "
+                             f"the masked vectors could not be summed coordinate by coordinate (and the indices would "
+                             f"travel in the clear); use a dense codec (fp32, fp16, bf16, int8, int4) under secagg")
+        if sparse and sends_state:
+            raise ValueError(f"codec.name {c.name!r} with client.algorithm {self.client.algorithm!r}: its state besides "
+                             f"the update would be sparsified without error feedback; use a dense codec")
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         from .registries import capability
@@ -386,6 +424,7 @@ class RunConfig(Section):
             if self.server.max_update_norm is not None:
                 raise ValueError("server.max_update_norm: under secagg the server never sees one update; bound "
                                  "updates with privacy.mode=client (each client clips to privacy.clip)")
+        self._codec_checks(sends_state)
         if self.partition.alpha <= 0:
             raise ValueError(f"partition.alpha must be > 0, got {self.partition.alpha}")
         if self.partition.power <= 0:

@@ -63,6 +63,7 @@ PURPOSES: dict[str, Purpose] = {
     "availability": Purpose(21, what="whether a client is online in a period"),
     "dropout": Purpose(22, what="whether a client drops out of a job"),
     "ranks": Purpose(30, what="which clients get which LoRA rank"),
+    "codec": Purpose(31, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),

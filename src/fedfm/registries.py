@@ -25,6 +25,7 @@ def fields_of(cfg):
         ("server.aggregator", AGGREGATORS, cfg.server.aggregator),
         ("server.optimizer", SERVER_OPTIMIZERS, cfg.server.optimizer),
         ("codec.name", CODECS, cfg.codec.name),
+        *([("codec.downlink", CODECS, cfg.codec.downlink)] if cfg.codec.downlink is not None else []),
         ("runtime.name", RUNTIMES, cfg.runtime.name),
         ("federation.sampling", SAMPLERS, cfg.federation.sampling),
         ("federation.schedule", SCHEDULES, cfg.federation.schedule),
@@ -35,18 +36,19 @@ def fields_of(cfg):
 def _registry_of(key: str):
     from .aggregation import AGGREGATORS
     from .client import CLIENT_ALGORITHMS
+    from .compression import CODECS
     from .models.adapters import METHODS
     from .schedules import SCHEDULES
 
     return {"server.aggregator": AGGREGATORS, "federation.schedule": SCHEDULES, "client.algorithm": CLIENT_ALGORITHMS,
-            "adapter.method": METHODS}[key]
+            "adapter.method": METHODS, "codec.name": CODECS}[key]
 
 
 def capability(key: str, name: str, what: str, default=False, unknown=True):
     """What the registered entry ``name`` of the registry behind config key ``key`` declares about itself (an attribute
     of the entry: ``linear_sum`` for an aggregator, ``synchronous`` for a schedule, ``extra_names`` for a client
-    algorithm, ``lora_ranks`` for an adaptation method); ``default`` when the entry does not declare it, ``unknown``
-    for a name nobody registered (reported apart, with "did you mean")."""
+    algorithm, ``lora_ranks`` for an adaptation method, ``carries_state`` for a codec); ``default`` when the entry
+    does not declare it, ``unknown`` for a name nobody registered (reported apart, with "did you mean")."""
     reg = _registry_of(key)
     return getattr(reg.get(name), what, default) if name in reg else unknown
 

@@ -17,7 +17,7 @@ import torch
 from .aggregation import Updates
 from .aggregation.chain import UpdateCheck, build_chain
 from .client import CLIENT_ALGORITHMS, ClientResult
-from .compression import make_codec
+from .compression import make_codec, make_downlink
 from .display import Display
 from .errors import FedfmError
 from .models.ranks import client_ranks, view_of
@@ -88,12 +88,12 @@ class Server:
         self.client_sizes = np.asarray(client_sizes)
         n = len(self.client_sizes)
         self.random = Randomness.from_config(cfg)  # every draw of the server, by purpose
-        self.codec = make_codec(cfg.codec.name)
+        self.codec, self.downlink = make_codec(cfg.codec), make_downlink(cfg.codec)  # up, down
         self.sampler = make_sampler(cfg.federation.sampling)
         self.ranks = client_ranks(cfg, n)
         algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
         self.extra_names = algorithm.extra_names
-        self.algo_server = algorithm.server_side(layout, self.codec, n)  # the algorithm's server half (SCAFFOLD's c)
+        self.algo_server = algorithm.server_side(layout, self.downlink, n)  # the algorithm's server half (SCAFFOLD's c)
         self.evaluations: list[Evaluation] = []
         self.parts: dict[str, Stateful] = {}
         self._privacy(mechanism, sample_dp, n)
@@ -231,8 +231,8 @@ class Server:
         if key not in self._payload_cache:  # encode once per round, global version and rank
             if len(self._payload_cache) > 32:
                 self._payload_cache.clear()
-            self._payload_cache[key] = (self.codec.encode(view.restrict(self.spec.unflatten(self.global_flat))),
-                                        self.algo_server.extras(rnd))
+            state = view.restrict(self.spec.unflatten(self.global_flat))
+            self._payload_cache[key] = (self.downlink.encode(state), self.algo_server.extras(rnd))
         return self._payload_cache[key]
 
     def aggregate_results(self, rnd: int, results: list[ClientResult],

@@ -131,7 +131,7 @@ def worker_clients(cfg: RunConfig):
     """The client side in a worker process of a remote runtime (``runtime.name: ray``), built from the config alone:
     the same seeded partition as the driver's (``prepare``), the base loaded once, the client algorithm; returns it
     (``ClientTask -> ClientResult``). Only what a client needs for itself: no server side, no held-out model."""
-    from .compression import make_codec
+    from .compression import make_codec, make_downlink
     from .models import build_model
     from .models.ranks import client_ranks
 
@@ -143,8 +143,8 @@ def worker_clients(cfg: RunConfig):
     encoded, _ = encode(cfg, bundle.task, data.examples)
     ranks = client_ranks(cfg, len(data.clients))
     ctx = ClientContext(cfg=cfg, model=bundle.model, spec=bundle.spec, task=bundle.task,
-                        local=PartitionData(bundle.task, encoded, data), codec=make_codec(cfg.codec.name),
-                        store=ClientStateStore(cfg.runtime.cache_clients, None), personal=bundle.personal,
+                        local=PartitionData(bundle.task, encoded, data), codec=make_codec(cfg.codec),
+                        downlink=make_downlink(cfg.codec), store=ClientStateStore(cfg.runtime.cache_clients, None), personal=bundle.personal,
                         personal_init=bundle.personal.flat(), ranks=ranks)
     return make_client(ctx)
 
@@ -202,7 +202,7 @@ class Simulation(Federation):
         self.server = Server(cfg, self.spec.layout(), self.spec.flat(), self.client_sizes, run_dir=self.run_dir,
                              display=self.display, model=self._server_model(encoded),
                              mechanism=prepared.mechanism, sample_dp=prepared.sample_dp)
-        self.codec, self.ranks = self.server.codec, self.server.ranks
+        self.codec, self.downlink, self.ranks = self.server.codec, self.server.downlink, self.server.ranks
 
     def _setup_clients(self, cfg, sample_dp) -> None:
         """The client side for every virtual client (client, runtime sections): their state store, the client
@@ -211,7 +211,7 @@ class Simulation(Federation):
         state_dir = cfg.runtime.state_dir or (self.run_dir.path / "client_state" if self.run_dir is not None else None)
         self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
         self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, local=self.local,
-                                 codec=self.codec, store=self.store, personal=self.personal,
+                                 codec=self.codec, downlink=self.downlink, store=self.store, personal=self.personal,
                                  personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=sample_dp)
         self.client_algo = make_client(self.ctx)
         self.runtime = make_runtime(cfg, self.client_algo, worker_clients)

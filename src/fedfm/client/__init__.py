@@ -58,12 +58,31 @@ class ClientContext:
     spec: Any  # StateSpec of the shared parameters
     task: Any
     local: Mapping[int, LocalData]
-    codec: Any
+    codec: Any  # what the client sends (codec.name)
     store: Any  # ClientStateStore
     personal: Any = None  # StateSpec of the parameters that stay on the client (adapter.personal, FedSA-LoRA's B)
     personal_init: Any = None  # their initial flat values: what a client starts from before it has its own
     ranks: Any = None  # per-client LoRA ranks (adapter.rank_per_client), or None: every client at adapter.r
     sample_dp: Any = None  # privacy.mode sample: the per-example mechanism (privacy/dpsgd.SampleLevelDP)
+    downlink: Any = None  # what the server broadcasts (codec.downlink); None: the same codec as ``codec``
+
+    @property
+    def down(self):
+        return self.codec if self.downlink is None else self.downlink
+
+    def draws(self, task: "ClientTask", *parts: int):
+        """The generator of the codec's random draws for this task (None when the codec draws nothing)."""
+        return Randomness.from_config(self.cfg).torch("codec", *parts, base=task.seed) if self.codec.random else None
+
+    def encode_update(self, task: "ClientTask", delta, view) -> bytes:
+        """The client's update as the codec's bytes: its random draws (stochastic rounding, random-k) from the
+        task's seed, and with error feedback (``codec.error_feedback``) its own residual added and kept."""
+        from ..compression.feedback import encode_with_feedback, uses_feedback
+
+        codec, draws = self.codec, self.draws(task)
+        if uses_feedback(self.cfg.codec, codec):
+            return encode_with_feedback(codec, delta, view, self.store, task.client_id, draws)
+        return codec.encode(delta, draws)
 
     def view(self, client_id: int):
         """The names and shapes of what this client receives and sends (LoRA cut to its rank)."""
@@ -222,7 +241,7 @@ class LocalTraining:
         ctx = self.ctx
         t0 = time.perf_counter()
         view = ctx.view(task.client_id)
-        global_state = view.expand(ctx.codec.decode(task.payload, view))  # zero-padded to the full rank
+        global_state = view.expand(ctx.down.decode(task.payload, view))  # zero-padded to the full rank
         ctx.spec.load(global_state)
         ctx.load_personal(task.client_id)
         own = ctx.local[task.client_id]
@@ -240,7 +259,7 @@ class LocalTraining:
             loss, steps = local_sgd(ctx, own, own.train, gen, grad_hook=hook)
         local = ctx.spec.get()
         delta = view.restrict({n: local[n] - global_state[n] for n in ctx.spec.names})
-        update = ctx.codec.encode(delta)
+        update = ctx.encode_update(task, delta, view)
         ctx.save_personal(task.client_id)
         extras = self.finish(task, global_state, local, steps)
         return disclose(ctx.cfg, ClientResult(
@@ -361,7 +380,7 @@ class Scaffold(LocalTraining):
 
     def grad_hook(self, task, global_state):
         ctx = self.ctx
-        c = ctx.codec.decode(task.extras["c"], ctx.spec)
+        c = ctx.down.decode(task.extras["c"], ctx.spec)
         stored = ctx.store.get(task.client_id)
         c_i = ctx.spec.unflatten(stored[self.KEY]) if stored and self.KEY in stored \
             else {n: torch.zeros(ctx.spec.shapes[n]) for n in ctx.spec.names}
@@ -386,7 +405,7 @@ class Scaffold(LocalTraining):
         stored = dict(ctx.store.get(task.client_id) or {})
         stored[self.KEY] = ctx.spec.flatten(new_c_i)
         ctx.store.put(task.client_id, stored)
-        return {"delta_c": ctx.codec.encode(delta_c)}
+        return {"delta_c": ctx.codec.encode(delta_c, ctx.draws(task, 1))}
 
 
 def make_client(ctx: ClientContext):

@@ -44,14 +44,14 @@ class Client:
 
     def __init__(self, cfg, bundle, own: LocalData, client_id: int = 0, state_dir: Optional[str | Path] = None,
                  noise_multiplier: Optional[float] = None):
-        from ..compression import make_codec
+        from ..compression import make_codec, make_downlink
         from ..models.ranks import client_ranks
         from ..runtime.state_store import ClientStateStore
 
         self.cfg, self.bundle, self.client_id = cfg, bundle, client_id
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.ctx = ClientContext(cfg=cfg, model=bundle.model, spec=bundle.spec, task=bundle.task,
-                                 local={client_id: own}, codec=make_codec(cfg.codec.name),
+                                 local={client_id: own}, codec=make_codec(cfg.codec), downlink=make_downlink(cfg.codec),
                                  store=ClientStateStore(cfg.runtime.cache_clients, state_dir),
                                  personal=bundle.personal, personal_init=bundle.personal.flat(),
                                  ranks=client_ranks(cfg, cfg.partition.num_clients),  # the server's, seeded

@@ -57,6 +57,8 @@ def _ray_check_config(cfg) -> None:
     """The ray runtime keeps no client state across rounds (a worker may die and be replaced, and a client may land
     on another worker): refuse what needs it, before anything loads."""
     from ..client import CLIENT_ALGORITHMS
+    from ..compression import make_codec
+    from ..compression.feedback import uses_feedback
     from ..errors import ConfigError
     from ..models import personal_patterns
 
@@ -68,6 +70,8 @@ def _ray_check_config(cfg) -> None:
               f"adapter.method {cfg.adapter.method!r}) stay on each client across rounds"
     elif cfg.privacy.mode == "sample":
         why = "privacy.mode 'sample' keeps each client's DP-SGD step count across rounds"
+    elif uses_feedback(cfg.codec, make_codec(cfg.codec)):
+        why = f"codec.name {cfg.codec.name!r} with error feedback keeps what each client did not send"
     if why:
         raise ConfigError(f"runtime.name 'ray' does not support this yet: {why}, and ray workers keep no client state "
                           "across rounds; use runtime.name local or batched")

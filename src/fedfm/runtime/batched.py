@@ -282,7 +282,7 @@ def train_together(algo: LocalTraining, tasks: list[ClientTask]) -> list[ClientR
     starts: list[dict[str, torch.Tensor]] = []
     for t in tasks:
         view = ctx.view(t.client_id)
-        g = view.expand(ctx.codec.decode(t.payload, view))
+        g = view.expand(ctx.down.decode(t.payload, view))
         views.append(view)
         globals_.append(g)
         start = {n: g[n] for n in shared}
@@ -352,7 +352,7 @@ def train_together(algo: LocalTraining, tasks: list[ClientTask]) -> list[ClientR
             ctx.store_personal(t.client_id, ctx.personal.flatten({n: final[n] for n in personal}))
         extras = algo.finish(t, globals_[i], local, len(losses[i]))
         results.append(disclose(ctx.cfg, ClientResult(
-            client_id=t.client_id, update=ctx.codec.encode(delta),
+            client_id=t.client_id, update=ctx.encode_update(t, delta, views[i]),
             num_examples=ctx.local[t.client_id].train_rows(task_def),
             metrics={"train_loss": sum(losses[i]) / max(len(losses[i]), 1), "steps": len(losses[i]),
                      "seconds": seconds, "batched_with": K, **scores.get(t.client_id, {})},
