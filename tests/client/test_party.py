@@ -105,12 +105,16 @@ def _sent(result: bytes):
     return r.update, r.extras, r.num_examples, {k: v for k, v in r.metrics.items() if k != "seconds"}
 
 
-def test_a_client_that_lives_one_task_keeps_its_state_across_rounds_in_its_state_dir(tiny_config, tmp_path):
-    """SCAFFOLD's c_i: a new Client per round (a Flower ClientApp's process per message) with a state directory
-    sends what one long-lived client sends; a round asked again (a resumed server) is answered as the first time."""
+@pytest.mark.parametrize("over", [{"client.algorithm": "scaffold", "client.optimizer": "sgd"},
+                                  {"codec.name": "topk", "codec.fraction": 0.05, "codec.values": "int8"}],
+                         ids=["scaffold-c_i", "topk-error-feedback-residual"])
+def test_a_client_that_lives_one_task_keeps_its_state_across_rounds_in_its_state_dir(tiny_config, tmp_path, over):
+    """SCAFFOLD's c_i, top-k's error-feedback residual: a new Client per round (a Flower ClientApp's process per
+    message) with a state directory sends what one long-lived client sends; a round asked again (a resumed server)
+    is answered as the first time."""
     from fedfm.client.party import Client
 
-    cfg, own, server = _party_setup(tiny_config, tmp_path, **{"client.algorithm": "scaffold", "client.optimizer": "sgd"})
+    cfg, own, server = _party_setup(tiny_config, tmp_path, **over)
     long_lived = Client.from_config(cfg, own, client_id=0)
     sent, tasks = {}, {}
     for rnd in (1, 2):
