@@ -118,6 +118,28 @@ def test_any_config_override_is_run_or_refused_in_one_line(env, overrides):
     _check(res, [k for k, _ in overrides] + DOTTED + [str(env["csv"])], case, before)
 
 
+# ------------------------------------------------------------------ combinations that cannot work
+
+COMBINATIONS = {  # overrides -> the keys its one line must name (docs/communication.md, "What does not compose")
+    "topk under secagg": (["codec.name=topk", "secagg.enabled=true"], ["codec.name", "secagg.enabled"]),
+    "randk under secagg": (["codec.name=randk", "secagg.enabled=true"], ["codec.name", "secagg.enabled"]),
+    "topk as the downlink": (["codec.downlink=topk"], ["codec.downlink"]),
+    "topk with scaffold": (["codec.name=topk", "client.algorithm=scaffold", "client.optimizer=sgd"],
+                           ["codec.name", "client.algorithm"]),
+    "error feedback on ray": (["codec.name=topk", "runtime.name=ray"], ["runtime.name", "codec.name"]),
+}
+
+
+@pytest.mark.parametrize("case_name", list(COMBINATIONS))
+def test_a_combination_that_cannot_work_exits_2_naming_its_keys_before_the_model_loads(env, case_name):
+    overrides, names = COMBINATIONS[case_name]
+    case, before = _fresh(env), {p.name for p in env["tmp"].iterdir()}
+    res = _run(env, case, overrides)
+    assert not isinstance(res.exception, PassedValidation), f"{case_name}: accepted"
+    _check(res, names[:1], case, before)
+    assert all(name in res.output for name in names), res.output
+
+
 # ------------------------------------------------------------------ data files
 
 def _csv(rows: list[dict]) -> bytes:
