@@ -196,3 +196,35 @@ def test_a_deployment_refuses_split_learning(tiny_config):
 
     with pytest.raises(ConfigError, match="client.algorithm 'split'"):
         check_config(tiny_config(**SPLIT))
+
+
+def test_fedfm_run_refuses_a_split_beyond_the_depth_before_anything_loads(tiny_csv, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fedfm.models
+    from fedfm.cli import app
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(fedfm.models, "build_model", no_model)
+    over = {**SPLIT, "model.name_or_path": "minilm", "model.from_config": None, "split.layer": 7}
+    result = CliRunner().invoke(app, ["run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path, **over)])
+    assert result.exit_code == 2, result.output
+    assert "split.layer: 7 is not below the model's depth (6 blocks" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_server_side_delta_in_flight_survives_a_checkpoint(tiny_config):
+    """fedbuff aggregates a result server steps after its session: the pending ΔW^S is in the server's checkpoint."""
+    over = {"client.steps": 2, "client.epochs": None}
+    a, b = _sim(tiny_config, **over), _sim(tiny_config, **over)
+    res = a.client_algo(ClientTask(client_id=1, round=1, payload=a.server.broadcast(1, 1)[0], seed=4))
+    x0 = a.global_flat.clone()
+    b.load_checkpoint_state(a.checkpoint_state(0))
+    a.aggregate_results(1, [res])
+    b.aggregate_results(1, [res])
+    assert not torch.equal(a.global_flat, x0) and torch.equal(a.global_flat, b.global_flat)
+    assert not b.server.algo_server.pending
+    row = b.aggregate_results(2, [res])  # its session was joined once: the same update again is refused
+    assert not row["aggregated"] and "no server-side session" in row["dropped"][0]["error"]
