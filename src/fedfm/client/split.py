@@ -212,7 +212,7 @@ class SplitServer(ServerSide):
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.client.grad_clip)
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
-        down = self.codec.encode({"gradients": grad, "loss": loss.detach().float().reshape(1)})
+        down = self.codec.encode({"gradients": grad.cpu(), "loss": loss.detach().float().reshape(1).cpu()})
         s.bytes_up += len(activations) + len(targets)
         s.bytes_down += len(down)
         s.losses.append(float(loss.detach()))
@@ -338,9 +338,9 @@ class Split(LocalTraining):
         for batch in batch_stream(ctx.task, own.encoded, own.train, cfg.client.batch_size, gen, cfg.client.steps,
                                   cfg.client.epochs):
             A = self.cut.client_forward(ctx.task, batch)
-            sent = A.detach().float()
+            sent = A.detach().float().cpu()  # bytes are written from host memory
             if noise is not None:
-                sent = sent + sigma * torch.randn(sent.shape, generator=noise).to(sent.device)
+                sent = sent + sigma * torch.randn(sent.shape, generator=noise)
             activations, targets = ctx.codec.encode({"activations": sent}), pack_targets(batch)
             reply = peer.exchange(task.client_id, activations, targets)
             back = ctx.codec.decode(reply)
