@@ -122,9 +122,10 @@ class Cut:
         embeddings = getattr(emb_parent, emb_attr)
         config = getattr(self.model, "config", None)
         pad = int(getattr(config, "pad_token_id", None) or 0)
+        token = (pad + 1) % int(getattr(config, "vocab_size", None) or pad + 2)  # any id but the pad's
         shape = activations.shape[:2]
         mask = targets.get("attention_mask", torch.ones(shape, dtype=torch.long, device=activations.device))
-        ids = torch.where(mask.bool(), torch.full(shape, pad + 1, device=activations.device), pad)
+        ids = torch.where(mask.bool(), torch.full(shape, token, device=activations.device), pad)
         setattr(emb_parent, emb_attr, _Given(activations))
         setattr(blk_parent, blk_attr, torch.nn.ModuleList(list(self.blocks)[self.layer:]))
         try:
