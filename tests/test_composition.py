@@ -84,6 +84,8 @@ def _invariants(server, rows, c: dict) -> None:
         assert all(len(r["staleness"]) == 2 for r in trained)
     if c["client.algorithm"] == "scaffold":
         assert float(server.server.algo_server.c.abs().sum()) > 0
+    if c["client.algorithm"] == "split":  # activations up, gradients down, counted in the round's bytes
+        assert all(0 < r["split_bytes_up"] <= r["bytes_up"] and r["split_bytes_down"] > 0 for r in trained)
     if c["server.aggregator"] in ("hetlora", "flexlora"):
         assert server.ranks is not None and set(server.ranks.tolist()) <= {2, 4}
     if c["adapter.method"] == "fedsa-lora":

@@ -13,7 +13,8 @@ from fedfm.randomness import PURPOSES, Randomness
 from fedfm.simulation import Simulation, prepare
 
 SRC = Path(randomness.__file__).resolve().parent
-PRIVATE = {"client_sample", "dp_noise", "noise_share", "dpsgd_batches", "dpsgd_noise", "secagg_graph"}
+PRIVATE = {"client_sample", "dp_noise", "noise_share", "dpsgd_batches", "dpsgd_noise", "secagg_graph",
+           "split_noise"}
 
 
 def test_the_purposes_and_which_protect_privacy():

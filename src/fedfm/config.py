@@ -326,6 +326,13 @@ class AttackConfig(Section):
     poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: of each malicious client's training examples
 
 
+class SplitConfig(Section):
+    """client.algorithm: split (SplitFed, Thapa et al. 2022): where the model is cut and what the client adds."""
+
+    layer: int = Field(1, ge=1)  # L: the client runs the embeddings and blocks 0..L-1, the server blocks L.. and the head
+    noise_std: float = Field(0.0, ge=0)  # σ: N(0, σ²) added by the client to every activation it sends (0: none)
+
+
 class RunConfig(Section):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -344,6 +351,7 @@ class RunConfig(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     attack: AttackConfig = AttackConfig()
     secagg: SecureAggregationConfig = SecureAggregationConfig()
+    split: SplitConfig = SplitConfig()
 
     def _codec_checks(self, sends_state: bool) -> None:
         """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept

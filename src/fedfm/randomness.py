@@ -62,6 +62,8 @@ PURPOSES: dict[str, Purpose] = {
     "clock_speed": Purpose(20, what="each client's simulated speed"),
     "availability": Purpose(21, what="whether a client is online in a period"),
     "dropout": Purpose(22, what="whether a client drops out of a job"),
+    "split_noise": Purpose(31, _ALL_MODES, style="derive",
+                           what="the Gaussian noise a split-learning client adds to the activations it sends"),
     "ranks": Purpose(30, what="which clients get which LoRA rank"),
     "codec": Purpose(31, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),

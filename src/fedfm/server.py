@@ -94,11 +94,15 @@ class Server:
         algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
         self.extra_names = algorithm.extra_names
         self.algo_server = algorithm.server_side(layout, self.downlink, n)  # the algorithm's server half (SCAFFOLD's c)
+        self.algo_server.bind(cfg, model, lambda: self.global_flat)
+        for note in self.algo_server.notes:
+            self.display.message(note)
         self.evaluations: list[Evaluation] = []
         self.parts: dict[str, Stateful] = {}
         self._privacy(mechanism, sample_dp, n)
-        self.check = UpdateCheck(self.codec, layout, self.view, cfg.server.max_update_norm, self.extra_names,
-                                 cfg.client.algorithm)
+        # the chain checks each update as the algorithm's server half completed it: the client's whole rank view
+        self.check = UpdateCheck(self.codec, layout, lambda cid: view_of(self.spec, self.ranks, cid),
+                                 cfg.server.max_update_norm, self.extra_names, cfg.client.algorithm)
         self.chain = build_chain(cfg, self.check, self.mechanism, int(self.client_sizes.max()), self.random.secret)
         self.chain_state = self.chain.init()  # one nested dict: the server optimizer's moments, DP's clip, …
         self.global_flat = initial.clone()
@@ -221,8 +225,8 @@ class Server:
         return self.sampler(rng, k, candidates, self.client_sizes)
 
     def view(self, cid: int):
-        """What client ``cid`` receives and sends (LoRA cut to its rank)."""
-        return view_of(self.spec, self.ranks, cid)
+        """What client ``cid`` receives and sends (LoRA cut to its rank; split learning: its client-side part)."""
+        return self.algo_server.view(view_of(self.spec, self.ranks, cid))
 
     def broadcast(self, rnd: int, cid: int) -> tuple[bytes, dict[str, bytes]]:
         """The encoded global state (cut to the client's LoRA rank) and the client algorithm's extras."""
@@ -239,11 +243,13 @@ class Server:
                           weights: Optional[list[float]] = None) -> dict[str, Any]:
         """Aggregate the round's results by the chain (validate → sum → … → server optimizer), take the new global
         state, evaluate when due. ``weights`` (one per result) replace the example counts (FedBuff's staleness)."""
+        sent = results  # as the clients sent them (what travelled up)
+        results, completed = self.algo_server.complete(rnd, results)  # split learning adds the server-side delta
         updates = Updates(rnd=rnd, results=results, x=self.global_flat, spec=self.spec)
         self.chain_state, x, measurements = self.chain(self.chain_state, updates, weights)
         accepted, dropped = measurements.pop("accepted", []), measurements.pop("dropped", [])
         why_not = measurements.pop("unchanged", None)
-        row: dict[str, Any] = {"round": rnd, **measurements}
+        row: dict[str, Any] = {"round": rnd, **completed, **measurements}
         if x is not None:
             self.global_flat = x
             self.global_version += 1
@@ -255,7 +261,7 @@ class Server:
         else:
             self.display.message(f"round {rnd}: {why_not}; global model unchanged")
         row["aggregated"] = x is not None
-        return self._finish_row(rnd, row, results, dropped)
+        return self._finish_row(rnd, row, sent, dropped)
 
     def _finish_row(self, rnd: int, row: dict[str, Any], results: list[ClientResult],
                     dropped: list[dict[str, Any]]) -> dict[str, Any]:
@@ -273,6 +279,7 @@ class Server:
             row.update(federated_evaluation(results))
         # what travelled up: the codec's bytes, or under secagg every protocol message (masked vectors included)
         row["bytes_up"] = int(row.pop("secagg_bytes_up", None) or sum(r.nbytes for r in results))
+        row["bytes_up"] += int(row.get("split_bytes_up", 0))  # split learning: the activations (and labels) sent
         row["dropped"] = dropped
         self._all_crashed = bool(results) and all(r.crashed for r in results)
         return row

@@ -212,7 +212,8 @@ class Simulation(Federation):
         self.store = ClientStateStore(cfg.runtime.cache_clients, state_dir, keep_manifests=cfg.output.keep_checkpoints)
         self.ctx = ClientContext(cfg=cfg, model=self.model, spec=self.spec, task=self.task, local=self.local,
                                  codec=self.codec, downlink=self.downlink, store=self.store, personal=self.personal,
-                                 personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=sample_dp)
+                                 personal_init=self.personal.flat(), ranks=self.ranks, sample_dp=sample_dp,
+                                 peer=self.server.algo_server)  # reached in bytes by an algorithm that talks to it
         self.client_algo = make_client(self.ctx)
         self.runtime = make_runtime(cfg, self.client_algo, worker_clients)
         for note in getattr(self.runtime, "notes", []):

@@ -64,6 +64,7 @@ class ClientContext:
     personal_init: Any = None  # their initial flat values: what a client starts from before it has its own
     ranks: Any = None  # per-client LoRA ranks (adapter.rank_per_client), or None: every client at adapter.r
     sample_dp: Any = None  # privacy.mode sample: the per-example mechanism (privacy/dpsgd.SampleLevelDP)
+    peer: Any = None  # the client algorithm's server half, for one that talks to it while it trains (split learning)
     downlink: Any = None  # what the server broadcasts (codec.downlink); None: the same codec as ``codec``
 
     @property
@@ -199,11 +200,27 @@ class ServerSide(Stateful):
     results (SCAFFOLD's server control variate). Its state is checkpointed with the run. It is built from what the
     server side holds: the layout of the shared state, the codec and the number of clients, never client data."""
 
+    notes: list[str] = []  # what the server shows of it when the run starts
+
     def __init__(self, layout, codec, num_clients: int):
         self.layout, self.codec, self.num_clients = layout, codec, num_clients
 
+    def bind(self, cfg, model, global_state: Callable[[], torch.Tensor]) -> None:
+        """What the server side holds besides the layout, for a half that computes (split learning's server-side
+        part): the run's config, the server's own model (``evaluation.ServerModel``, or None) and the current global
+        state (flat)."""
+
+    def view(self, view):
+        """What a client receives and sends of the shared state, given its view (LoRA cut to its rank): all of it."""
+        return view
+
     def extras(self, rnd: int) -> dict[str, bytes]:
         return {}
+
+    def complete(self, rnd: int, results: list["ClientResult"]) -> tuple[list["ClientResult"], dict[str, Any]]:
+        """The round's results as the aggregation sees them (each as its client sent it), and measurements for the
+        round's row."""
+        return results, {}
 
     def absorb(self, accepted: list[tuple["ClientResult", dict[str, torch.Tensor]]]) -> None:
         """``accepted``: each usable result with its decoded extras."""
@@ -410,3 +427,6 @@ class Scaffold(LocalTraining):
 
 def make_client(ctx: ClientContext):
     return CLIENT_ALGORITHMS.get(ctx.cfg.client.algorithm)(ctx)
+
+
+from . import split  # noqa: E402,F401  (register "split")

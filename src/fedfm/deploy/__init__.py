@@ -34,11 +34,16 @@ class Node:
 
 def check_config(cfg: RunConfig) -> None:
     """What a deployment cannot do (yet), refused before anything loads, naming the key."""
+    from ..client import CLIENT_ALGORITHMS
+
     refusals = [
         (cfg.federation.schedule != "sync", f"federation.schedule {cfg.federation.schedule!r}: a deployment runs "
                                             "synchronous rounds (fedbuff here simulates time)"),
         (cfg.attack.kind != "none", f"attack.kind {cfg.attack.kind!r}: simulated attacks are for simulations"),
         (cfg.model.train_tokenizer is not None, "model.train_tokenizer: the server side has no text to train it on"),
+        (getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "interactive", False),
+         f"client.algorithm {cfg.client.algorithm!r}: its client talks to the server half batch by batch while it "
+         "trains, and a deployment carries one task and one result per client and round"),
     ]
     for refused, why in refusals:
         if refused:

@@ -115,6 +115,7 @@ def _prefix_check(run_cfg) -> None:
 
 
 prefix.check_config = _prefix_check
+prompt.virtual_tokens = prefix.virtual_tokens = True  # trains tokens outside the base's layers (no layer to cut at)
 
 
 lora.lora_ranks = True  # heterogeneous ranks (adapter.rank_per_client) need LoRA factors to cut

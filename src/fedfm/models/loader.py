@@ -195,18 +195,28 @@ def check_model_config(model_cfg) -> None:
 
 
 def peek_model_type(model_cfg) -> str | None:
-    """The base's ``model_type`` from a config already at hand (``model.from_config``, a model directory, a shipped
-    encoder, the Hugging Face cache): no weights, no GGUF conversion, no network. None when it is not at hand."""
+    """The base's ``model_type`` from a config already at hand (``peek_config``); None when it is not at hand."""
     if model_cfg.from_config is not None:
         return model_cfg.from_config.get("model_type")
-    name = model_cfg.name_or_path
-    if name is None or model_cfg.gguf_file or (name in ALIASES and ALIASES[name][0] is _smollm2_path):
-        return None  # a GGUF is converted to get at its config
+    config = peek_config(model_cfg)
+    return None if config is None else config.model_type
+
+
+def peek_config(model_cfg) -> Any:
+    """The base's transformers config from what is already at hand (``model.from_config``, a model directory, a
+    shipped encoder, the Hugging Face cache): no weights, no GGUF conversion, no network. None when it is not at
+    hand (loading the model then reports what is wrong)."""
     try:
         import transformers
 
+        if model_cfg.from_config is not None:
+            conf = dict(model_cfg.from_config)
+            return transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)
+        name = model_cfg.name_or_path
+        if name is None or model_cfg.gguf_file or (name in ALIASES and ALIASES[name][0] is _smollm2_path):
+            return None  # a GGUF is converted to get at its config
         path = resolve_name_or_path(name)
-        return transformers.AutoConfig.from_pretrained(path, revision=model_cfg.revision, local_files_only=True).model_type
+        return transformers.AutoConfig.from_pretrained(path, revision=model_cfg.revision, local_files_only=True)
     except Exception:  # not at hand: loading the model reports what is wrong
         return None
 
