@@ -63,6 +63,8 @@ PURPOSES: dict[str, Purpose] = {
     "availability": Purpose(21, what="whether a client is online in a period"),
     "dropout": Purpose(22, what="whether a client drops out of a job"),
     "ranks": Purpose(30, what="which clients get which LoRA rank"),
+    "fedkseed_candidates": Purpose(31, what="FedKSeed's K candidate seeds, shared by the server and every client"),
+    "fedkseed_choice": Purpose(32, style="derive", what="which candidate seed a FedKSeed client step perturbs along"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),

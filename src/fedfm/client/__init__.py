@@ -180,8 +180,20 @@ class ServerSide(Stateful):
     results (SCAFFOLD's server control variate). Its state is checkpointed with the run. It is built from what the
     server side holds: the layout of the shared state, the codec and the number of clients, never client data."""
 
-    def __init__(self, layout, codec, num_clients: int):
-        self.layout, self.codec, self.num_clients = layout, codec, num_clients
+    def __init__(self, layout, codec, num_clients: int, cfg=None):
+        self.layout, self.codec, self.num_clients, self.cfg = layout, codec, num_clients, cfg
+
+    def payload(self, rnd: int, cid: int) -> bytes | None:
+        """What client ``cid`` is sent in place of the encoded global state (FedKSeed's seeds), or None."""
+        return None
+
+    def update_check(self, check):
+        """The check of a result's update (default: the codec's ``UpdateCheck``, ``check``)."""
+        return check
+
+    def server_optimizer(self, optimizer):
+        """The chain's last step (default: the server optimizer of the config, ``optimizer``)."""
+        return optimizer
 
     def extras(self, rnd: int) -> dict[str, bytes]:
         return {}
@@ -303,8 +315,8 @@ class FedProx(LocalTraining):
 class ScaffoldServer(ServerSide):
     """SCAFFOLD's server control variate: c ← c + (1/N) Σ_{i∈S} Δc_i (Karimireddy et al. 2020, Alg. 1 line 17)."""
 
-    def __init__(self, layout, codec, num_clients: int):
-        super().__init__(layout, codec, num_clients)
+    def __init__(self, layout, codec, num_clients: int, cfg=None):
+        super().__init__(layout, codec, num_clients, cfg)
         self.c = torch.zeros(layout.numel)
 
     def extras(self, rnd: int) -> dict[str, bytes]:
@@ -391,3 +403,6 @@ class Scaffold(LocalTraining):
 
 def make_client(ctx: ClientContext):
     return CLIENT_ALGORITHMS.get(ctx.cfg.client.algorithm)(ctx)
+
+
+from . import fedkseed  # noqa: E402,F401  (register "fedkseed")
