@@ -175,3 +175,23 @@ def test_a_flower_deployment_refuses_it(tiny_config):
 
     with pytest.raises(ConfigError, match="client.algorithm 'fedkseed'"):
         check_config(tiny_config(**ZO))
+
+
+def test_the_cli_refuses_fedkseed_with_a_robust_reducer_in_one_line_before_any_model_loads(tiny_csv, tmp_path,
+                                                                                           monkeypatch):
+    from typer.testing import CliRunner
+
+    import fedfm.models
+    from fedfm.cli import app
+    from tests.conftest import tiny_overrides
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(fedfm.models, "build_model", load)
+    res = CliRunner().invoke(app, ["run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path,
+                                                                       **{**ZO, "server.aggregator": "krum"})])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "client.algorithm 'fedkseed'" in lines[0] and "server.aggregator 'krum'" in lines[0]
+    assert not (tmp_path / "run").exists()

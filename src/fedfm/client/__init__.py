@@ -177,8 +177,10 @@ def local_sgd(ctx: ClientContext, data: LocalData, indices: np.ndarray, generato
 
 class ServerSide(Stateful):
     """The server's half of a client algorithm: what it sends with the global state and what it does with the
-    results (SCAFFOLD's server control variate). Its state is checkpointed with the run. It is built from what the
-    server side holds: the layout of the shared state, the codec and the number of clients, never client data."""
+    results (SCAFFOLD's server control variate); it may also replace what is broadcast, how an update is checked and
+    the chain's last step (FedKSeed: seeds instead of tensors). Its state is checkpointed with the run. It is built
+    from what the server side holds: the layout of the shared state, the codec, the number of clients and the
+    config, never client data."""
 
     def __init__(self, layout, codec, num_clients: int, cfg=None):
         self.layout, self.codec, self.num_clients, self.cfg = layout, codec, num_clients, cfg
