@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,36 +51,47 @@ def candidate_seeds(cfg) -> np.ndarray:
     return rng.integers(0, 2**63 - 1, size=cfg.fedkseed.num_seeds, dtype=np.int64)
 
 
+def scratch_for(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The one CPU buffer z is drawn into, as large as the largest tensor (reused: no allocation per tensor)."""
+    return torch.empty(max((t.numel() for t in tensors), default=0), dtype=torch.float32)
+
+
 @torch.no_grad()
-def move(tensors: Iterable[torch.Tensor], seed: int, scale: float) -> None:
+def move(tensors: list[torch.Tensor], seed: int, scale: float, scratch: torch.Tensor | None = None) -> None:
     """w ← w + scale · z(seed), in place, z drawn on the CPU from ``seed`` one tensor at a time (in the given order).
 
     ``mul`` then ``add`` (two correctly rounded operations, never a fused multiply-add), so the result does not
     depend on the device's vector width or thread count: the server and any client get the same bits."""
     gen = torch.Generator().manual_seed(int(seed))
     scale = float(np.float32(scale))
+    scratch = scratch_for(tensors) if scratch is None else scratch
     for t in tensors:
-        z = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+        z = scratch[:t.numel()].view(t.shape)
+        torch.randn(t.shape, generator=gen, out=z)
         t.add_(z.mul_(scale).to(device=t.device, dtype=t.dtype))
 
 
-def replay(tensors: list[torch.Tensor], seeds: np.ndarray, pairs: np.ndarray, lr: float) -> None:
+def replay(tensors: list[torch.Tensor], seeds: np.ndarray, pairs: np.ndarray, lr: float,
+           scratch: torch.Tensor | None = None) -> None:
     """w ← w − η Σ g z_j over ``pairs`` (a PAIR array), in order: the one function by which the server steps the
     global model and a client rebuilds it."""
+    scratch = scratch_for(tensors) if scratch is None else scratch
     for j, g in zip(pairs["j"].tolist(), pairs["g"].tolist()):
-        move(tensors, int(seeds[j]), -lr * g)
+        move(tensors, int(seeds[j]), -lr * g, scratch)
 
 
 @torch.no_grad()
-def zo_step(tensors: list[torch.Tensor], loss, seed: int, eps: float, lr: float) -> tuple[float, float]:
+def zo_step(tensors: list[torch.Tensor], loss, seed: int, eps: float, lr: float,
+            scratch: torch.Tensor | None = None) -> tuple[float, float]:
     """One FedKSeed step along z(seed): two forward passes at w ± εz, then w ← w − η ĝ z (in place; the last move
     also undoes the perturbation, up to rounding). Returns (ĝ as sent, float32; the mean of the two losses)."""
-    move(tensors, seed, eps)
+    scratch = scratch_for(tensors) if scratch is None else scratch
+    move(tensors, seed, eps, scratch)
     f_plus = float(loss())
-    move(tensors, seed, -2 * eps)
+    move(tensors, seed, -2 * eps, scratch)
     f_minus = float(loss())
     g = float(np.float32((f_plus - f_minus) / (2 * eps)))
-    move(tensors, seed, eps - lr * g)
+    move(tensors, seed, eps - lr * g, scratch)
     return g, (f_plus + f_minus) / 2
 
 
@@ -279,6 +290,7 @@ class FedKSeed(LocalTraining):
         self.fcfg = ctx.cfg.fedkseed
         self.seeds = candidate_seeds(ctx.cfg)
         self.params = list(ctx.spec.params.values())
+        self.scratch = scratch_for(self.params)  # where z is drawn, one tensor at a time
         self.version = 0  # server steps replayed into this process's model
         self.amplitudes = Amplitudes(self.fcfg.num_seeds)
         self.snapshot = Snapshot(self.params)  # the initial global model (built before any checkpoint loads)
@@ -320,7 +332,7 @@ class FedKSeed(LocalTraining):
                              f"broadcast starts at version {new[0][0]}")
         self.snapshot.load(self.params)
         for v, pairs in new:
-            replay(self.params, self.seeds, pairs, self.ctx.cfg.client.lr)
+            replay(self.params, self.seeds, pairs, self.ctx.cfg.client.lr, self.scratch)
             self.amplitudes.add(pairs)
             self.version = v
         if new:
@@ -343,7 +355,7 @@ class FedKSeed(LocalTraining):
                 j = int(torch.multinomial(p, 1, generator=choice)) if p is not None else \
                     int(torch.randint(self.fcfg.num_seeds, (1,), generator=choice))
                 g, loss = zo_step(self.params, lambda: ctx.task.loss(ctx.model, batch), int(self.seeds[j]),
-                                  self.fcfg.eps, cfg.client.lr)
+                                  self.fcfg.eps, cfg.client.lr, self.scratch)
                 pairs.append((j, g))
                 losses.append(loss)
         finally:
