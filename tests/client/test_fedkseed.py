@@ -36,6 +36,7 @@ def test_two_rounds_of_full_parameter_fedkseed_train_and_send_only_pairs(tiny_co
     rows = sim.run()
     assert [r["aggregated"] for r in rows] == [True, True] and not any(r["dropped"] for r in rows)
     assert all(np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[0]["eval_loss"] != rows[1]["eval_loss"]  # the server's held-out loss moves with the model
     assert not torch.equal(sim.server.global_flat, x0)  # every parameter of the model moved
     assert bool((sim.server.global_flat != x0).float().mean() > 0.99)
     steps = ZO["client.steps"]
@@ -55,6 +56,9 @@ def test_the_servers_replay_equals_the_clients_own_model_bit_for_bit(tiny_config
     assert algo.version == 2  # its last task was in round 3, from version 2
     assert torch.equal(_rebuilt(algo, sim), sim.server.global_flat)
     assert algo.version == 3
+    # what it holds in memory besides the model: the one buffer z is drawn into, as large as the largest tensor
+    held = [v for v in vars(algo).values() if isinstance(v, torch.Tensor)]
+    assert sum(t.numel() for t in held) == max(p.numel() for p in algo.params)
 
 
 def test_a_client_that_missed_rounds_catches_up_by_replaying_the_history(tiny_config):
