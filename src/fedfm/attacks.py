@@ -29,6 +29,12 @@ def malicious_clients(fraction: float, num_clients: int, seed: int) -> set[int]:
 
 
 class Attack:
+    tampers_updates = False  # whether it changes the update a client sends (its ``tamper``), not only its data
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.tampers_updates = cls.tamper is not Attack.tamper
+
     def __init__(self, acfg, malicious: set[int], seed: int):
         self.cfg = acfg
         self.malicious = malicious
@@ -143,7 +149,7 @@ def make_attack(cfg, num_clients: int) -> Attack:
 def tamper_results(sim, results: list, rnd: int) -> list:
     """Replace malicious clients' honest updates by what the attack sends (decoded, changed, encoded again)."""
     attack = sim.attack
-    if not attack.malicious or type(attack).tamper is Attack.tamper:
+    if not attack.malicious or not attack.tampers_updates:
         return results
     out = []
     for r in results:

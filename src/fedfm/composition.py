@@ -37,6 +37,7 @@ def axes() -> dict[str, list[Any]]:
 # what a choice needs besides itself to run at all (the settings any user gives with it)
 COMPANIONS: dict[tuple[str, Any], dict[str, Any]] = {
     ("client.algorithm", "scaffold"): {"client.optimizer": "sgd", "client.lr": 0.05},
+    ("client.algorithm", "fedkseed"): {"client.optimizer": "sgd", "client.lr": 1e-5},
     ("server.aggregator", "hetlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "flexlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "norm-bound"): {"server.norm_bound": 1.0},

@@ -316,6 +316,15 @@ class SecureAggregationConfig(Section):
     # unmasking, or by each client before masking (N(0, z²C²/federation.min_clients) each)
 
 
+class FedKSeedConfig(Section):
+    """client.algorithm fedkseed (Qin et al. 2024): steps per round are client.steps (or client.epochs), η is
+    client.lr (zeroth-order full-parameter tuning wants a small one: the paper's 3e-7 on billion-sized models)."""
+
+    num_seeds: int = Field(4096, ge=1)  # K, the candidate seeds shared by every party
+    eps: float = Field(5e-4, gt=0)  # ε, the scale of the perturbation w ± εz
+    pro: bool = False  # FedKSeed-Pro: seeds drawn with probability from the amplitude of their past scalars
+
+
 class AttackConfig(Section):
     kind: str = "none"  # none | sign-flip | scale | gaussian | label-flip | backdoor
     fraction: float = Field(0.0, ge=0, le=1)  # of the clients, malicious for the whole run (seeded)
@@ -352,6 +361,7 @@ class RunConfig(Section):
     attack: AttackConfig = AttackConfig()
     secagg: SecureAggregationConfig = SecureAggregationConfig()
     split: SplitConfig = SplitConfig()
+    fedkseed: FedKSeedConfig = FedKSeedConfig()
 
     def _codec_checks(self, sends_state: bool) -> None:
         """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept
@@ -412,6 +422,10 @@ class RunConfig(Section):
                                  "(client.batch_size is the expected batch size)")
             if self.privacy.target_quantile is not None:
                 raise ValueError("privacy.target_quantile (adaptive clipping) is for privacy.mode 'client'")
+        if capability("attack.kind", self.attack.kind, "tampers_updates", unknown=False) and \
+                not capability("client.algorithm", self.client.algorithm, "tensor_updates", default=True):
+            raise ValueError(f"attack.kind {self.attack.kind!r} changes a client's update tensor; client.algorithm "
+                             f"{self.client.algorithm!r} sends none (use a data attack: label-flip or backdoor)")
         if self.secagg.enabled:
             if not linear_sum:
                 raise ValueError(f"secagg.enabled: the server sees only the sum of masked updates, so "

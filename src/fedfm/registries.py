@@ -35,20 +35,22 @@ def fields_of(cfg):
 
 def _registry_of(key: str):
     from .aggregation import AGGREGATORS
+    from .attacks import ATTACKS
     from .client import CLIENT_ALGORITHMS
     from .compression import CODECS
     from .models.adapters import METHODS
     from .schedules import SCHEDULES
 
     return {"server.aggregator": AGGREGATORS, "federation.schedule": SCHEDULES, "client.algorithm": CLIENT_ALGORITHMS,
-            "adapter.method": METHODS, "codec.name": CODECS}[key]
+            "adapter.method": METHODS, "codec.name": CODECS, "attack.kind": ATTACKS}[key]
 
 
 def capability(key: str, name: str, what: str, default=False, unknown=True):
     """What the registered entry ``name`` of the registry behind config key ``key`` declares about itself (an attribute
     of the entry: ``linear_sum`` for an aggregator, ``synchronous`` for a schedule, ``extra_names`` for a client
-    algorithm, ``lora_ranks`` for an adaptation method, ``carries_state`` for a codec); ``default`` when the entry
-    does not declare it, ``unknown`` for a name nobody registered (reported apart, with "did you mean")."""
+    algorithm, ``lora_ranks`` for an adaptation method, ``carries_state`` for a codec, ``tampers_updates`` for an
+    attack); ``default`` when the entry does not declare it, ``unknown`` for a name nobody registered (reported
+    apart, with "did you mean")."""
     reg = _registry_of(key)
     return getattr(reg.get(name), what, default) if name in reg else unknown
 

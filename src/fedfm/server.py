@@ -93,7 +93,7 @@ class Server:
         self.ranks = client_ranks(cfg, n)
         algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
         self.extra_names = algorithm.extra_names
-        self.algo_server = algorithm.server_side(layout, self.downlink, n)  # the algorithm's server half (SCAFFOLD's c)
+        self.algo_server = algorithm.server_side(layout, self.downlink, n, cfg)  # its server half (SCAFFOLD's c)
         self.algo_server.bind(cfg, model, lambda: self.global_flat)
         for note in self.algo_server.notes:
             self.display.message(note)
@@ -101,9 +101,11 @@ class Server:
         self.parts: dict[str, Stateful] = {}
         self._privacy(mechanism, sample_dp, n)
         # the chain checks each update as the algorithm's server half completed it: the client's whole rank view
-        self.check = UpdateCheck(self.codec, layout, lambda cid: view_of(self.spec, self.ranks, cid),
-                                 cfg.server.max_update_norm, self.extra_names, cfg.client.algorithm)
-        self.chain = build_chain(cfg, self.check, self.mechanism, int(self.client_sizes.max()), self.random.secret)
+        self.check = self.algo_server.update_check(UpdateCheck(
+            self.codec, layout, lambda cid: view_of(self.spec, self.ranks, cid), cfg.server.max_update_norm,
+            self.extra_names, cfg.client.algorithm))
+        self.chain = build_chain(cfg, self.check, self.mechanism, int(self.client_sizes.max()), self.random.secret,
+                                 step=self.algo_server.server_optimizer)
         self.chain_state = self.chain.init()  # one nested dict: the server optimizer's moments, DP's clip, …
         self.global_flat = initial.clone()
         self.global_version = 0  # server steps taken in this process (keys the payload cache)
@@ -230,6 +232,9 @@ class Server:
 
     def broadcast(self, rnd: int, cid: int) -> tuple[bytes, dict[str, bytes]]:
         """The encoded global state (cut to the client's LoRA rank) and the client algorithm's extras."""
+        own = self.algo_server.payload(rnd, cid)  # an algorithm that sends something else (FedKSeed's pairs)
+        if own is not None:
+            return own, self.algo_server.extras(rnd)
         view = self.view(cid)
         key = (rnd, getattr(view, "rank", None), self.global_version)
         if key not in self._payload_cache:  # encode once per round, global version and rank

@@ -141,10 +141,12 @@ class ServerStep(Stage):
         return {"optimizer": opt, "inner": inner}, x, measurements
 
 
-def build_chain(cfg, check: UpdateCheck, mechanism=None, max_examples: int = 1, secret: bool = False) -> Stage:
+def build_chain(cfg, check: UpdateCheck, mechanism=None, max_examples: int = 1, secret: bool = False,
+                step: Callable[[Any], Any] = lambda optimizer: optimizer) -> Stage:
     """The run's chain (module docstring). ``mechanism``: client-level DP's sampling, noise multiplier and
     accountant (privacy.mode: client); ``max_examples``: the largest client's example count (secure FedAvg's
-    public weight scale); ``secret``: DP noise from the OS."""
+    public weight scale); ``secret``: DP noise from the OS; ``step(optimizer)``: the last stage's step (a client
+    algorithm's server half may replace the server optimizer: FedKSeed replays seeds)."""
     fed, sa = cfg.federation, cfg.secagg
     if sa.enabled:
         from ..privacy.secure import SecureSum
@@ -161,4 +163,4 @@ def build_chain(cfg, check: UpdateCheck, mechanism=None, max_examples: int = 1, 
         shares = fed.min_clients if sa.enabled and sa.dp_noise == "distributed" else None
         total = DPFedAvg(cfg.privacy, mechanism.noise_multiplier, mechanism.per_round, fed.seed, secret=secret,
                          inner=total, accountant=mechanism, noise_shares=shares)
-    return ServerStep(make_server_optimizer(cfg), total)
+    return ServerStep(step(make_server_optimizer(cfg)), total)

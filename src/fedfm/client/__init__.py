@@ -197,13 +197,27 @@ def local_sgd(ctx: ClientContext, data: LocalData, indices: np.ndarray, generato
 
 class ServerSide(Stateful):
     """The server's half of a client algorithm: what it sends with the global state and what it does with the
-    results (SCAFFOLD's server control variate). Its state is checkpointed with the run. It is built from what the
-    server side holds: the layout of the shared state, the codec and the number of clients, never client data."""
+    results (SCAFFOLD's server control variate); it may also replace what is broadcast, how an update is checked and
+    the chain's last step (FedKSeed: seeds instead of tensors). Its state is checkpointed with the run. It is built
+    from what the server side holds: the layout of the shared state, the codec, the number of clients and the
+    config, never client data."""
 
     notes: list[str] = []  # what the server shows of it when the run starts
 
-    def __init__(self, layout, codec, num_clients: int):
-        self.layout, self.codec, self.num_clients = layout, codec, num_clients
+    def __init__(self, layout, codec, num_clients: int, cfg=None):
+        self.layout, self.codec, self.num_clients, self.cfg = layout, codec, num_clients, cfg
+
+    def payload(self, rnd: int, cid: int) -> bytes | None:
+        """What client ``cid`` is sent in place of the encoded global state (FedKSeed's seeds), or None."""
+        return None
+
+    def update_check(self, check):
+        """The check of a result's update (default: the codec's ``UpdateCheck``, ``check``)."""
+        return check
+
+    def server_optimizer(self, optimizer):
+        """The chain's last step (default: the server optimizer of the config, ``optimizer``)."""
+        return optimizer
 
     def bind(self, cfg, model, global_state: Callable[[], torch.Tensor]) -> None:
         """What the server side holds besides the layout, for a half that computes (split learning's server-side
@@ -339,8 +353,8 @@ class FedProx(LocalTraining):
 class ScaffoldServer(ServerSide):
     """SCAFFOLD's server control variate: c ← c + (1/N) Σ_{i∈S} Δc_i (Karimireddy et al. 2020, Alg. 1 line 17)."""
 
-    def __init__(self, layout, codec, num_clients: int):
-        super().__init__(layout, codec, num_clients)
+    def __init__(self, layout, codec, num_clients: int, cfg=None):
+        super().__init__(layout, codec, num_clients, cfg)
         self.c = torch.zeros(layout.numel)
 
     def extras(self, rnd: int) -> dict[str, bytes]:
@@ -430,3 +444,4 @@ def make_client(ctx: ClientContext):
 
 
 from . import split  # noqa: E402,F401  (register "split")
+from . import fedkseed  # noqa: E402,F401  (register "fedkseed")

@@ -173,8 +173,8 @@ class SplitServer(ServerSide):
     """The server half: runs W^S for one client at a time, keeps ΔW^S of each session until that client's result
     arrives, then joins it to the client's ΔW^C (``complete``)."""
 
-    def __init__(self, layout, codec, num_clients: int):
-        super().__init__(layout, codec, num_clients)
+    def __init__(self, layout, codec, num_clients: int, cfg=None):
+        super().__init__(layout, codec, num_clients, cfg)
         self.sessions: dict[int, Session] = {}
         self.pending: dict[int, dict[str, Any]] = {}  # client id -> ΔW^S (flat over server_names) and bytes
 

@@ -36,7 +36,10 @@ def check_config(cfg: RunConfig) -> None:
     """What a deployment cannot do (yet), refused before anything loads, naming the key."""
     from ..client import CLIENT_ALGORITHMS
 
+    state = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "process_state", None)
     refusals = [
+        (bool(state), f"{state}; a Flower ClientApp may start afresh for every message, and the server side does "
+                      f"not track what each SuperNode holds"),
         (cfg.federation.schedule != "sync", f"federation.schedule {cfg.federation.schedule!r}: a deployment runs "
                                             "synchronous rounds (fedbuff here simulates time)"),
         (cfg.attack.kind != "none", f"attack.kind {cfg.attack.kind!r}: simulated attacks are for simulations"),

@@ -63,7 +63,10 @@ def _ray_check_config(cfg) -> None:
     from ..models import personal_patterns
 
     why = None
-    if CLIENT_ALGORITHMS.get(cfg.client.algorithm).extra_names:
+    algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
+    if getattr(algorithm, "process_state", None):
+        why = algorithm.process_state
+    elif algorithm.extra_names:
         why = f"client.algorithm {cfg.client.algorithm!r} keeps per-client state (e.g. SCAFFOLD's c_i)"
     elif personal_patterns(cfg.adapter):
         why = f"personal parameters ({', '.join(personal_patterns(cfg.adapter))}, from adapter.personal or " \
