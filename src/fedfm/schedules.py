@@ -80,8 +80,9 @@ class Sync(Schedule):
         row = s.aggregate_results(rnd, results)
         if s.attack.malicious:
             row["malicious"] = [int(c) for c in ids if int(c) in s.attack.malicious]
-        # what travelled down: the broadcasts, plus under secagg the protocol's server-to-client messages
-        row.update({"bytes_down": int(sent) + int(row.get("secagg_bytes_down", 0)),
+        # what travelled down: the broadcasts, plus under secagg the protocol's server-to-client messages and under
+        # split learning the activations' gradients
+        row.update({"bytes_down": int(sent) + int(row.get("secagg_bytes_down", 0)) + int(row.get("split_bytes_down", 0)),
                     "clients": [int(c) for c in ids], "sim_time_s": self.sim_time,
                     "wall_s": time.perf_counter() - t0})
         return row
@@ -164,7 +165,7 @@ class FedBuff(Schedule):
         row = s.aggregate_results(rnd, buffer + failed, weights=weights)
         if row["aggregated"]:  # the model version (what staleness counts) moves only when the server steps
             self.version += 1
-        row.update({"bytes_down": int(self.bytes_down), "clients": [r.client_id for r in buffer],
+        row.update({"bytes_down": int(self.bytes_down) + int(row.get("split_bytes_down", 0)), "clients": [r.client_id for r in buffer],
                     "staleness": stale, "sim_time_s": self.sim_time, "wall_s": time.perf_counter() - t0})
         return row
 

@@ -141,6 +141,7 @@ def test_two_rounds_of_a_tiny_federation_train_as_the_unsplit_model_and_log_the_
         assert r["aggregated"] and not r["dropped"]
         assert r["split_bytes_up"] > 0 and r["split_bytes_down"] > 0 and r["split_noise_std"] == 0.0
         assert r["bytes_up"] > r["split_bytes_up"]  # the activations and the client-side updates
+        assert r["bytes_down"] > r["split_bytes_down"]  # the gradients and the client-side broadcasts
         assert r["train_loss"] == pytest.approx(e["train_loss"], abs=1e-5)  # the loss the server half sent back
 
 
