@@ -199,3 +199,8 @@ def test_the_cli_refuses_fedkseed_with_a_robust_reducer_in_one_line_before_any_m
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert "client.algorithm 'fedkseed'" in lines[0] and "server.aggregator 'krum'" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_gradient_clip_it_does_not_use_is_said_at_the_start(tiny_config):
+    assert any("client.grad_clip=1 is not used" in n for n in _sim(tiny_config).server.algo_server.notes)
+    assert _sim(tiny_config, **{"client.grad_clip": None}).server.algo_server.notes == []

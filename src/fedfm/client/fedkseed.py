@@ -242,6 +242,9 @@ class FedKSeedServer(ServerSide):
         self.history: list[np.ndarray] = []  # history[v − 1]: the pairs of server step v
         self.sent: dict[int, int] = {}  # client id -> the version it was last sent (not checkpointed: see above)
         self._blocks: dict[int, bytes] = {}
+        if cfg is not None and cfg.client.grad_clip is not None:  # said at the start rather than silently ignored
+            self.notes = [f"fedkseed: client.grad_clip={cfg.client.grad_clip:g} is not used (a zeroth-order step "
+                          f"has no gradient to clip; the step is η ĝ z as the paper takes it)"]
 
     def payload(self, rnd: int, cid: int) -> bytes:
         start, now = self.sent.get(cid, 0), len(self.history)
