@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedfm.client import ClientResult
-from fedfm.client.fedkseed import (PAIR, Amplitudes, FedKSeed, PairCheck, candidate_seeds, decode_blocks, move,
-                                   zo_step)
+from fedfm.client.fedkseed import (CHUNK, PAIR, Amplitudes, FedKSeed, PairCheck, candidate_seeds, decode_blocks,
+                                   move, zo_step)
 from fedfm.errors import ConfigError, UpdateRejected
 from fedfm.simulation import Simulation, prepare
 
@@ -56,9 +56,27 @@ def test_the_servers_replay_equals_the_clients_own_model_bit_for_bit(tiny_config
     assert algo.version == 2  # its last task was in round 3, from version 2
     assert torch.equal(_rebuilt(algo, sim), sim.server.global_flat)
     assert algo.version == 3
-    # what it holds in memory besides the model: the one buffer z is drawn into, as large as the largest tensor
+    # what it holds in memory besides the model: the one buffer z is drawn into, a chunk (or the largest tensor)
     held = [v for v in vars(algo).values() if isinstance(v, torch.Tensor)]
-    assert sum(t.numel() for t in held) == max(p.numel() for p in algo.params)
+    assert sum(t.numel() for t in held) == min(CHUNK, max(p.numel() for p in algo.params))
+
+
+def test_z_drawn_in_chunks_is_the_same_z_on_every_party_and_bounded_in_memory(monkeypatch):
+    """A tensor larger than a chunk: z is drawn chunk by chunk into a buffer of one chunk; moving by +1 then −1 with
+    the same seed lands within rounding of the start, and a second party gets the same bits."""
+    import fedfm.client.fedkseed as fk
+
+    monkeypatch.setattr(fk, "CHUNK", 1000)
+    a = [torch.zeros(2500), torch.zeros(7, 3)]
+    b = [torch.zeros(2500), torch.zeros(7, 3)]
+    scratch = fk.scratch_for(a)
+    assert scratch.numel() == 1000
+    fk.move(a, 11, 1.0, scratch)
+    fk.move(b, 11, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert float(a[0].std()) > 0.5 and not torch.equal(a[0][:1000], a[0][1000:2000])  # fresh draws per chunk
+    fk.move(a, 11, -1.0, scratch)
+    assert all(float(x.abs().max()) == 0.0 for x in a)
 
 
 def test_a_client_that_missed_rounds_catches_up_by_replaying_the_history(tiny_config):

@@ -3,7 +3,7 @@ Cost under 18 Kilobytes"): zeroth-order steps along directions drawn from K shar
 (seed index, scalar) pairs travel, up and down.
 
 A client step (the paper's Eq. 2, MeZO's in-place perturbation, Malladi et al. 2023), with z_j ~ N(0, I_d) regenerated
-from candidate seed s_j one parameter tensor at a time::
+from candidate seed s_j in chunks of ``CHUNK`` values (one 4 MB buffer)::
 
     ĝ = [L(w + ε z_j; B) − L(w − ε z_j; B)] / (2ε);   w ← w − η ĝ z_j;   keep (j, ĝ)
 
@@ -51,14 +51,18 @@ def candidate_seeds(cfg) -> np.ndarray:
     return rng.integers(0, 2**63 - 1, size=cfg.fedkseed.num_seeds, dtype=np.int64)
 
 
+CHUNK = 1 << 20  # values of z drawn at a time (4 MB): a client holds this buffer, not one as large as a tensor
+
+
 def scratch_for(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The one CPU buffer z is drawn into, as large as the largest tensor (reused: no allocation per tensor)."""
-    return torch.empty(max((t.numel() for t in tensors), default=0), dtype=torch.float32)
+    """The one CPU buffer z is drawn into, a chunk at a time (reused: no allocation per tensor or chunk)."""
+    return torch.empty(min(CHUNK, max((t.numel() for t in tensors), default=0)), dtype=torch.float32)
 
 
 @torch.no_grad()
 def move(tensors: list[torch.Tensor], seed: int, scale: float, scratch: torch.Tensor | None = None) -> None:
-    """w ← w + scale · z(seed), in place, z drawn on the CPU from ``seed`` one tensor at a time (in the given order).
+    """w ← w + scale · z(seed), in place, z drawn on the CPU from ``seed`` in chunks of ``CHUNK`` values, tensor by
+    tensor in the given order (the draws of every party follow the same chunks, so they are the same z).
 
     ``mul`` then ``add`` (two correctly rounded operations, never a fused multiply-add), so the result does not
     depend on the device's vector width or thread count: the server and any client get the same bits."""
@@ -66,9 +70,12 @@ def move(tensors: list[torch.Tensor], seed: int, scale: float, scratch: torch.Te
     scale = float(np.float32(scale))
     scratch = scratch_for(tensors) if scratch is None else scratch
     for t in tensors:
-        z = scratch[:t.numel()].view(t.shape)
-        torch.randn(t.shape, generator=gen, out=z)
-        t.add_(z.mul_(scale).to(device=t.device, dtype=t.dtype))
+        flat = t.view(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            part = flat[start:start + CHUNK]
+            z = scratch[:part.numel()]
+            torch.randn(part.numel(), generator=gen, out=z)
+            part.add_(z.mul_(scale).to(device=t.device, dtype=t.dtype))
 
 
 def replay(tensors: list[torch.Tensor], seeds: np.ndarray, pairs: np.ndarray, lr: float,
@@ -293,7 +300,7 @@ class FedKSeed(LocalTraining):
         self.fcfg = ctx.cfg.fedkseed
         self.seeds = candidate_seeds(ctx.cfg)
         self.params = list(ctx.spec.params.values())
-        self.scratch = scratch_for(self.params)  # where z is drawn, one tensor at a time
+        self.scratch = scratch_for(self.params)  # where z is drawn, a chunk at a time
         self.version = 0  # server steps replayed into this process's model
         self.amplitudes = Amplitudes(self.fcfg.num_seeds)
         self.snapshot = Snapshot(self.params)  # the initial global model (built before any checkpoint loads)
