@@ -98,6 +98,30 @@ def run_arm(name: str, rounds: int, work: Path) -> dict:
     }
 
 
+def rss_repeats(name: str, repeats: int, work: Path) -> dict:
+    """The client's peak RSS alone, ``repeats`` times (fresh processes; one sample is too noisy to rank two clients
+    whose peaks differ by less than the allocator's spread): the arm's round-1 task, no federation run."""
+    from fedfm.client import ClientTask
+    from fedfm.client.wire import task_to_bytes
+    from fedfm.config import load_config
+    from fedfm.simulation import Simulation, prepare
+
+    overrides = BASE + [f"output.dir={work / 'run'}"] + ARMS[name]
+    cfg = load_config("bbc-lora", overrides)
+    sim = Simulation(prepare(cfg))
+    _write_client(sim, work)
+    payload, extras = sim.broadcast(1, 0)
+    (work / "task.bin").write_bytes(task_to_bytes(ClientTask(client_id=0, round=1, payload=payload, extras=extras,
+                                                             seed=sim.server.random.seed("client_task", 1, 0))))
+    (work / "config.yaml").write_text(cfg.to_yaml())
+    del sim
+    samples = [_client_rss(work).get("peak_rss_mb") for _ in range(repeats)]
+    ok = sorted(x for x in samples if x is not None)
+    return {"benchmark": "communication", "kind": "client_rss", "arm": name, "overrides": overrides,
+            "samples_mb": samples, "median_mb": ok[len(ok) // 2] if ok else None, "threads": THREADS,
+            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
 def _write_client(sim, work: Path) -> None:
     """Client 0's own rows (its training and local test examples) as a CSV a client party reads."""
     c, ex = sim.data.clients[0], sim.data.examples
@@ -140,9 +164,10 @@ def client_child(work: Path) -> None:
 
 def render() -> None:
     latest: dict[str, dict] = {}
+    repeated: dict[str, dict] = {}
     for line in RESULTS.read_text().splitlines():
         rec = json.loads(line)
-        latest[rec["arm"]] = rec
+        (repeated if rec.get("kind") == "client_rss" else latest)[rec["arm"]] = rec
     base = latest.get("fp32")
     lines = ["| arm | bytes up / client / round | bytes down / client / round | up vs fp32 | final acc | best acc | "
              "client peak RSS (MB) | s / round |", "|---|---|---|---|---|---|---|---|"]
@@ -153,6 +178,11 @@ def render() -> None:
                      f"{ratio} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {rss} | "
                      f"{r['seconds_per_round']:.1f} |")
     begin, end = "<!-- communication-table -->", "<!-- /communication-table -->"
+    if repeated:
+        lines += ["", "Client peak RSS measured again, fresh processes each (MB; median of the samples):", "",
+                  "| arm | samples | median |", "|---|---|---|"]
+        lines += [f"| {a} | {', '.join(f'{x:.0f}' for x in r['samples_mb'] if x)} | {r['median_mb']:.0f} |"
+                  for a, r in repeated.items()]
     text = DOC.read_text()
     block = "\n" + "\n".join(lines) + "\n"
     if begin in text:
@@ -191,6 +221,7 @@ def main() -> None:
     ap.add_argument("--arm")
     ap.add_argument("--client")
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--rss", type=int, default=0, help="only the client's peak RSS of --only's arms, this many times")
     args = ap.parse_args()
     if args.render:
         return render()
@@ -201,6 +232,11 @@ def main() -> None:
             print(json.dumps(run_arm(args.arm, args.rounds, Path(tmp))))
         return
     arms = [a for a in ARMS if not args.only or a in args.only.split(",")]
+    if args.rss:
+        for arm in arms:
+            with tempfile.TemporaryDirectory() as tmp:
+                emit(rss_repeats(arm, args.rss, Path(tmp)), RESULTS)
+        return
     for arm in arms:  # one child per arm: nothing of one arm's process (allocator, caches) reaches the next
         out = subprocess.run([sys.executable, __file__, "--arm", arm, "--rounds", str(args.rounds)],
                              capture_output=True, text=True,
