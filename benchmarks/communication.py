@@ -93,7 +93,7 @@ def run_arm(name: str, rounds: int, work: Path) -> dict:
         "bytes_down_per_client_round": sum(r["bytes_down"] for r in rows) / clients,
         "accuracy": acc, "final_accuracy": acc[-1], "best_accuracy": max(acc),
         "seconds_per_round": wall / len(rows), "client_peak_rss_mb": rss.get("peak_rss_mb"),
-        "client_rss_note": rss.get("error"), "threads": THREADS, "machine": platform.machine(),
+        "client_rss_note": rss.get("error"), "rss_source": "VmHWM", "threads": THREADS, "machine": platform.machine(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -117,7 +117,8 @@ def rss_repeats(name: str, repeats: int, work: Path) -> dict:
     del sim
     samples = [_client_rss(work).get("peak_rss_mb") for _ in range(repeats)]
     ok = sorted(x for x in samples if x is not None)
-    return {"benchmark": "communication", "kind": "client_rss", "arm": name, "overrides": overrides,
+    return {"benchmark": "communication", "kind": "client_rss", "rss_source": "VmHWM", "arm": name,
+            "overrides": overrides,
             "samples_mb": samples, "median_mb": ok[len(ok) // 2] if ok else None, "threads": THREADS,
             "date": _dt.datetime.now().isoformat(timespec="seconds")}
 
@@ -145,8 +146,6 @@ def _client_rss(work: Path) -> dict:
 
 def client_child(work: Path) -> None:
     """One client party and nothing else: read its rows, build the base and adapter, handle the round-1 task."""
-    import resource
-
     import torch
 
     from fedfm.client.party import Client
@@ -158,8 +157,16 @@ def client_child(work: Path) -> None:
     client = Client.from_config(cfg, work / "client0.csv", client_id=0)
     t0 = time.perf_counter()
     client.handle((work / "task.bin").read_bytes())
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "task_s": time.perf_counter() - t0}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "task_s": time.perf_counter() - t0}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``getrusage``'s ru_maxrss: Linux keeps that across fork and
+    exec, so a child started by a big process reports at least the parent's size at the fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def render() -> None:
@@ -167,19 +174,25 @@ def render() -> None:
     repeated: dict[str, dict] = {}
     for line in RESULTS.read_text().splitlines():
         rec = json.loads(line)
-        (repeated if rec.get("kind") == "client_rss" else latest)[rec["arm"]] = rec
+        if rec.get("kind") == "client_rss":
+            if rec.get("rss_source") == "VmHWM":  # earlier lines took ru_maxrss, which includes the parent's size
+                repeated[rec["arm"]] = rec
+        else:
+            latest[rec["arm"]] = rec
     base = latest.get("fp32")
     lines = ["| arm | bytes up / client / round | bytes down / client / round | up vs fp32 | final acc | best acc | "
-             "client peak RSS (MB) | s / round |", "|---|---|---|---|---|---|---|---|"]
+             "client peak RSS (MB, median of 3) | s / round |", "|---|---|---|---|---|---|---|---|"]
     for name, r in latest.items():
         ratio = f"{r['bytes_up_per_client_round'] / base['bytes_up_per_client_round']:.2%}" if base else ""
-        rss = f"{r['client_peak_rss_mb']:.0f}" if r.get("client_peak_rss_mb") else "n/a"
+        rss = f"{repeated[name]['median_mb']:.0f}" if name in repeated else \
+            f"{r['client_peak_rss_mb']:.0f}" if r.get("client_peak_rss_mb") and r.get("rss_source") else "—"
         lines.append(f"| {name} | {r['bytes_up_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} | "
                      f"{ratio} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {rss} | "
                      f"{r['seconds_per_round']:.1f} |")
     begin, end = "<!-- communication-table -->", "<!-- /communication-table -->"
     if repeated:
-        lines += ["", "Client peak RSS measured again, fresh processes each (MB; median of the samples):", "",
+        lines += ["", "Client peak RSS (VmHWM of a process that is one client and nothing else, fresh each time; MB):",
+                  "",
                   "| arm | samples | median |", "|---|---|---|"]
         lines += [f"| {a} | {', '.join(f'{x:.0f}' for x in r['samples_mb'] if x)} | {r['median_mb']:.0f} |"
                   for a, r in repeated.items()]
@@ -201,13 +214,14 @@ def _plot(latest: dict[str, dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in latest.items():
+    for i, (name, r) in enumerate(latest.items()):
         ax.scatter(r["bytes_up_per_client_round"], r["final_accuracy"], s=40)
-        ax.annotate(name, (r["bytes_up_per_client_round"], r["final_accuracy"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(name, (r["bytes_up_per_client_round"], r["final_accuracy"]), fontsize=8, rotation=30,
+                    xytext=(3, 4 + 11 * (i % 3)), textcoords="offset points")  # staggered: neighbours overlap
     ax.set_xscale("log")
     ax.set_xlabel("bytes up per client per round (log)")
     ax.set_ylabel("final held-out accuracy")
+    ax.set_ylim(top=1.05)
     ax.set_title("bbc-lora, 10 rounds: what travels against what it learns")
     ax.grid(alpha=0.3)
     fig.tight_layout()
