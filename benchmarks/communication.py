@@ -11,7 +11,7 @@ Per arm, measured in one child process per arm (``--arm NAME``):
 - final and best held-out accuracy;
 - seconds per round (wall, evaluation included);
 - client peak RSS: a second child process that is one client and nothing else (``client.party.Client``, as a
-  deployment runs it, with client 0's own rows and the round-1 task's bytes), its ``ru_maxrss`` after one task.
+  deployment runs it, with client 0's own rows and the round-1 task's bytes), its peak RSS (VmHWM) after one task.
 
     PYTHONPATH=src python benchmarks/communication.py [--rounds 10] [--only fp32,int8]   # appends JSON lines
     PYTHONPATH=src python benchmarks/communication.py --render                          # table + plot in docs
