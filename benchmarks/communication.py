@@ -66,20 +66,9 @@ def run_arm(name: str, rounds: int, work: Path) -> dict:
     """One arm's federation in this process; then its client's peak RSS in a child of its own."""
     import torch
 
-    from fedfm.client import ClientTask
-    from fedfm.client.wire import task_to_bytes
-    from fedfm.config import load_config
-    from fedfm.simulation import Simulation, prepare
-
     torch.set_num_threads(THREADS)
     overrides = BASE + [f"federation.rounds={rounds}", f"output.dir={work / 'run'}"] + ARMS[name]
-    cfg = load_config("bbc-lora", overrides)
-    sim = Simulation(prepare(cfg))
-    _write_client(sim, work)
-    payload, extras = sim.broadcast(1, 0)
-    (work / "task.bin").write_bytes(task_to_bytes(ClientTask(client_id=0, round=1, payload=payload, extras=extras,
-                                                             seed=sim.server.random.seed("client_task", 1, 0))))
-    (work / "config.yaml").write_text(cfg.to_yaml())
+    sim = _setup_arm(overrides, work)
     t0 = time.perf_counter()
     rows = [r for r in sim.run() if r["round"] > 0]
     wall = time.perf_counter() - t0
@@ -101,12 +90,24 @@ def run_arm(name: str, rounds: int, work: Path) -> dict:
 def rss_repeats(name: str, repeats: int, work: Path) -> dict:
     """The client's peak RSS alone, ``repeats`` times (fresh processes; one sample is too noisy to rank two clients
     whose peaks differ by less than the allocator's spread): the arm's round-1 task, no federation run."""
+    overrides = BASE + [f"output.dir={work / 'run'}"] + ARMS[name]
+    _setup_arm(overrides, work)  # only the files the client reads: the simulation is dropped before it starts
+    samples = [_client_rss(work).get("peak_rss_mb") for _ in range(repeats)]
+    ok = sorted(x for x in samples if x is not None)
+    return {"benchmark": "communication", "kind": "client_rss", "rss_source": "VmHWM", "arm": name,
+            "overrides": overrides,
+            "samples_mb": samples, "median_mb": ok[len(ok) // 2] if ok else None, "threads": THREADS,
+            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def _setup_arm(overrides: list[str], work: Path):
+    """The arm's simulation, and in ``work`` what a client party of its own reads: client 0's rows, the round-1
+    task's bytes, the resolved config."""
     from fedfm.client import ClientTask
     from fedfm.client.wire import task_to_bytes
     from fedfm.config import load_config
     from fedfm.simulation import Simulation, prepare
 
-    overrides = BASE + [f"output.dir={work / 'run'}"] + ARMS[name]
     cfg = load_config("bbc-lora", overrides)
     sim = Simulation(prepare(cfg))
     _write_client(sim, work)
@@ -114,13 +115,7 @@ def rss_repeats(name: str, repeats: int, work: Path) -> dict:
     (work / "task.bin").write_bytes(task_to_bytes(ClientTask(client_id=0, round=1, payload=payload, extras=extras,
                                                              seed=sim.server.random.seed("client_task", 1, 0))))
     (work / "config.yaml").write_text(cfg.to_yaml())
-    del sim
-    samples = [_client_rss(work).get("peak_rss_mb") for _ in range(repeats)]
-    ok = sorted(x for x in samples if x is not None)
-    return {"benchmark": "communication", "kind": "client_rss", "rss_source": "VmHWM", "arm": name,
-            "overrides": overrides,
-            "samples_mb": samples, "median_mb": ok[len(ok) // 2] if ok else None, "threads": THREADS,
-            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+    return sim
 
 
 def _write_client(sim, work: Path) -> None:

@@ -65,6 +65,22 @@ def need_spec(codec, spec) -> None:
                         "(its names and shapes)")
 
 
+def read_header(codec, data: bytes, spec) -> tuple[bytes, tuple]:
+    """A flat frame's bytes and its unpacked fixed header (``codec.HEADER``), refused when too short."""
+    need_spec(codec, spec)
+    data = bytes(data)
+    if len(data) < codec.HEADER.size:
+        raise UpdateRejected(f"undecodable update ({len(data)} bytes, shorter than the {codec.name} header)")
+    return data, codec.HEADER.unpack_from(data)
+
+
+def check_layout(n: int, fp: bytes, spec) -> None:
+    """The frame's value count and layout fingerprint are the decoder's state's."""
+    if n != numel_of(spec) or fp != fingerprint(spec.names, spec.shapes):
+        raise UpdateRejected(f"parameter names or shapes differ from the expected state ({n} values for "
+                             f"{numel_of(spec)})")
+
+
 def check_finite(flat: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(flat).all():
         raise UpdateRejected("non-finite values")

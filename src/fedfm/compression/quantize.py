@@ -17,7 +17,7 @@ import struct
 import torch
 
 from ..errors import UpdateRejected
-from . import CODECS, Codec, check_finite, fingerprint, flat_of, layout_of, need_spec, numel_of, state_of
+from . import CODECS, Codec, check_finite, check_layout, fingerprint, flat_of, layout_of, read_header, state_of
 
 SCALE = torch.bfloat16
 
@@ -120,16 +120,10 @@ class BlockCodec(Codec):
         return head + qz.pack(flat, generator)
 
     def decode(self, data: bytes, spec=None):
-        need_spec(self, spec)
-        data = bytes(data)
-        if len(data) < self.HEADER.size:
-            raise UpdateRejected(f"undecodable update ({len(data)} bytes, shorter than the {self.name} header)")
-        magic, bits, _, block, n, fp = self.HEADER.unpack_from(data)
+        data, (magic, bits, _, block, n, fp) = read_header(self, data, spec)
         if magic != self.MAGIC or bits != self.bits or block < 1:
             raise UpdateRejected(f"not {self.name} bytes (magic {magic!r}, {bits} bits, block {block})")
-        if n != numel_of(spec) or fp != fingerprint(spec.names, spec.shapes):
-            raise UpdateRejected(f"parameter names or shapes differ from the expected state ({n} values for "
-                                 f"{numel_of(spec)})")
+        check_layout(n, fp, spec)
         qz = BlockQuantizer(self.bits, block)
         return state_of(qz.unpack(data[self.HEADER.size:], n), spec)
 

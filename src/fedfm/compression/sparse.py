@@ -14,7 +14,7 @@ import struct
 import torch
 
 from ..errors import UpdateRejected
-from . import CODECS, Codec, check_finite, fingerprint, flat_of, layout_of, need_spec, numel_of, state_of
+from . import CODECS, Codec, check_finite, check_layout, fingerprint, flat_of, layout_of, read_header, state_of
 from .quantize import BlockQuantizer
 
 
@@ -91,16 +91,10 @@ class SparseCodec(Codec):
         return head + carried + self.packer.pack(flat[idx], generator)
 
     def decode(self, data: bytes, spec=None):
-        need_spec(self, spec)
-        data = bytes(data)
-        if len(data) < self.HEADER.size:
-            raise UpdateRejected(f"undecodable update ({len(data)} bytes, shorter than the {self.name} header)")
-        magic, kind, code, stochastic, block, n, k, fp = self.HEADER.unpack_from(data)
+        data, (magic, kind, code, stochastic, block, n, k, fp) = read_header(self, data, spec)
         if magic != self.MAGIC or kind != self.kind or code not in VALUE_CODES.values() or block < 1:
             raise UpdateRejected(f"not {self.name} bytes (magic {magic!r}, kind {kind}, value code {code})")
-        if n != numel_of(spec) or fp != fingerprint(spec.names, spec.shapes):
-            raise UpdateRejected(f"parameter names or shapes differ from the expected state ({n} values for "
-                                 f"{numel_of(spec)})")
+        check_layout(n, fp, spec)
         if k > n:
             raise UpdateRejected(f"{k} kept values of {n}")
         body = data[self.HEADER.size:]
