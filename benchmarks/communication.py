@@ -40,6 +40,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "communication.jsonl"
 DOC = ROOT / "docs" / "communication.md"
 PLOT = ROOT / "docs" / "communication.png"
 THREADS = 2
+ARM_TIMEOUT_S = 3 * 3600  # an arm that takes longer has hung: stop with an error, not wait for ever
 
 BASE = ["eval.per_client=false", "eval.every=1", f"runtime.threads={THREADS}", "name=communication"]
 ARMS = {
@@ -248,7 +249,7 @@ def main() -> None:
         return
     for arm in arms:  # one child per arm: nothing of one arm's process (allocator, caches) reaches the next
         out = subprocess.run([sys.executable, __file__, "--arm", arm, "--rounds", str(args.rounds)],
-                             capture_output=True, text=True,
+                             capture_output=True, text=True, timeout=ARM_TIMEOUT_S,
                              env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'benchmarks'}"})
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith('{"benchmark"')]
         if out.returncode != 0 or not lines:
