@@ -342,6 +342,22 @@ class SplitConfig(Section):
     noise_std: float = Field(0.0, ge=0)  # σ: N(0, σ²) added by the client to every activation it sends (0: none)
 
 
+class BlackBoxConfig(Section):
+    """client.algorithm fedbpt (BBT, Sun et al. 2022; FedBPT, Sun et al. 2023): the forward-only inference service and
+    the derivative-free search of the soft prompt P = A z (n = adapter.num_virtual_tokens tokens, z ∈ R^d)."""
+
+    service: Optional[str] = None  # host:port of a running service; None: the run starts one on 127.0.0.1
+    intrinsic_dim: int = Field(50, ge=1)  # d, the dimension of z
+    projection_std: float = Field(0.02, gt=0)  # A_ij ~ N(0, projection_std² / d): P's entries have std ≈ this·‖z‖/√d
+    popsize: int = Field(8, ge=2)  # λ, CMA-ES's candidates per iteration (one forward call each)
+    iterations: int = Field(4, ge=1)  # CMA-ES iterations per client per round (one mini-batch of client.batch_size each)
+    sigma: float = Field(1.0, gt=0)  # CMA-ES's initial step size around the global z
+    template: str = "\nTopic:"  # put after each text; the label word follows it
+    verbalizer: Optional[list[str]] = None  # one label word per class (default: the label names)
+    timeout_s: float = Field(30.0, gt=0)  # of every request to the service, and of the reachability check
+    start_timeout_s: float = Field(600.0, gt=0)  # for the service the run starts to load its model
+
+
 class RunConfig(Section):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -362,6 +378,7 @@ class RunConfig(Section):
     secagg: SecureAggregationConfig = SecureAggregationConfig()
     split: SplitConfig = SplitConfig()
     fedkseed: FedKSeedConfig = FedKSeedConfig()
+    blackbox: BlackBoxConfig = BlackBoxConfig()
 
     def _codec_checks(self, sends_state: bool) -> None:
         """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept

@@ -23,6 +23,8 @@ class Federation:
     """Subclasses set ``cfg``, ``server``, ``runtime``, ``clock``, ``schedule``, ``display``, ``random``,
     ``attack`` and ``run_dir``."""
 
+    owned: "tuple[Any, ...] | list[Any]" = ()  # what the run started and closes when it ends (``close()``)
+
     # ------------------------------------------------------------------ the server side's state, as a run sees it
     @property
     def global_flat(self) -> torch.Tensor:
@@ -109,6 +111,8 @@ class Federation:
             return self._run()
         finally:
             self.runtime.close()
+            for part in self.owned:  # what the run started besides its runtime (an inference service)
+                part.close()
 
     def _run(self) -> list[dict[str, Any]]:
         cfg, server = self.cfg, self.server

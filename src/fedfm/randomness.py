@@ -68,6 +68,8 @@ PURPOSES: dict[str, Purpose] = {
     "fedkseed_candidates": Purpose(31, what="FedKSeed's K candidate seeds, shared by the server and every client"),
     "fedkseed_choice": Purpose(32, style="derive", what="which candidate seed a FedKSeed client step perturbs along"),
     "codec": Purpose(33, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
+    "blackbox_projection": Purpose(36, what="black-box tuning's random projection A, shared by every party"),
+    "blackbox_cmaes": Purpose(37, style="derive", what="a black-box client's CMA-ES samples and mini-batches"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),

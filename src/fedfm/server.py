@@ -203,6 +203,7 @@ class Server:
             out.update(metrics)
             if records and self.run_dir is not None:
                 self.run_dir.write_generations(rnd, records)
+        out.update(self.algo_server.evaluate(rnd))
         for evaluation in self.evaluations:
             out.update(evaluation(rnd))
         return out

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .client import ClientContext, make_client
+from .client import CLIENT_ALGORITHMS, ClientContext, make_client
 from .client.data import local_data
 from .clock import SimClock
 from .config import RunConfig
@@ -58,6 +58,9 @@ def prepare(cfg: RunConfig) -> Prepared:
                           "(use iid, quantity or by_column)")
     if cfg.partition.method == "by_column" and not cfg.data.client_column:
         raise ConfigError("partition.method 'by_column' needs data.client_column (the column naming each example's client)")
+    check_peers = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "check_peers", None)
+    if check_peers is not None:  # a service the algorithm calls (black-box tuning) answers, before anything loads
+        check_peers(cfg)
     examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
                              chat=task_cls.reads_chat)
     data = build_federated_data(cfg, examples)
@@ -157,6 +160,7 @@ class Simulation(Federation):
         self.cfg, self.data, self.run_dir = prepared.cfg, prepared.data, run_dir
         self.display = display or Display()
         self.random = Randomness.from_config(self.cfg)  # every draw of the run, by purpose
+        self.owned = []
         encoded = self._setup_model(self.cfg)
         self._setup_attack(self.cfg, prepared.attack)
         # each virtual client's own data, cut out of the one encoding; the server side gets its held-out split only
@@ -174,7 +178,11 @@ class Simulation(Federation):
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         t0 = time.perf_counter()
-        self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
+        # an algorithm whose clients hold no model (black-box tuning) builds what they hold in its place
+        build = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "build_model", build_model)
+        self.bundle = build(cfg, self.data.examples, public_texts=self.data.public_texts())
+        if hasattr(self.bundle.model, "close"):  # what it started for the run (an inference service)
+            self.owned.append(self.bundle.model)
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
         encoded, self.tokenized_from_cache = encode(cfg, self.task, self.data.examples)
         for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too

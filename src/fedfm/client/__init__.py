@@ -231,6 +231,10 @@ class ServerSide(Stateful):
     def extras(self, rnd: int) -> dict[str, bytes]:
         return {}
 
+    def evaluate(self, rnd: int) -> dict[str, Any]:
+        """Metrics of its own for an evaluation row (black-box tuning's zero-prompt baseline)."""
+        return {}
+
     def complete(self, rnd: int, results: list["ClientResult"]) -> tuple[list["ClientResult"], dict[str, Any]]:
         """The round's results as the aggregation sees them (each as its client sent it), and measurements for the
         round's row."""
@@ -445,3 +449,4 @@ def make_client(ctx: ClientContext):
 
 from . import split  # noqa: E402,F401  (register "split")
 from . import fedkseed  # noqa: E402,F401  (register "fedkseed")
+from . import blackbox  # noqa: E402,F401  (register "fedbpt")
