@@ -348,7 +348,8 @@ class BlackBoxConfig(Section):
 
     service: Optional[str] = None  # host:port of a running service; None: the run starts one on 127.0.0.1
     intrinsic_dim: int = Field(50, ge=1)  # d, the dimension of z
-    projection_std: float = Field(0.02, gt=0)  # A_ij ~ N(0, projection_std² / d): P's entries have std ≈ this·‖z‖/√d
+    projection_std: float = Field(0.1, gt=0)  # A_ij ~ N(0, projection_std²/d): P's entries have std ≈ this·‖z‖/√d
+    # (SmolLM2-135M's input embeddings have std 0.136)
     popsize: int = Field(8, ge=2)  # λ, CMA-ES's candidates per iteration (one forward call each)
     iterations: int = Field(4, ge=1)  # CMA-ES iterations per client per round (one mini-batch of client.batch_size each)
     sigma: float = Field(1.0, gt=0)  # CMA-ES's initial step size around the global z

@@ -49,7 +49,9 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Check the model reference and load + partition the data; no model weights are touched."""
     check_model_config(cfg.model)
-    check_target_modules(cfg)
+    algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
+    if not hasattr(algorithm, "build_model"):  # one whose clients hold no model (black-box tuning) adapts none
+        check_target_modules(cfg)
     task_cls = TASKS.get(cfg.task.name)
     if task_cls.needs_labels and cfg.partition.method in ("dirichlet", "shards") and not cfg.data.label_column:
         raise ConfigError(f"partition.method {cfg.partition.method!r} needs data.label_column")
@@ -58,7 +60,7 @@ def prepare(cfg: RunConfig) -> Prepared:
                           "(use iid, quantity or by_column)")
     if cfg.partition.method == "by_column" and not cfg.data.client_column:
         raise ConfigError("partition.method 'by_column' needs data.client_column (the column naming each example's client)")
-    check_peers = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "check_peers", None)
+    check_peers = getattr(algorithm, "check_peers", None)
     if check_peers is not None:  # a service the algorithm calls (black-box tuning) answers, before anything loads
         check_peers(cfg)
     examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,

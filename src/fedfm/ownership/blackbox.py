@@ -100,18 +100,28 @@ class Scorer:
         emb = self.model.get_input_embeddings()
         suffix = torch.tensor(self.tokenizer(template, add_special_tokens=False)["input_ids"], dtype=torch.long)
         lengths = attention_mask.sum(1)
+        first = {self.tokenizer.bos_token_id, self.tokenizer.cls_token_id} - {None}
         rows = []
         for ids, n in zip(input_ids, lengths.tolist()):
             e = emb(torch.cat([ids[:n], suffix]))
-            rows.append(e if prompt is None else torch.cat([prompt.to(e.dtype), e]))
+            if prompt is not None:  # after a leading BOS/[CLS] (as BBT puts it after <s>), else in front
+                k = 1 if n and int(ids[0]) in first else 0
+                e = torch.cat([e[:k], prompt.to(e.dtype), e[k:]])
+            rows.append(e)
         width = max(len(r) for r in rows)
         x = torch.zeros(len(rows), width, self.hidden, dtype=rows[0].dtype)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
             x[i, :len(r)], mask[i, :len(r)] = r, 1
-        out = self.model(inputs_embeds=x, attention_mask=mask).logits  # [B, T, V]
-        last = torch.tensor([len(r) - 1 for r in rows])
-        logits = out[torch.arange(len(rows)), last][:, self.label_ids(words)].float()
+        last, at = torch.tensor([len(r) - 1 for r in rows]), torch.arange(len(rows))
+        ids = self.label_ids(words)
+        head = getattr(self.model, "lm_head", None)
+        if isinstance(head, torch.nn.Linear):  # the label words' rows of the head, at the last position only
+            h = self.model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state[at, last]
+            logits = torch.nn.functional.linear(h, head.weight[ids], None if head.bias is None else head.bias[ids])
+        else:
+            logits = self.model(inputs_embeds=x, attention_mask=mask).logits[at, last][:, ids]
+        logits = logits.float()
         result = {"logits": logits.contiguous()}
         if labels is not None:
             result["losses"] = torch.nn.functional.cross_entropy(logits, labels, reduction="none").contiguous()
@@ -161,7 +171,7 @@ class Service:
                                                  tensors["labels"].long() if "labels" in tensors else None,
                                                  tensors["prompt"].float() if "prompt" in tensors else None,
                                                  list(meta["verbalizer"]), str(meta.get("template", "")))
-                except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                except Exception as e:  # a body that is not what a forward call sends: refused, the service goes on
                     return self._refuse(400, f"{type(e).__name__}: {e}")
                 caller = str(self.headers.get("X-Fedfm-Caller") or "anonymous")[:64]
                 count = service.calls.setdefault(caller, {"calls": 0, "examples": 0})
@@ -280,10 +290,17 @@ def start_service(model_cfg: dict[str, Any], start_timeout_s: float, threads: in
     reader.start()
     reader.join(start_timeout_s)
     if not line or not line[0].startswith(b"listening on "):
+        if line and not line[0]:  # its output closed: it is ending
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        code = proc.poll()
         handle.close()
-        tail = log.read_text(errors="replace")[-2000:]
-        raise FedfmError(f"the inference service did not start within blackbox.start_timeout_s={start_timeout_s:g} s "
-                         f"(exit code {proc.poll()}); its log {log}:\n{tail}")
+        lines = log.read_text(errors="replace").strip().splitlines()
+        why = (f"exited with code {code} before it listened" if code is not None else
+               f"did not listen within blackbox.start_timeout_s={start_timeout_s:g} s")
+        raise FedfmError(f"the inference service {why}: {lines[-1] if lines else 'no output'} (its log: {log})")
     handle.address = line[0].decode().split("listening on ", 1)[1].strip()
     return handle
 
