@@ -26,13 +26,27 @@ SHARDS = 8
 _MATRIX: dict = {}
 
 
+def _service():
+    """The owner's forward-only service on the tiny model, in its own process (black-box tuning), started once."""
+    if "service" not in _MATRIX:
+        from fedfm.ownership.blackbox import start_service
+        from tests.conftest import TINY_BERT
+
+        _MATRIX["service"] = start_service({"from_config": TINY_BERT, "tokenizer": "minilm", "name_or_path": None},
+                                           300, threads=1)
+    return _MATRIX["service"]
+
+
 def _setup(tmp_path_factory):
     if not _MATRIX:
         tmp = tmp_path_factory.mktemp("composition")
         csv = write_csv(tmp / "tiny.csv", make_rows())
 
         def make(ov):
-            return load_config("bbc-lora", tiny_overrides(csv, tmp, **{**BASE, **ov}))
+            ov = {**BASE, **ov}
+            if ov.get("client.algorithm") == "fedbpt":  # one inference service for every black-box run
+                ov["blackbox.service"] = _service().address
+            return load_config("bbc-lora", tiny_overrides(csv, tmp, **ov))
 
         _MATRIX.update(make=make, matrix=composition.build(make))
     return _MATRIX["make"], _MATRIX["matrix"]
@@ -84,6 +98,8 @@ def _invariants(server, rows, c: dict) -> None:
         assert all(len(r["staleness"]) == 2 for r in trained)
     if c["client.algorithm"] == "scaffold":
         assert float(server.server.algo_server.c.abs().sum()) > 0
+    if c["client.algorithm"] == "fedbpt":  # each client's calls, counted by the service
+        assert all(r["api_calls"] and min(r["api_calls"].values()) >= 2 for r in trained if r["aggregated"])
     if c["client.algorithm"] == "split":  # activations up, gradients down, counted in the round's bytes
         assert all(0 < r["split_bytes_up"] <= r["bytes_up"] and r["split_bytes_down"] > 0 for r in trained)
     if c["server.aggregator"] in ("hetlora", "flexlora"):

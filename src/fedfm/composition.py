@@ -48,6 +48,8 @@ COMPANIONS: dict[tuple[str, Any], dict[str, Any]] = {
     ("codec.name", "int8"): {"codec.stochastic": True},
     ("codec.name", "topk"): {"codec.fraction": 0.1, "codec.values": "int8"},  # top-k + int8 values
     ("codec.name", "randk"): {"codec.fraction": 0.1},
+    ("client.algorithm", "fedbpt"): {"blackbox.intrinsic_dim": 4, "blackbox.popsize": 2, "blackbox.iterations": 1,
+                                     "adapter.num_virtual_tokens": 2},
 }
 
 Choice = tuple[str, Any]
@@ -74,11 +76,14 @@ class Matrix:
 DEFAULTS = {"client.algorithm": "local", "server.aggregator": "fedavg", "server.optimizer": "fedavg",
             "federation.schedule": "sync", "privacy.mode": "none", "secagg.enabled": False, "codec.name": "fp32",
             "adapter.method": "lora"}
+# where a choice moves another axis's default: the value that choice composes with (black-box tuning learns a prompt)
+CHOICE_DEFAULTS: dict[Choice, dict[str, Any]] = {("client.algorithm", "fedbpt"): {"adapter.method": "prompt"}}
 
 
 def build(validate: Callable[[dict[str, Any]], Any]) -> Matrix:
     """``validate(overrides)`` builds a run config (raising ConfigError when refused). A pair is allowed when it
-    validates with every other axis at its default (the defaults are the most composable choices), else refused
+    validates with every other axis at its default (the defaults are the most composable choices; ``CHOICE_DEFAULTS``
+    where a choice of the pair moves one), else refused
     with that config error. The covering configurations are built greedily: each starts from an uncovered pair and
     gives every other axis the valid value that covers most pairs not yet covered."""
     ax = axes()
@@ -86,7 +91,8 @@ def build(validate: Callable[[dict[str, Any]], Any]) -> Matrix:
     cache: dict[tuple, str | None] = {}
 
     def error(assignment: dict[str, Any]) -> str | None:
-        full = {**DEFAULTS, **assignment}
+        moved = {k: v for c in assignment.items() for k, v in CHOICE_DEFAULTS.get(c, {}).items()}
+        full = {**DEFAULTS, **moved, **assignment}
         key = tuple((k, repr(full[k])) for k in keys)
         if key not in cache:
             try:

@@ -355,7 +355,7 @@ class BlackBoxConfig(Section):
     sigma: float = Field(1.0, gt=0)  # CMA-ES's initial step size around the global z
     template: str = "\nTopic:"  # put after each text; the label word follows it
     verbalizer: Optional[list[str]] = None  # one label word per class (default: the label names)
-    timeout_s: float = Field(30.0, gt=0)  # of every request to the service, and of the reachability check
+    timeout_s: float = Field(60.0, gt=0)  # of every request to the service, and of the reachability check
     start_timeout_s: float = Field(600.0, gt=0)  # for the service the run starts to load its model
 
 
