@@ -159,11 +159,14 @@ def test_cma_es_clients_and_fedavg_on_z_descend_a_known_loss(csv, tmp_path):
         sim = Simulation(prepare(cfg))
         sim.run()
         z = sim.server.global_flat
+        calls = {k: dict(v) for k, v in service.calls.items()}
+        again = Simulation(prepare(cfg))  # CMA-ES draws by purpose from the task seed: the same run twice
+        again.run()
+        assert torch.equal(again.server.global_flat, z)
     finally:
         service.shutdown()
     loss = lambda v: float((((v - z_star) @ A) ** 2).sum())  # noqa: E731
     assert loss(z) < 0.5 * loss(torch.zeros(6)), (loss(z), loss(torch.zeros(6)))
-    calls = service.calls
     assert calls and all(c.startswith("client-") for c in calls)  # each client called as itself, the server not
     assert sum(c["calls"] for c in calls.values()) == 3 * 2 * 6 * 6  # rounds × clients × λ × iterations
 
@@ -210,6 +213,14 @@ def test_what_fedbpt_cannot_do_is_refused_at_config_time_naming_the_key(csv, tmp
     with pytest.raises(Exception) as e:
         load_config("bbc-lora", tiny_overrides(csv, tmp_path, **fedbpt(**override)))
     assert key in str(e.value)
+
+
+def test_a_deployment_refuses_fedbpt_naming_the_key(csv, tmp_path):
+    from fedfm.deploy import check_config
+    from fedfm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="client.algorithm 'fedbpt'"):
+        check_config(load_config("bbc-lora", tiny_overrides(csv, tmp_path, **fedbpt())))
 
 
 def test_the_verbalizer_must_name_one_word_per_class(service, csv, tmp_path):

@@ -47,6 +47,9 @@ def check_config(cfg: RunConfig) -> None:
         (getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "interactive", False),
          f"client.algorithm {cfg.client.algorithm!r}: its client talks to the server half batch by batch while it "
          "trains, and a deployment carries one task and one result per client and round"),
+        (hasattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "build_model"),
+         f"client.algorithm {cfg.client.algorithm!r}: its clients hold no model and call the owner's inference "
+         f"service, while a deployment's SuperNodes and server load the model (not wired yet; run a simulation)"),
     ]
     for refused, why in refusals:
         if refused:
