@@ -100,7 +100,9 @@ models = [o for o in gc.get_objects() if isinstance(o, transformers.PreTrainedMo
 params = [o for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)]
 grads = [p for p in params if p.grad is not None]
 print(json.dumps({{"rows": rows, "models": len(models), "params": [list(p.shape) for p in params],
-                  "grads": len(grads), "modeling": sorted(m for m in sys.modules if m.startswith("transformers.models.") and ".modeling_" in m),
+                  "grads": len(grads),
+                  "modeling": sorted(m for m in sys.modules
+                                     if m.startswith("transformers.models.") and ".modeling_" in m),
                   "z": sim.server.global_flat.tolist()}}, default=str))
 """
 
