@@ -7,12 +7,12 @@ Workload: SmolLM2-135M-Instruct behind the inference service (its own process, s
 client runs CMA-ES on z ∈ R^50 (a prompt of 5 tokens) from the global z: ``--iterations`` iterations of ``--popsize``
 candidates, each one forward call on the same mini-batch of 8 of its own examples; FedAvg on z. The server scores the
 global prompt and the zero-prompt baseline (the same model, no soft prompt) through the same service on the same
-seeded 100 held-out examples: both sides of the comparison in one run.
+seeded 60 held-out examples: both sides of the comparison in one run.
 
 Per round (one JSON line each, then a summary line): held-out accuracy and loss of the global prompt, of no prompt,
 API calls and examples scored per client (counted by the service), bytes up/down per client, wall seconds.
 
-    PYTHONPATH=src python benchmarks/blackbox.py [--rounds 4] [--popsize 6] [--iterations 5]
+    PYTHONPATH=src python benchmarks/blackbox.py [--rounds 3] [--popsize 4] [--iterations 4]
 
 Lines are printed and appended to benchmarks/results/blackbox.jsonl.
 """
@@ -41,7 +41,7 @@ def overrides(args, out_dir: str) -> list[str]:
         "task.max_length=32", "partition.num_clients=3", "federation.clients_per_round=3", "federation.min_clients=2",
         f"federation.rounds={args.rounds}", "client.batch_size=8", f"blackbox.intrinsic_dim={args.dim}",
         f"blackbox.popsize={args.popsize}", f"blackbox.iterations={args.iterations}", f"blackbox.sigma={args.sigma}",
-        "eval.every=1", "eval.initial=true", "eval.per_client=false", "eval.max_examples=100", "eval.batch_size=25",
+        "eval.every=1", "eval.initial=true", "eval.per_client=false", "eval.max_examples=60", "eval.batch_size=25",
         "blackbox.timeout_s=600",  # a busy 2-core machine takes minutes for a batch: slow is not gone
         f"runtime.threads={THREADS}", f"output.dir={out_dir}",
     ]
@@ -49,9 +49,9 @@ def overrides(args, out_dir: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--popsize", type=int, default=6)
-    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--popsize", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--dim", type=int, default=50)
     ap.add_argument("--tokens", type=int, default=5)
     ap.add_argument("--sigma", type=float, default=1.0)
@@ -94,7 +94,7 @@ def main() -> None:
           "best_accuracy": best, "round0_accuracy": rows[0].get("eval_accuracy"),
           "zero_prompt_accuracy": last.get("eval_zero_prompt_accuracy"),
           "beats_zero_prompt": (last.get("eval_accuracy") or 0) > (last.get("eval_zero_prompt_accuracy") or 0),
-          "eval_examples": 100, "build_s": round(build_s, 1), "total_s": round(total_s, 1),
+          "eval_examples": 60, "build_s": round(build_s, 1), "total_s": round(total_s, 1),
           "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2), **machine,
           "workload": "smollm2-135m-instruct behind the service, bbc-news, verbalizer after '\\nTopic:', "
                       "max_length 32, 3 dirichlet(0.5) clients, all per round, batch 8, fedavg on z, seed 0"}, sink)
