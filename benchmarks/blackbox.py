@@ -43,7 +43,7 @@ def overrides(args, out_dir: str) -> list[str]:
         f"blackbox.popsize={args.popsize}", f"blackbox.iterations={args.iterations}", f"blackbox.sigma={args.sigma}",
         "eval.every=1", "eval.initial=true", "eval.per_client=false", "eval.max_examples=60", "eval.batch_size=25",
         "blackbox.timeout_s=600",  # a busy 2-core machine takes minutes for a batch: slow is not gone
-        f"runtime.threads={THREADS}", f"output.dir={out_dir}",
+        f"runtime.threads={THREADS}", f"output.dir={out_dir}", f"federation.seed={args.seed}",
     ]
 
 
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=50)
     ap.add_argument("--tokens", type=int, default=5)
     ap.add_argument("--sigma", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="federation.seed: the partition, held-out sample, A, CMA-ES")
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args()
 
@@ -76,7 +77,7 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         rows = sim.run()
     total_s = time.perf_counter() - t0
-    settings = {k: getattr(args, k) for k in ("rounds", "popsize", "iterations", "dim", "tokens", "sigma")}
+    settings = {k: getattr(args, k) for k in ("rounds", "popsize", "iterations", "dim", "tokens", "sigma", "seed")}
     for r in rows:
         k = max(len(r.get("clients", [])), 1)
         emit({"bench": "blackbox", "round": r["round"], **settings,
@@ -97,7 +98,7 @@ def main() -> None:
           "eval_examples": 60, "build_s": round(build_s, 1), "total_s": round(total_s, 1),
           "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2), **machine,
           "workload": "smollm2-135m-instruct behind the service, bbc-news, verbalizer after '\\nTopic:', "
-                      "max_length 32, 3 dirichlet(0.5) clients, all per round, batch 8, fedavg on z, seed 0"}, sink)
+                      "max_length 32, 3 dirichlet(0.5) clients, all per round, batch 8, fedavg on z"}, sink)
 
 
 if __name__ == "__main__":
