@@ -257,7 +257,7 @@ class ServiceProcess:
     def __init__(self, proc: subprocess.Popen, address: str, log: Path):
         self.proc, self.address, self.log = proc, address, log
 
-    def close(self) -> None:
+    def close(self, keep_log: bool = False) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -265,6 +265,8 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not keep_log:
+            self.log.unlink(missing_ok=True)
 
 
 def start_service(model_cfg: dict[str, Any], start_timeout_s: float, threads: int | None = None) -> ServiceProcess:
@@ -296,7 +298,7 @@ def start_service(model_cfg: dict[str, Any], start_timeout_s: float, threads: in
             except subprocess.TimeoutExpired:
                 pass
         code = proc.poll()
-        handle.close()
+        handle.close(keep_log=True)  # the error names it
         lines = log.read_text(errors="replace").strip().splitlines()
         why = (f"exited with code {code} before it listened" if code is not None else
                f"did not listen within blackbox.start_timeout_s={start_timeout_s:g} s")
