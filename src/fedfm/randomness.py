@@ -68,6 +68,8 @@ PURPOSES: dict[str, Purpose] = {
     "fedkseed_candidates": Purpose(31, what="FedKSeed's K candidate seeds, shared by the server and every client"),
     "fedkseed_choice": Purpose(32, style="derive", what="which candidate seed a FedKSeed client step perturbs along"),
     "codec": Purpose(33, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
+    "synthetic_generation": Purpose(40, style="derive", what="data.synthetic's sampling of the generator, per batch"),
+    "synthetic_rows": Purpose(41, what="which of data.synthetic's pool rows a client gets, per client and class"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),
