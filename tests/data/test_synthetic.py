@@ -9,6 +9,7 @@ from fedfm.config import load_config
 from fedfm.data import synthetic
 from fedfm.errors import ConfigError
 from fedfm.models import loader
+from tests.conftest import make_rows, write_csv
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
               "num_key_value_heads": 2, "intermediate_size": 32, "max_position_embeddings": 128,
@@ -159,3 +160,21 @@ def test_smollm2_writes_a_handful_of_rows(tmp_path):
     pool = synthetic.generate_pool(cfg.data.synthetic, labels, seed=0, cache_dir=tmp_path)
     assert [r["label"] for r in pool.rows] == labels
     assert all(len(r["text"].split()) >= 2 for r in pool.rows), pool.rows
+
+
+def test_a_client_in_its_own_process_adds_what_its_own_file_lacks(tiny_config, cache, tmp_path):
+    """A deployment's client (client.party.Client): it reads its own file, picks its lacking classes from its own
+    labels and adds the pool's rows to its training rows only."""
+    from fedfm.client.party import Client
+
+    rows = [r for r in make_rows(80) if r["label"] in ("sport", "music")]  # this site has no money or tech rows
+    path = write_csv(tmp_path / "site.csv", rows)
+    cfg = config(tiny_config, **{"ratio": 0.25})
+    cfg.data.label_names = ["money", "music", "sport", "tech"]
+    client = Client.from_config(cfg, path, client_id=3)
+    own = client.ctx.local[3]
+    labels = own.encoded["labels"].numpy()
+    assert len(labels) == len(rows) + 2 * 4  # 4 of each of its two lacking classes: round(0.25 x 32 / 2)
+    assert (own.test < len(rows)).all() and len(own.train) == round(0.8 * len(rows)) + 8
+    added = own.train[own.train >= len(rows)]
+    assert sorted(labels[added].tolist()) == [0] * 4 + [3] * 4  # money and tech, nothing else

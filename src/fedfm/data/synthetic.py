@@ -271,53 +271,76 @@ def _pool(rows: list[dict], label_names: list[str], seconds: float, from_cache: 
 
 # ---------------------------------------------------------------- mixing into the clients' training rows
 
-def add_synthetic(cfg, data, cache_dir: Path) -> SyntheticData | None:
-    """Generate (or read) the pool and give each client the rows its strategy asks for: each row a client gets is
-    appended to ``data.examples`` as that client's own copy and to its training indices (never to a test split)."""
+def _pool_for(cfg, ex, cache_dir: Path) -> tuple[Pool, Randomness]:
     syn = cfg.data.synthetic
-    if syn is None:
-        return None
-    ex = data.examples
     if ex.texts is None or ex.labels is None or not ex.label_names:
         raise ConfigError("data.synthetic: needs text examples with labels (this data source gives "
                           f"{'token ids' if ex.texts is None else 'no labels'})")
     seed = cfg.federation.seed if syn.seed is None else syn.seed
-    pool = generate_pool(syn, list(ex.label_names), seed, cache_dir)
-    strategy = SYNTHESIZERS.get(syn.strategy)
-    random = Randomness(seed)
-    out = SyntheticData(pool=pool)
-    texts, labels, owners = list(ex.texts), [ex.labels], []  # owners: a real row of the client, per new row
-    index = {name: i for i, name in enumerate(ex.label_names)}
-    for c in data.clients:
-        got: list[int] = []
-        for cls, want in strategy.wanted(ex.labels[c.train], len(ex.label_names), syn).items():
-            name = ex.label_names[cls]
-            have = pool.by_class[name]
-            if want > len(have):
-                out.capped.append(f"client {c.id} wanted {want} synthetic rows of {name!r}, the pool has {len(have)}")
-            take = random.rng("synthetic_rows", c.id, cls).permutation(len(have))[:min(want, len(have))]
-            got += [have[k] for k in take]
-        if not got:
-            continue
-        start = len(texts)
-        texts += [pool.rows[k]["text"] for k in got]
-        labels.append(np.array([index[pool.rows[k]["label"]] for k in got], dtype=ex.labels.dtype))
-        owners += [int(c.train[0])] * len(got)  # got is empty for a client with no training rows
-        c.train = np.concatenate([c.train, np.arange(start, start + len(got))])
-        out.assigned[c.id] = got
+    return generate_pool(syn, list(ex.label_names), seed, cache_dir), Randomness(seed)
+
+
+def choose_rows(cfg, pool: Pool, labels: np.ndarray, label_names: list[str], random: Randomness, client_id: int,
+                out: SyntheticData) -> list[int]:
+    """The pool rows one client gets, from its own real training labels alone (``data.synthetic.strategy``); what it
+    got is recorded in ``out``."""
+    syn = cfg.data.synthetic
+    got: list[int] = []
+    for cls, want in SYNTHESIZERS.get(syn.strategy).wanted(labels, len(label_names), syn).items():
+        name = label_names[cls]
+        have = pool.by_class[name]
+        if want > len(have):
+            out.capped.append(f"client {client_id} wanted {want} synthetic rows of {name!r}, the pool has {len(have)}")
+        take = random.rng("synthetic_rows", client_id, cls).permutation(len(have))[:min(want, len(have))]
+        got += [have[k] for k in take]
+    if got:
+        out.assigned[client_id] = got
         counts: dict[str, int] = {}
         for k in got:
             counts[pool.rows[k]["label"]] = counts.get(pool.rows[k]["label"], 0) + 1
-        out.per_client[c.id] = counts
-        c.synthetic = counts
-    added = len(texts) - len(ex.texts)
-    ex.texts, ex.labels = texts, np.concatenate(labels)
-    if ex.groups is not None:  # a new row belongs to its client's group (by_column: the client's own name)
-        ex.groups = np.concatenate([ex.groups, ex.groups[np.array(owners, dtype=np.int64)]])
-    if ex.is_test is not None:  # never a row of the source's test split
-        ex.is_test = np.concatenate([ex.is_test, np.zeros(added, dtype=bool)])
+        out.per_client[client_id] = counts
+    return got
+
+
+def append_rows(ex, rows: list[dict], owner: int) -> np.ndarray:
+    """``rows`` (text, label) appended to ``ex`` as rows of the owner's (a real row of the same client: its group),
+    never of the source's test split; their indices."""
+    start, index = len(ex.texts), {name: i for i, name in enumerate(ex.label_names)}
+    ex.texts = [*ex.texts, *(r["text"] for r in rows)]
+    ex.labels = np.concatenate([ex.labels, np.array([index[r["label"]] for r in rows], dtype=ex.labels.dtype)])
+    if ex.groups is not None:  # by_column: the client's own name
+        ex.groups = np.concatenate([ex.groups, np.repeat(ex.groups[owner:owner + 1], len(rows))])
+    if ex.is_test is not None:
+        ex.is_test = np.concatenate([ex.is_test, np.zeros(len(rows), dtype=bool)])
+    return np.arange(start, start + len(rows), dtype=np.int64)
+
+
+def add_synthetic(cfg, data, cache_dir: Path) -> SyntheticData | None:
+    """A simulation's clients: generate (or read) the pool and give each client the rows its strategy asks for, each
+    appended to ``data.examples`` as that client's own copy and to its training indices (never to a test split)."""
+    if cfg.data.synthetic is None:
+        return None
+    ex = data.examples
+    pool, random = _pool_for(cfg, ex, cache_dir)
+    out = SyntheticData(pool=pool)
+    for c in data.clients:
+        got = choose_rows(cfg, pool, ex.labels[c.train], list(ex.label_names), random, c.id, out)
+        if got:
+            new = append_rows(ex, [pool.rows[k] for k in got], owner=int(c.train[0]))
+            c.train, c.synthetic = np.concatenate([c.train, new]), out.per_client[c.id]
     data.notes.append(_note(pool, out, cfg))
     return out
+
+
+def add_own_synthetic(cfg, ex, train: np.ndarray, client_id: int, cache_dir: Path) -> tuple[np.ndarray, SyntheticData]:
+    """A client in its own process (``client.party.Client``): the same pool, the rows chosen from its own training
+    labels, appended to its own examples; its training indices with them. The server learns none of it."""
+    pool, random = _pool_for(cfg, ex, cache_dir)
+    out = SyntheticData(pool=pool)
+    got = choose_rows(cfg, pool, ex.labels[train], list(ex.label_names), random, client_id, out)
+    if got:
+        train = np.concatenate([train, append_rows(ex, [pool.rows[k] for k in got], owner=int(train[0]))])
+    return train, out
 
 
 def _note(pool: Pool, out: SyntheticData, cfg) -> str:
