@@ -46,14 +46,14 @@ ARMS = {"none": [], "synthetic": ["data.synthetic={}"]}
 SAMPLE_PER_CLASS = 2
 
 
-def run_arm(name: str, seed: int) -> dict:
+def run_arm(name: str, seed: int, rounds: int) -> dict:
     import torch
 
     from fedfm.config import load_config
     from fedfm.simulation import Simulation, prepare
 
     torch.set_num_threads(THREADS)
-    overrides = BASE + [f"federation.seed={seed}"] + ARMS[name]
+    overrides = BASE + [f"federation.seed={seed}", f"federation.rounds={rounds}"] + ARMS[name]
     cfg = load_config("bbc-lora", overrides)
     t0 = time.perf_counter()
     prepared = prepare(cfg)
@@ -93,12 +93,12 @@ def render() -> None:
     for line in RESULTS.read_text().splitlines():
         rec = json.loads(line)
         latest[(rec["arm"], rec["seed"])] = rec
-    lines = ["| arm | seed | final acc | best acc | clients' mean acc | clients' worst-10% acc | synthetic rows "
-             "(pool) | generation s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seed | rounds | final acc | best acc | clients' mean acc | clients' worst-10% acc | synthetic "
+             "rows (pool) | generation s | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (arm, seed), r in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         syn = f"{r['synthetic_rows']} ({r['pool_rows']})" if "pool_rows" in r else "—"
         gen = (f"{r['generation_s']:.0f}" if not r.get("pool_from_cache") else "cached") if "pool_rows" in r else "—"
-        lines.append(f"| {arm} | {seed} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
+        lines.append(f"| {arm} | {seed} | {r['rounds']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
                      f"{r['client_acc_mean']:.4f} | {r['client_acc_worst10']:.4f} | {syn} | {gen} | "
                      f"{r['wall_s']:.0f} |")
     for arm in ARMS:
@@ -106,7 +106,7 @@ def render() -> None:
         if len(runs) > 1:
             mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("final_accuracy", "best_accuracy",
                                                                       "client_acc_mean", "client_acc_worst10")}
-            lines.append(f"| {arm} | mean of {len(runs)} | {mean['final_accuracy']:.4f} | {mean['best_accuracy']:.4f} "
+            lines.append(f"| {arm} | mean of {len(runs)} | | {mean['final_accuracy']:.4f} | {mean['best_accuracy']:.4f} "
                          f"| {mean['client_acc_mean']:.4f} | {mean['client_acc_worst10']:.4f} | | | |")
     sample = next((r["sample"] for (a, _), r in sorted(latest.items()) if a == "synthetic"), [])
     if sample:
@@ -128,20 +128,21 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--arm")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     if args.render:
         render()
         return
     if args.arm:
-        emit(run_arm(args.arm, args.seed), RESULTS)
+        emit(run_arm(args.arm, args.seed, args.rounds), RESULTS)
         return
     arms = [a for a in args.only.split(",") if a] or list(ARMS)
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'benchmarks'}"}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in arms:  # one process per arm: neither arm's allocations or caches help the other
-            subprocess.run([sys.executable, __file__, "--arm", arm, "--seed", str(seed)], env=env, check=True,
-                           timeout=ARM_TIMEOUT_S)
+            subprocess.run([sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--rounds", str(args.rounds)],
+                           env=env, check=True, timeout=ARM_TIMEOUT_S)
 
 
 if __name__ == "__main__":
