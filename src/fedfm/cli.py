@@ -203,6 +203,8 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
         server = Simulation(prepared, run_dir, display)  # builds the model; writes nothing into the run directory
         begin(server, run_dir, ck, resume, overwrite, warn, say=console.print)
         run_dir.write_json("partition.json", desc)
+        if prepared.synthetic is not None:  # data.synthetic: the generated rows, and which clients got each
+            run_dir.write_text("synthetic.jsonl", prepared.synthetic.jsonl())
         with display, run_dir.writing():  # a full disk anywhere else in the run: one line, too
             display.progress.update(display.rounds, completed=server.start_round - 1)
             server.run()

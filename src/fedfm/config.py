@@ -123,6 +123,37 @@ class GenerationConfig(Section):
     batch_size: int = Field(8, ge=1)
 
 
+# data.synthetic's default prompt: public (the label name and this text, never a client's), for news topics of any name
+SYNTHETIC_PROMPT = ("Write the headline and the first sentence of a news article about {label}. "
+                    "Reply with the headline and the sentence only.")
+
+
+class SyntheticConfig(Section):
+    """data.synthetic: a generative model writes labelled rows for the classes a client lacks, from public prompts
+    (GPT-FL, Zhang et al. 2023: a generative pre-trained model's synthetic data against non-IID clients)."""
+
+    generator: Optional[ModelConfig] = ModelConfig(name_or_path="smollm2-135m-instruct")  # a causal LM: alias, id,
+    # directory, or a model section (from_config + tokenizer in tests)
+    strategy: str = "fill-missing"  # which pool rows a client gets (data.synthetic.SYNTHESIZERS)
+    prompt: str = SYNTHETIC_PROMPT  # {label} is replaced by each class's name
+    per_class: int = Field(40, ge=1)  # the pool: rows generated per class (shared by all clients)
+    ratio: float = Field(0.5, gt=0)  # a client gets round(ratio x its real training rows) synthetic rows in all,
+    # shared evenly by its lacking classes (each at most per_class)
+    threshold: float = Field(0.1, gt=0, le=1)  # a class is lacking (missing or few) when its share of the client's
+    # real training rows is below this
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)  # prompts sampled at once
+    seed: Optional[int] = None  # the generation's seed; None: federation.seed
+
+    @field_validator("generator", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> Any:
+        """A plain string is the generator's name_or_path (``data.synthetic.generator=smollm2``)."""
+        return {"name_or_path": value} if isinstance(value, str) else value
+
+
 class DataConfig(Section):
     source: str = "bbc-news"
     text_column: str = "text"
@@ -135,6 +166,7 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, ge=0, lt=1)  # the server's own held-out set (0: none; see eval.federated)
     max_examples: Optional[int] = Field(None, ge=2)
     tokenized_cache: bool = True  # keep the tokenized rows in $FEDFM_CACHE/tokenized, memory-mapped next run
+    synthetic: Optional[SyntheticConfig] = None  # rows from a generative model for what a client lacks (docs/ownership.md)
 
 
 class PartitionConfig(Section):

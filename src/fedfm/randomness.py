@@ -70,6 +70,8 @@ PURPOSES: dict[str, Purpose] = {
     "codec": Purpose(33, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
     "blackbox_projection": Purpose(36, what="black-box tuning's random projection A, shared by every party"),
     "blackbox_cmaes": Purpose(37, style="derive", what="a black-box client's CMA-ES samples and mini-batches"),
+    "synthetic_generation": Purpose(40, style="derive", what="data.synthetic's sampling of the generator, per batch"),
+    "synthetic_rows": Purpose(41, what="which of data.synthetic's pool rows a client gets, per client and class"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),

@@ -11,6 +11,7 @@ def fields_of(cfg):
     from .client import CLIENT_ALGORITHMS
     from .compression import CODECS
     from .data.partition import PARTITIONERS
+    from .data.synthetic import SYNTHESIZERS
     from .models.adapters import METHODS
     from .runtime import RUNTIMES
     from .sampling import SAMPLERS
@@ -30,6 +31,7 @@ def fields_of(cfg):
         ("federation.sampling", SAMPLERS, cfg.federation.sampling),
         ("federation.schedule", SCHEDULES, cfg.federation.schedule),
         ("attack.kind", ATTACKS, cfg.attack.kind),
+        *([("data.synthetic.strategy", SYNTHESIZERS, cfg.data.synthetic.strategy)] if cfg.data.synthetic else []),
     ]
 
 

@@ -44,6 +44,7 @@ class Prepared:
     mechanism: Any = None  # client-level DP: sampling, noise multiplier and accountant (privacy.mode: client)
     attack: Any = None  # attack.kind: the malicious clients, their data already poisoned
     sample_dp: Any = None  # sample-level DP-SGD: each client's sampling rate and steps, the noise multiplier
+    synthetic: Any = None  # data.synthetic: the generated pool and the rows each client got (data.synthetic)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -66,6 +67,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
                              chat=task_cls.reads_chat)
     data = build_federated_data(cfg, examples)
+    synthetic = _add_synthetic(cfg, data)  # each client's own choice of rows, before anything is tokenized
     n = len(data.clients)
     fed = cfg.federation
     if fed.clients_per_round is not None and fed.clients_per_round > n:
@@ -97,7 +99,21 @@ def prepare(cfg: RunConfig) -> Prepared:
         from .privacy.dpsgd import sample_level_dp
 
         sample_dp = sample_level_dp(cfg, np.array([len(c.train) for c in data.clients]))
-    return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack, sample_dp=sample_dp)
+    return Prepared(cfg=cfg, data=data, mechanism=mech, attack=attack, sample_dp=sample_dp, synthetic=synthetic)
+
+
+def _add_synthetic(cfg: RunConfig, data: FederatedData):
+    """data.synthetic: the pool from the generator (cached), and each client's rows chosen from its own labels."""
+    if cfg.data.synthetic is None:
+        return None
+    from .data.synthetic import add_synthetic
+    from .models.loader import cache_root
+
+    try:
+        check_model_config(cfg.data.synthetic.generator)
+    except ConfigError as e:
+        raise ConfigError(f"data.synthetic.generator: {str(e).removeprefix('model.')}") from None
+    return add_synthetic(cfg, data, cache_root())
 
 
 def encode(cfg, task, examples) -> tuple[dict[str, torch.Tensor], bool]:

@@ -35,21 +35,14 @@ def local_data(task, encoded: dict[str, torch.Tensor], train: np.ndarray, test: 
                      test=np.arange(len(train), len(mine), dtype=np.int64))
 
 
-def _num_examples(encoded: dict[str, torch.Tensor]) -> int:
-    if "example" in encoded and len(encoded["example"]):
-        return int(encoded["example"].max()) + 1
-    return len(next(iter(encoded.values())))
-
-
-def own_data(task, encoded: dict[str, torch.Tensor], test_fraction: float = 0.0,
-             rng: np.random.Generator | None = None, test_examples: int | None = None) -> LocalData:
-    """All of an encoding as one client's own data (a client in its own process, built from its own file), with
-    ``test_fraction`` of its examples kept for local evaluation; or, with ``test_examples``, the last that many
-    examples (a test file of its own, read after the training file)."""
-    examples = _num_examples(encoded)
+def own_split(examples: int, test_fraction: float = 0.0, rng: np.random.Generator | None = None,
+              test_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of one client's own ``examples`` (a client in its own process, built from its own file):
+    ``test_fraction`` of them kept for local evaluation; or, with ``test_examples``, the last that many examples (a
+    test file of its own, read after the training file)."""
     if test_examples is not None:
-        return LocalData(encoded=encoded, train=np.arange(examples - test_examples, dtype=np.int64),
-                         test=np.arange(examples - test_examples, examples, dtype=np.int64))
+        return (np.arange(examples - test_examples, dtype=np.int64),
+                np.arange(examples - test_examples, examples, dtype=np.int64))
     order = rng.permutation(examples) if rng is not None else np.arange(examples)
     k = int(round(test_fraction * examples))
-    return LocalData(encoded=encoded, train=np.sort(order[k:]), test=np.sort(order[:k]))
+    return np.sort(order[k:]), np.sort(order[:k])

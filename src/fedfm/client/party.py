@@ -15,7 +15,7 @@ from typing import Optional
 from ..errors import ConfigError
 from ..randomness import Randomness
 from . import ClientContext, ClientResult, ClientTask, make_client
-from .data import LocalData, own_data
+from .data import LocalData, own_split
 from .wire import result_to_bytes, task_from_bytes
 
 
@@ -93,11 +93,17 @@ class Client:
 
             torch.set_num_threads(cfg.runtime.threads)
         examples, n_test = own_examples(cfg, source, test_source)
+        rng = Randomness(cfg.federation.seed).rng("local_split", client_id)
+        train, test = own_split(len(examples), cfg.partition.local_test_fraction, rng, test_examples=n_test)
+        if cfg.data.synthetic is not None:  # the client itself picks what it lacks, from its own labels
+            from ..data.synthetic import add_own_synthetic
+            from ..models.loader import cache_root
+
+            train, _ = add_own_synthetic(cfg, examples, train, client_id, cache_root())
         bundle = build_model(cfg, examples)
         encoded = bundle.task.encode(examples)
-        rng = Randomness(cfg.federation.seed).rng("local_split", client_id)
-        own = own_data(bundle.task, encoded, cfg.partition.local_test_fraction, rng, test_examples=n_test)
-        return cls(cfg, bundle, own, client_id, state_dir, noise_multiplier)
+        return cls(cfg, bundle, LocalData(encoded=encoded, train=train, test=test), client_id, state_dir,
+                   noise_multiplier)
 
     def __call__(self, task: ClientTask) -> ClientResult:
         if task.client_id != self.client_id:

@@ -16,6 +16,7 @@ class ClientData:
     name: str
     train: np.ndarray  # global example indices
     test: np.ndarray
+    synthetic: dict = field(default_factory=dict)  # data.synthetic: label name -> synthetic rows among train
 
 
 @dataclass
@@ -45,7 +46,7 @@ class FederatedData:
             "notes": list(self.notes),
             "clients": [
                 {"id": c.id, "name": c.name, "n_train": int(len(c.train)), "n_test": int(len(c.test)),
-                 "label_counts": counts[i] if counts else None}
+                 "label_counts": counts[i] if counts else None, **({"synthetic": c.synthetic} if c.synthetic else {})}
                 for i, c in enumerate(self.clients)
             ],
         }

@@ -28,7 +28,7 @@ MARKER = ".fedfm-run"
 # model/ are written whole by save_pretrained and replaced whole; a temporary file or folder (.NAME.tmp) is renamed
 # into place when complete. tests/test_cli.py checks that a run writes nothing else.
 _OWNED = re.compile(r"""
-    \.fedfm-run | config\.yaml | partition\.json | metrics\.jsonl(\.partial)? | privacy_audit\.json
+    \.fedfm-run | config\.yaml | partition\.json | synthetic\.jsonl | metrics\.jsonl(\.partial)? | privacy_audit\.json
   | checkpoints/round_\d{4,}\.pt
   | client_state/client_\d+\.v\d+\.safetensors
   | report/((accuracy|loss|bytes|client_accuracy|partition)\.png | summary\.md | generations_round_\d+\.jsonl)
@@ -202,6 +202,10 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> None:
         with self.writing(self.path / name):
             atomic_write_text(self.path / name, json.dumps(obj, indent=1))
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.writing(self.path / name):
+            atomic_write_text(self.path / name, text)
 
     # ------------------------------------------------------------ metrics
     def append_metrics(self, row: dict[str, Any]) -> None:
