@@ -342,6 +342,16 @@ class SplitConfig(Section):
     noise_std: float = Field(0.0, ge=0)  # σ: N(0, σ²) added by the client to every activation it sends (0: none)
 
 
+class OffsiteConfig(Section):
+    """client.algorithm: offsite (Offsite-Tuning, Xiao et al. 2023): the emulator the owner sends the clients."""
+
+    adapter_layers: int = Field(2, ge=1)  # k: the first k and the last k blocks are the adapter (trained, shared)
+    drop_ratio: float = Field(0.5, ge=0, lt=1)  # of the middle blocks, dropped; the kept ones uniformly spaced
+    distill_steps: int = Field(0, ge=0)  # the owner's distillation of the emulator on its public (held-out) text
+    distill_lr: float = Field(1e-4, gt=0)  # its AdamW learning rate
+    distill_batch_size: int = Field(8, ge=1)
+
+
 class RunConfig(Section):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -362,6 +372,7 @@ class RunConfig(Section):
     secagg: SecureAggregationConfig = SecureAggregationConfig()
     split: SplitConfig = SplitConfig()
     fedkseed: FedKSeedConfig = FedKSeedConfig()
+    offsite: OffsiteConfig = OffsiteConfig()
 
     def _codec_checks(self, sends_state: bool) -> None:
         """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept

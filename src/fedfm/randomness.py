@@ -67,6 +67,7 @@ PURPOSES: dict[str, Purpose] = {
     "ranks": Purpose(30, what="which clients get which LoRA rank"),
     "fedkseed_candidates": Purpose(31, what="FedKSeed's K candidate seeds, shared by the server and every client"),
     "fedkseed_choice": Purpose(32, style="derive", what="which candidate seed a FedKSeed client step perturbs along"),
+    "offsite_distill": Purpose(34, what="the public texts of each step of the offsite emulator's distillation"),
     "codec": Purpose(33, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),

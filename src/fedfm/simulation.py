@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .client import ClientContext, make_client
+from .client import CLIENT_ALGORITHMS, ClientContext, make_client
 from .client.data import local_data
 from .clock import SimClock
 from .config import RunConfig
@@ -174,7 +174,10 @@ class Simulation(Federation):
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         t0 = time.perf_counter()
-        self.bundle = build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
+        # an algorithm whose clients train another base than cfg.model builds it (offsite: the owner's emulator)
+        client_model = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "client_model", None)
+        self.bundle = client_model(cfg, self.data) if client_model is not None else \
+            build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task
         encoded, self.tokenized_from_cache = encode(cfg, self.task, self.data.examples)
         for note in [*self.data.notes, *getattr(self.task, "notes", [])]:  # how the data was read and split, too

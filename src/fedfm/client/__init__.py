@@ -231,6 +231,14 @@ class ServerSide(Stateful):
     def extras(self, rnd: int) -> dict[str, bytes]:
         return {}
 
+    def evaluate(self, rnd: int) -> dict[str, Any]:
+        """Metrics of its own at an evaluation round (offsite tuning: the owner's full model with the adapter)."""
+        return {}
+
+    def exported(self, model, flat: torch.Tensor):
+        """The server model and flat state the run writes as its final adapter (default: ``model``, ``flat``)."""
+        return model, flat
+
     def complete(self, rnd: int, results: list["ClientResult"]) -> tuple[list["ClientResult"], dict[str, Any]]:
         """The round's results as the aggregation sees them (each as its client sent it), and measurements for the
         round's row."""
@@ -445,3 +453,4 @@ def make_client(ctx: ClientContext):
 
 from . import split  # noqa: E402,F401  (register "split")
 from . import fedkseed  # noqa: E402,F401  (register "fedkseed")
+from . import offsite  # noqa: E402,F401  (register "offsite")
