@@ -4,13 +4,15 @@ Workload: the built-in ``smollm2-chat`` config (SmolLM2-135M-Instruct, chatterbo
 category, a 10% held-out split), shortened to ``--rounds`` rounds of ``--clients`` clients × ``--steps`` local steps,
 with ``client.algorithm: offsite`` (k = 2 adapter blocks at each end, half of the 26 middle blocks dropped: an
 emulator of 17 of the 30 blocks). Two arms in one run: the adapter tuned whole (``adapter.method: full``, the
-paper's) and LoRA r=8 on q/k/v/o of the adapter blocks only (``lora``, as FederatedScope-LLM).
+paper's), LoRA r=8 on q/k/v/o of the adapter blocks only (``lora``, as FederatedScope-LLM), and the adapter tuned
+whole on an emulator the owner first distilled for 40 steps on its held-out text (``full+distill``).
 
 Per arm, from the run's own rows (the server's held-out set, the same examples every evaluation):
 - the full model zero-shot (round 0's ``plugged_*``: the untrained adapter is the full model's own blocks, or LoRA
   with B = 0), the emulator zero-shot (round 0's ``eval_*``), the emulator fine-tuned (the last round's ``eval_*``)
   and the full model with the tuned adapter plugged in (the last round's ``plugged_*``): response loss, perplexity,
-  and exact match / ROUGE-L of greedy answers to ``--prompts`` held-out questions;
+  and exact match / ROUGE-L of greedy answers to ``--prompts`` held-out questions (``--eval-examples``: the same
+  seeded subset of the held-out split every time);
 - bytes to one client: the emulator directory once (``emulator_bytes``), the adapter per round (``bytes_down`` per
   client), against the full model's parameter bytes; bytes up per client and round;
 - seconds (wall, building the emulator and every evaluation included).
@@ -39,6 +41,9 @@ THREADS = 2
 ARMS = {
     "full": ["adapter.method=full", "client.lr=0.0002"],
     "lora": ["adapter.method=lora"],
+    # the paper's emulator distillation, on the server's held-out text (the owner's public text), before the run
+    "full+distill": ["adapter.method=full", "client.lr=0.0002", "offsite.distill_steps=40",
+                     "offsite.distill_lr=0.0001"],
 }
 
 
@@ -50,7 +55,8 @@ def arm(name: str, args, work: Path) -> dict:
         "client.algorithm=offsite", "offsite.adapter_layers=2", "offsite.drop_ratio=0.5",
         f"federation.rounds={args.rounds}", f"federation.clients_per_round={args.clients}",
         f"client.steps={args.steps}", f"eval.every={args.rounds}", "eval.initial=true",
-        f"eval.generation.num_prompts={args.prompts}", f"runtime.threads={THREADS}", "name=offsite",
+        f"eval.generation.num_prompts={args.prompts}", f"eval.max_examples={args.eval_examples}",
+        f"runtime.threads={THREADS}", "name=offsite",
         f"output.dir={work / name}", *ARMS[name],
     ]
     cfg = load_config("smollm2-chat", overrides)
@@ -80,6 +86,8 @@ def arm(name: str, args, work: Path) -> dict:
         "bytes_up_per_client_round": sum(r["bytes_up"] for r in trained) / sum(
             len(r.get("clients", [])) or args.clients for r in trained),
         "rounds": args.rounds, "clients_per_round": args.clients, "steps": args.steps, "prompts": args.prompts,
+        "eval_examples": args.eval_examples,
+        "distill_mse": [emulator.distill_losses[0], emulator.distill_losses[-1]] if emulator.distill_losses else None,
         "build_s": round(built, 1), "wall_s": round(wall, 1),
         "threads": THREADS, "machine": platform.machine(), "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -95,6 +103,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--eval-examples", type=int, default=64)
     ap.add_argument("--only", default=",".join(ARMS))
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()

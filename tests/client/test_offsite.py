@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from fedfm.client import ClientTask
 from fedfm.compression import make_codec
-from fedfm.config import load_config
 from fedfm.errors import ConfigError
 from fedfm.ownership.offsite import block_index, build_emulator, plan, renumber
 from fedfm.simulation import Simulation, prepare
@@ -222,7 +221,10 @@ def test_distillation_brings_the_emulator_closer_to_the_full_middle(tiny_config)
     assert len(losses) == 8 and losses[-1] < 0.5 * losses[0]
     # the adapter blocks are the full model's as they were; the kept middle blocks changed
     emu, full = sim.model.base_model.model.model.layers, owner.full.model.base_model.model.model.layers
-    first = lambda block: next(q for n, q in block.named_parameters() if "q_proj" in n and "lora" not in n)  # noqa: E731
+
+    def first(block):
+        return next(q for n, q in block.named_parameters() if "q_proj" in n and "lora" not in n)
+
     assert torch.equal(first(emu[0]), first(full[0])) and torch.equal(first(emu[3]), first(full[5]))
     assert not torch.equal(first(emu[1]), first(full[owner.emulator.plan.kept[0]]))
     assert any("distilled 8 steps" in note for note in owner.notes)

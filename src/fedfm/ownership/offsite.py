@@ -192,8 +192,10 @@ class Emulator:
 
     @property
     def full_bytes(self) -> int:
-        """The full model's parameters (fp32 as stored): what would travel without an emulator."""
-        return sum(t.numel() * t.element_size() for t in self.full.state_dict().values())
+        """The full model's parameters and buffers as stored, each tensor once (tied embeddings are one): what would
+        travel without an emulator."""
+        unique = {t.data_ptr(): t for t in self.full.state_dict().values()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     def to_full(self, name: str) -> str:
         """An emulator parameter's name in the full model (the last k blocks are renumbered)."""
