@@ -190,12 +190,11 @@ class Emulator:
         """The bytes each client receives once: every file of the directory."""
         return sum(f.stat().st_size for f in self.files())
 
-    @property
-    def full_bytes(self) -> int:
-        """The full model's parameters and buffers as stored, each tensor once (tied embeddings are one): what would
-        travel without an emulator."""
+    full_bytes: int = 0  # the full model's tensors as stored, each once (tied embeddings are one), before any adapter
+
+    def __post_init__(self) -> None:
         unique = {t.data_ptr(): t for t in self.full.state_dict().values()}
-        return sum(t.numel() * t.element_size() for t in unique.values())
+        self.full_bytes = sum(t.numel() * t.element_size() for t in unique.values())
 
     def to_full(self, name: str) -> str:
         """An emulator parameter's name in the full model (the last k blocks are renumbered)."""
