@@ -17,7 +17,7 @@ Per arm, from the run's own rows (the server's held-out set, the same examples e
   client), against the full model's parameter bytes; bytes up per client and round;
 - seconds (wall, building the emulator and every evaluation included).
 
-    PYTHONPATH=src python benchmarks/offsite.py [--rounds 4] [--only full,lora]   # appends JSON lines
+    PYTHONPATH=src python benchmarks/offsite.py [--rounds 3] [--only full,lora]   # appends JSON lines
 
 One JSON line per arm is printed and appended to benchmarks/results/offsite.jsonl.
 """
@@ -99,11 +99,11 @@ def arm(name: str, args, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--eval-examples", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--eval-examples", type=int, default=32)
     ap.add_argument("--only", default=",".join(ARMS))
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
