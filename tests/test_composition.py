@@ -102,6 +102,8 @@ def _invariants(server, rows, c: dict) -> None:
         assert all(r["api_calls"] and min(r["api_calls"].values()) >= 2 for r in trained if r["aggregated"])
     if c["client.algorithm"] == "split":  # activations up, gradients down, counted in the round's bytes
         assert all(0 < r["split_bytes_up"] <= r["bytes_up"] and r["split_bytes_down"] > 0 for r in trained)
+    if c["client.algorithm"] == "offsite":  # the emulator sent once; the full model with the adapter scored
+        assert trained[0]["emulator_bytes_down"] > 0 and all("plugged_loss" in r for r in rows if "eval_loss" in r)
     if c["server.aggregator"] in ("hetlora", "flexlora"):
         assert server.ranks is not None and set(server.ranks.tolist()) <= {2, 4}
     if c["adapter.method"] == "fedsa-lora":

@@ -38,6 +38,11 @@ def axes() -> dict[str, list[Any]]:
 COMPANIONS: dict[tuple[str, Any], dict[str, Any]] = {
     ("client.algorithm", "scaffold"): {"client.optimizer": "sgd", "client.lr": 0.05},
     ("client.algorithm", "fedkseed"): {"client.optimizer": "sgd", "client.lr": 1e-5},
+    # offsite tuning needs middle blocks to drop: the tiny BERT with 4 blocks, 1 adapter block at each end
+    ("client.algorithm", "offsite"): {"offsite.adapter_layers": 1, "model.from_config": {
+        "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+        "intermediate_size": 64, "vocab_size": 30522, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0}},
     ("server.aggregator", "hetlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "flexlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "norm-bound"): {"server.norm_bound": 1.0},

@@ -391,6 +391,16 @@ class BlackBoxConfig(Section):
     start_timeout_s: float = Field(600.0, gt=0)  # for the service the run starts to load its model
 
 
+class OffsiteConfig(Section):
+    """client.algorithm: offsite (Offsite-Tuning, Xiao et al. 2023): the emulator the owner sends the clients."""
+
+    adapter_layers: int = Field(2, ge=1)  # k: the first k and the last k blocks are the adapter (trained, shared)
+    drop_ratio: float = Field(0.5, ge=0, lt=1)  # of the middle blocks, dropped; the kept ones uniformly spaced
+    distill_steps: int = Field(0, ge=0)  # the owner's distillation of the emulator on its public (held-out) text
+    distill_lr: float = Field(1e-4, gt=0)  # its AdamW learning rate
+    distill_batch_size: int = Field(8, ge=1)
+
+
 class RunConfig(Section):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -412,6 +422,7 @@ class RunConfig(Section):
     split: SplitConfig = SplitConfig()
     fedkseed: FedKSeedConfig = FedKSeedConfig()
     blackbox: BlackBoxConfig = BlackBoxConfig()
+    offsite: OffsiteConfig = OffsiteConfig()
 
     def _codec_checks(self, sends_state: bool) -> None:
         """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept

@@ -21,6 +21,10 @@ class ServerModel:
         self.personal_init = self.personal.flat()
         self.held_out, self.eval_indices, self.prompt_indices, self.pool = held_out, eval_indices, prompt_indices, pool
 
+    def on(self, bundle) -> "ServerModel":
+        """The same held-out set, examples and prompts, scored with another model (offsite: the owner's full one)."""
+        return ServerModel(self.cfg, bundle, self.held_out, self.eval_indices, self.prompt_indices, pool=self.pool)
+
     def load(self, flat: torch.Tensor) -> None:
         """The global model: the shared global state, personal parameters at their initial values."""
         self.spec.load_flat(flat)

@@ -67,6 +67,7 @@ PURPOSES: dict[str, Purpose] = {
     "ranks": Purpose(30, what="which clients get which LoRA rank"),
     "fedkseed_candidates": Purpose(31, what="FedKSeed's K candidate seeds, shared by the server and every client"),
     "fedkseed_choice": Purpose(32, style="derive", what="which candidate seed a FedKSeed client step perturbs along"),
+    "offsite_distill": Purpose(34, what="the public texts of each step of the offsite emulator's distillation"),
     "codec": Purpose(33, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
     "blackbox_projection": Purpose(36, what="black-box tuning's random projection A, shared by every party"),
     "blackbox_cmaes": Purpose(37, style="derive", what="a black-box client's CMA-ES samples and mini-batches"),

@@ -330,5 +330,6 @@ class Server:
         """The final global state as a standard PEFT adapter directory (or a full model dir for non-peft methods),
         written by the server's own model."""
         assert self.run_dir is not None and self.model is not None
-        with self.run_dir.writing(self.model.target(self.run_dir)):
-            return self.model.save(self.run_dir, self.global_flat)
+        model, flat = self.algo_server.exported(self.model, self.global_flat)  # offsite: the owner's full model
+        with self.run_dir.writing(model.target(self.run_dir)):
+            return model.save(self.run_dir, flat)

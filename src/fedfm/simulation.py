@@ -51,7 +51,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Check the model reference and load + partition the data; no model weights are touched."""
     check_model_config(cfg.model)
     algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
-    if not hasattr(algorithm, "build_model"):  # one whose clients hold no model (black-box tuning) adapts none
+    if getattr(algorithm, "holds_model", True):  # one whose clients hold no model (black-box tuning) adapts none
         check_target_modules(cfg)
     task_cls = TASKS.get(cfg.task.name)
     if task_cls.needs_labels and cfg.partition.method in ("dirichlet", "shards") and not cfg.data.label_column:
@@ -196,9 +196,11 @@ class Simulation(Federation):
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         t0 = time.perf_counter()
-        # an algorithm whose clients hold no model (black-box tuning) builds what they hold in its place
-        build = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "build_model", build_model)
-        self.bundle = build(cfg, self.data.examples, public_texts=self.data.public_texts())
+        # an algorithm whose clients hold another base than cfg.model builds it (offsite: the owner's emulator;
+        # black-box tuning: no model at all, a prompt on the owner's inference service)
+        client_model = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "client_model", None)
+        self.bundle = client_model(cfg, self.data) if client_model is not None else \
+            build_model(cfg, self.data.examples, public_texts=self.data.public_texts())
         if hasattr(self.bundle.model, "close"):  # what it started for the run (an inference service)
             self.owned.append(self.bundle.model)
         self.model, self.spec, self.task = self.bundle.model, self.bundle.spec, self.bundle.task

@@ -232,8 +232,13 @@ class ServerSide(Stateful):
         return {}
 
     def evaluate(self, rnd: int) -> dict[str, Any]:
-        """Metrics of its own for an evaluation row (black-box tuning's zero-prompt baseline)."""
+        """Metrics of its own at an evaluation round (black-box tuning's zero-prompt baseline; offsite
+        tuning: the owner's full model with the adapter)."""
         return {}
+
+    def exported(self, model, flat: torch.Tensor):
+        """The server model and flat state the run writes as its final adapter (default: ``model``, ``flat``)."""
+        return model, flat
 
     def complete(self, rnd: int, results: list["ClientResult"]) -> tuple[list["ClientResult"], dict[str, Any]]:
         """The round's results as the aggregation sees them (each as its client sent it), and measurements for the
@@ -450,3 +455,4 @@ def make_client(ctx: ClientContext):
 from . import split  # noqa: E402,F401  (register "split")
 from . import fedkseed  # noqa: E402,F401  (register "fedkseed")
 from . import blackbox  # noqa: E402,F401  (register "fedbpt")
+from . import offsite  # noqa: E402,F401  (register "offsite")

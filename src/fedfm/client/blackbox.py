@@ -212,7 +212,14 @@ class FedBPT(LocalTraining):
     server_side = FedBPTServer
     check_config = staticmethod(check_config)
     check_peers = staticmethod(check_peers)
-    build_model = staticmethod(build_model)
+    holds_model = False  # its clients adapt no model (prepare checks no adapter target modules)
+    not_deployable = ("its clients hold no model and call the owner's inference service, while a deployment's "
+                      "SuperNodes and server load the model (not wired yet; run a simulation)")
+
+    @staticmethod
+    def client_model(cfg, data):
+        """What the client side holds in place of a model: ``BlackBoxPrompt`` (see ``build_model``)."""
+        return build_model(cfg, data.examples, public_texts=data.public_texts())
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load as st_load, save as st_save
 
 from ..errors import ConfigError, FedfmError, UpdateRejected
+from ..models.blocks import find_blocks as _find_blocks
 from ..privacy import disclose
 from ..randomness import Randomness
 from . import CLIENT_ALGORITHMS, ClientResult, ClientTask, LocalTraining, ServerSide, batch_stream, make_optimizer
@@ -31,13 +32,8 @@ CLIENT_INPUTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds",
 
 
 def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
-    """The model's transformer blocks: the ModuleList of modules of one class holding the most parameters
-    (``bert.encoder.layer``, ``model.layers``), and its name."""
-    lists = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
-    if not lists:
-        raise ConfigError("client.algorithm 'split': the model has no list of transformer blocks to cut")
-    return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    """The model's transformer blocks and their name (``models.blocks.find_blocks``)."""
+    return _find_blocks(model, "client.algorithm 'split': cannot cut")
 
 
 def find_embeddings(model, blocks_name: str) -> str:

@@ -44,12 +44,12 @@ def check_config(cfg: RunConfig) -> None:
                                             "synchronous rounds (fedbuff here simulates time)"),
         (cfg.attack.kind != "none", f"attack.kind {cfg.attack.kind!r}: simulated attacks are for simulations"),
         (cfg.model.train_tokenizer is not None, "model.train_tokenizer: the server side has no text to train it on"),
+        (getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "not_deployable", None),
+         f"client.algorithm {cfg.client.algorithm!r}: "
+         f"{getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), 'not_deployable', '')}"),
         (getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "interactive", False),
          f"client.algorithm {cfg.client.algorithm!r}: its client talks to the server half batch by batch while it "
          "trains, and a deployment carries one task and one result per client and round"),
-        (hasattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "build_model"),
-         f"client.algorithm {cfg.client.algorithm!r}: its clients hold no model and call the owner's inference "
-         f"service, while a deployment's SuperNodes and server load the model (not wired yet; run a simulation)"),
     ]
     for refused, why in refusals:
         if refused:

@@ -17,6 +17,7 @@ class ModelBundle:
     task: Any
     tokenizer: Any
     personal: StateSpec  # trainable parameters that stay on each client (empty without personalization)
+    origin: Any = None  # where a base other than ``cfg.model`` came from (offsite tuning: the owner's emulator)
 
 
 def resolve_device(model_cfg) -> torch.device:
@@ -41,11 +42,12 @@ def build_base(cfg, tokenizer, examples) -> tuple[Any, torch.nn.Module]:
     return task, load_base(cfg.model, task.auto_class, **kwargs)
 
 
-def build_model(cfg, examples, public_texts: list[str] | None = None) -> ModelBundle:
+def build_model(cfg, examples, public_texts: list[str] | None = None, adapt=None) -> ModelBundle:
     """Tokenizer, task, base (seeded, so head and adapter inits are reproducible), adapter, and the shared-state spec.
 
     ``public_texts`` is the text a tokenizer is trained on when ``model.train_tokenizer`` asks for one (the server's
-    held-out split, never a client's data).
+    held-out split, never a client's data). ``adapt(base, adapter_cfg, task_type, head_names)`` replaces
+    ``adapters.apply_adapter`` (offsite tuning puts the adapter on chosen blocks only).
     """
     from .adapters import apply_adapter
     from .loader import load_tokenizer
@@ -66,7 +68,7 @@ def build_model(cfg, examples, public_texts: list[str] | None = None) -> ModelBu
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
-    model = apply_adapter(base, cfg.adapter, task.peft_task_type, task.head_names)
+    model = (adapt or apply_adapter)(base, cfg.adapter, task.peft_task_type, task.head_names)
     model.train()
     task.device = next(model.parameters()).device
     patterns = personal_patterns(cfg.adapter)

@@ -204,6 +204,27 @@ def apply_adapter(model, cfg, task_type: str, head_names: list[str]):
     return model
 
 
+def apply_to_blocks(model, cfg, task_type: str, head_names: list[str], layers: list[int], blocks_name: str):
+    """The adapter on the transformer blocks ``layers`` of ``blocks_name`` only (offsite tuning's adapter, Xiao et al.
+    2023), and the task head: ``lora`` with peft's ``layers_to_transform``, ``full`` on those blocks' parameters."""
+    if cfg.method == "lora":
+        from peft import LoraConfig
+
+        return _peft_wrap(model, LoraConfig(
+            task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules, modules_to_save=head_names or None,
+            layers_to_transform=list(layers), layers_pattern=blocks_name.rsplit(".", 1)[-1]))
+    if cfg.method != "full":
+        raise ValueError(f"adapter.method {cfg.method!r}: only lora and full can be put on chosen blocks")
+    _freeze_all(model)
+    blocks = model.get_submodule(blocks_name)
+    for i in layers:
+        for p in blocks[i].parameters():
+            p.requires_grad_(True)
+    _unfreeze_heads(model, head_names)
+    return model
+
+
 def is_peft(model) -> bool:
     try:
         from peft import PeftModel
