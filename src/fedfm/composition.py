@@ -38,6 +38,7 @@ def axes() -> dict[str, list[Any]]:
 COMPANIONS: dict[tuple[str, Any], dict[str, Any]] = {
     ("client.algorithm", "scaffold"): {"client.optimizer": "sgd", "client.lr": 0.05},
     ("client.algorithm", "fedkseed"): {"client.optimizer": "sgd", "client.lr": 1e-5},
+    ("client.algorithm", "fedmd"): {"transfer.public_fraction": 0.2},  # its public set (fedfm.hetero runs it)
     ("server.aggregator", "hetlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "flexlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "norm-bound"): {"server.norm_bound": 1.0},

@@ -68,6 +68,8 @@ PURPOSES: dict[str, Purpose] = {
     "fedkseed_candidates": Purpose(31, what="FedKSeed's K candidate seeds, shared by the server and every client"),
     "fedkseed_choice": Purpose(32, style="derive", what="which candidate seed a FedKSeed client step perturbs along"),
     "codec": Purpose(33, style="derive", what="a codec's stochastic rounding and random-k coordinates"),
+    "transfer_public": Purpose(38, what="transfer.public_fraction's public set, carved before partitioning"),
+    "transfer_distill": Purpose(39, style="derive", what="which public rows a distillation step of fedmd takes"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),

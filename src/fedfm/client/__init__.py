@@ -445,3 +445,4 @@ def make_client(ctx: ClientContext):
 
 from . import split  # noqa: E402,F401  (register "split")
 from . import fedkseed  # noqa: E402,F401  (register "fedkseed")
+from . import fedmd  # noqa: E402,F401  (register "fedmd")
