@@ -187,8 +187,9 @@ class HeteroSimulation:
             return list(range(n))
         return sorted(self.random.rng("client_sample", rnd).choice(n, size=k, replace=False).tolist())
 
-    def run(self) -> list[dict[str, Any]]:
-        rows = [{"round": 0, **self.evaluate()}]
+    def run(self, initial: bool = True) -> list[dict[str, Any]]:
+        """The rounds, each a row; ``initial``: also evaluate the initial models, as round 0."""
+        rows = [{"round": 0, **self.evaluate()}] if initial else []
         for rnd in range(1, self.cfg.federation.rounds + 1):
             row = self.run_round(rnd)
             if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.federation.rounds:
