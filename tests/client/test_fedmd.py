@@ -216,9 +216,11 @@ def test_what_fedmd_cannot_do_is_refused_at_config_time_naming_the_key(make_cfg,
     assert key in str(err.value)
 
 
-def test_a_one_model_simulation_refuses_fedmd_naming_its_driver(make_cfg):
+def test_a_one_model_simulation_refuses_fedmd_naming_its_driver_before_any_model_loads(make_cfg, monkeypatch):
+    import fedfm.models
     from fedfm.simulation import Simulation, prepare
 
+    monkeypatch.setattr(fedfm.models, "build_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError, match="fedfm.hetero.HeteroSimulation"):
         Simulation(prepare(make_cfg(**{"transfer.groups": []})))
 

@@ -176,6 +176,7 @@ class FedMD:
 
     extra_names: tuple[str, ...] = ()
     tensor_updates = False  # what it sends is logits, not a weight update
+    driver = "fedfm.hetero.HeteroSimulation"  # what runs it (each client its group's model), not Simulation
     KEY = "fedmd.state"
 
     def __init__(self, ctx, public: PublicSet | None = None, num_classes: int | None = None):
