@@ -235,3 +235,21 @@ def test_a_group_asking_for_more_clients_than_the_data_has_is_refused_before_any
     with pytest.raises(ConfigError, match=r"transfer.groups\[1\].clients"):
         prepare_transfer(cfg)
     assert json.dumps(cfg.transfer.groups[0].clients) == "3"
+
+
+def test_the_server_half_averages_the_clients_logits_drops_a_bad_one_and_can_send_the_consensus(run, make_cfg):
+    from fedfm.client import ClientResult
+    from fedfm.client.fedmd import FedMDServer
+
+    sim, _, _ = run
+    P, C = len(sim.data.public), sim.num_classes
+    server = FedMDServer(None, None, 4, make_cfg(**{"transfer.send": "consensus"}))
+    server.attach(sim.fm, C)
+    a, b = torch.randn(P, C), torch.randn(P, C)
+    results = [ClientResult(client_id=0, update=pack(a, "fp32"), num_examples=5),
+               ClientResult(client_id=1, update=pack(b, "fp32"), num_examples=50),
+               ClientResult(client_id=2, update=pack(a, "fp32")[:-4], num_examples=5)]
+    accepted, m = server.complete(3, results)
+    assert [r.client_id for r in accepted] == [0, 1] and m["consensus_clients"] == 2
+    assert m["dropped"][0]["client"] == 2 and "public rows" in m["dropped"][0]["error"]
+    assert torch.allclose(unpack(server.payload(4, 0), (P, C), "fp32"), (a + b) / 2)  # the plain mean, as FedMD's
