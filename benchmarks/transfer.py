@@ -20,6 +20,7 @@ Measured: each client's accuracy on its own test split and on the server's held-
 every arm; the foundation model's held-out accuracy before and after; bytes per round up and down; wall seconds.
 
     PYTHONPATH=src python benchmarks/transfer.py [--rounds 3] [--clients 6] [--smollm2 3]   # appends JSON lines
+    PYTHONPATH=src python benchmarks/transfer.py --render      # the latest summary as the table in docs/ownership.md
 
 One JSON line per arm and one summary line are printed and appended to benchmarks/results/transfer.jsonl.
 """
@@ -99,6 +100,54 @@ def arm(prepared, mode: str) -> dict:
     return out
 
 
+DOC = ROOT / "docs" / "ownership.md"
+
+
+def render() -> str:
+    """The latest summary line of the results file as the markdown table of docs/ownership.md (between markers)."""
+    lines = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    s = next(x for x in reversed(lines) if x["arm"] == "summary")
+    a = s["args"]
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    out = [f"Measured {s['date']} on {s['cpus']} CPU cores ({s['machine']}, torch {s['torch']}, {s['threads']} threads; "
+           f"load average {s['load_average_start']:.1f} at the start and {s['load_average_end']:.1f} at the end: the "
+           f"machine was shared), `python benchmarks/transfer.py` ({a['clients']} clients, {a['smollm2']} of them "
+           f"SmolLM2, {a['rounds']} rounds × {a['steps']} local steps, public fraction {a['public_fraction']}, "
+           f"{a['client_distill_steps']} client / {a['server_distill_steps']} server distillation steps, "
+           f"T = {a['temperature']}). Accuracy (%) after the last round, on the client's own test split and on "
+           f"the server's held-out sample:", "",
+           "| client | model | train examples | alone: own | FedAvg (same model): own | fedmd: own | alone: held-out | "
+           "FedAvg: held-out | fedmd: held-out |", "|---|---|---|---|---|---|---|---|---|"]
+    for cid, c in s["clients"].items():
+        out.append(f"| {cid} | {c['architecture']} | {c['n_train']} | {pct(c['alone_own'])} | {pct(c['fedavg_own'])} | "
+                   f"{pct(c['transfer_own'])} | {pct(c['alone_global'])} | {pct(c['fedavg_global'])} | "
+                   f"{pct(c['transfer_global'])} |")
+    for name in ("minilm", "smollm2", None):
+        mine = [c for c in s["clients"].values() if name in (None, c["architecture"])]
+        means = [pct(sum(c[f"{arm}_{where}"] for c in mine) / len(mine)) if mine else "–"
+                 for where in ("own", "global") for arm in ("alone", "fedavg", "transfer")]
+        out.append(f"| mean | {name or 'all'} | | " + " | ".join(means) + " |")
+    tb, fb = s["transfer_bytes_per_round"], s["fedavg_bytes_per_round"]
+    out += ["", f"Foundation model (SmolLM2-135M-Instruct + LoRA, held-out sample): {pct(s['fm_accuracy_before'])} % "
+                f"before distillation, {pct(s['fm_accuracy_after'])} % after.", "",
+            f"Bytes per round, all clients together: fedmd {tb['up']:.0f} up and {tb['down']:.0f} down (logits "
+            f"only, fp32; none down in round 1); FedAvg within each architecture {fb['up']:.0f} up and "
+            f"{fb['down']:.0f} down (the fp32 LoRA + head states): {fb['up'] / max(tb['up'], 1):.0f}× fedmd's upload.",
+            "", "Wall seconds per arm (shared machine): " + ", ".join(f"{m} {v:.0f}" for m, v in s["seconds"].items())
+            + "."]
+    return "\n".join(out)
+
+
+def write_doc() -> None:
+    text = DOC.read_text()
+    begin, end = "<!-- transfer-table -->", "<!-- /transfer-table -->"
+    head, rest = text.split(begin)
+    DOC.write_text(head + begin + "\n" + render() + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -112,7 +161,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--arms", default="transfer,alone,fedavg")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--render", action="store_true", help="write the latest summary into docs/ownership.md")
     args = ap.parse_args()
+    if args.render:
+        write_doc()
+        print(render())
+        return
     torch.set_num_threads(THREADS)
     from fedfm.hetero import prepare_transfer
 
