@@ -20,6 +20,7 @@ Measured: each client's accuracy on its own test split and on the server's held-
 every arm; the foundation model's held-out accuracy before and after; bytes per round up and down; wall seconds.
 
     PYTHONPATH=src python benchmarks/transfer.py [--rounds 3] [--clients 6] [--smollm2 3]   # appends JSON lines
+    PYTHONPATH=src python benchmarks/transfer.py --combine     # arms run apart (--arms): one summary line
     PYTHONPATH=src python benchmarks/transfer.py --render      # the latest summary as the table in docs/ownership.md
 
 One JSON line per arm and one summary line are printed and appended to benchmarks/results/transfer.jsonl.
@@ -103,6 +104,39 @@ def arm(prepared, mode: str) -> dict:
 DOC = ROOT / "docs" / "ownership.md"
 
 
+def summarize(common: dict, arms: dict) -> dict:
+    """One line: per client its accuracies in the three arms, the foundation model's, the bytes, the seconds."""
+    t = arms["transfer"]
+    summary = {**common, "arm": "summary", "clients": {}}
+    for cid, name in t["architecture"].items():
+        summary["clients"][cid] = {"architecture": name, "n_train": t["n_train"][cid],
+                                   **{f"{m}_own": arms[m]["client_acc"].get(cid) for m in arms},
+                                   **{f"{m}_global": arms[m]["client_acc_global"].get(cid) for m in arms}}
+    summary.update(fm_accuracy_before=t["fm_accuracy_before"], fm_accuracy_after=t["fm_accuracy_after"],
+                   transfer_bytes_per_round={"up": t["bytes_up_per_round"], "down": t["bytes_down_round2_on"]},
+                   fedavg_bytes_per_round={"up": arms["fedavg"]["bytes_up_per_round"],
+                                           "down": arms["fedavg"]["bytes_down_per_round"]},
+                   seconds={m: arms[m]["seconds"] for m in arms},
+                   load_average_end=max(arms[m]["load_average_end"] for m in arms))
+    return summary
+
+
+def combine() -> dict:
+    """The summary of the latest line of each arm run with the same arguments (arms run in separate processes)."""
+    lines = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    last = {}
+    for x in lines:
+        if x["arm"] != "summary":
+            last[x["arm"]] = x
+    args = last["transfer"]["args"]
+    keep = {k: v for k, v in args.items() if k not in ("arms", "no_save")}
+    arms = {m: x for m, x in last.items() if {k: x["args"].get(k) for k in keep} == keep}
+    common = {k: last["transfer"][k] for k in ("benchmark", "date", "machine", "cpus", "threads", "torch",
+                                               "load_average_start", "args")}
+    common["load_average_start"] = max(x["load_average_start"] for x in arms.values())
+    return summarize(common, arms)
+
+
 def render() -> str:
     """The latest summary line of the results file as the markdown table of docs/ownership.md (between markers)."""
     lines = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
@@ -162,7 +196,11 @@ def main() -> None:
     ap.add_argument("--arms", default="transfer,alone,fedavg")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--render", action="store_true", help="write the latest summary into docs/ownership.md")
+    ap.add_argument("--combine", action="store_true", help="a summary line from the latest line of each arm")
     args = ap.parse_args()
+    if args.combine:
+        emit(combine(), RESULTS)
+        return
     if args.render:
         write_doc()
         print(render())
@@ -177,21 +215,10 @@ def main() -> None:
               "load_average_start": os.getloadavg()[0], "args": vars(args)}
     arms = {}
     for mode in args.arms.split(","):
-        arms[mode] = arm(prepared, mode)
-        emit({**common, **arms[mode], "load_average_end": os.getloadavg()[0]}, None if args.no_save else RESULTS)
+        arms[mode] = {**arm(prepared, mode), "load_average_end": os.getloadavg()[0]}
+        emit({**common, **arms[mode]}, None if args.no_save else RESULTS)
     if {"alone", "fedavg", "transfer"} <= set(arms):
-        t = arms["transfer"]
-        summary = {**common, "arm": "summary", "clients": {}}
-        for cid, name in t["architecture"].items():
-            summary["clients"][cid] = {"architecture": name, "n_train": t["n_train"][cid],
-                                       **{f"{m}_own": arms[m]["client_acc"].get(cid) for m in arms},
-                                       **{f"{m}_global": arms[m]["client_acc_global"].get(cid) for m in arms}}
-        summary.update(fm_accuracy_before=t["fm_accuracy_before"], fm_accuracy_after=t["fm_accuracy_after"],
-                       transfer_bytes_per_round={"up": t["bytes_up_per_round"], "down": t["bytes_down_round2_on"]},
-                       fedavg_bytes_per_round={"up": arms["fedavg"]["bytes_up_per_round"],
-                                               "down": arms["fedavg"]["bytes_down_per_round"]},
-                       seconds={m: arms[m]["seconds"] for m in arms}, load_average_end=os.getloadavg()[0])
-        emit(summary, None if args.no_save else RESULTS)
+        emit(summarize(common, arms), None if args.no_save else RESULTS)
 
 
 if __name__ == "__main__":
