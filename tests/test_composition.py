@@ -15,6 +15,7 @@ import torch
 from fedfm import composition
 from fedfm.compression.feedback import RESIDUAL
 from fedfm.config import load_config
+from fedfm.hetero import HeteroSimulation, prepare_transfer
 from fedfm.simulation import Simulation, prepare
 from tests.conftest import make_rows, tiny_overrides, write_csv
 
@@ -119,6 +120,19 @@ def _invariants(server, rows, c: dict) -> None:
         assert any(RESIDUAL in (server.store.get(cid) or {}) for cid in range(4))
 
 
+def _fedmd_invariants(sim, rows, c: dict) -> None:
+    """fedmd: logits of the public set go up (exactly P × C values of the codec's cast per client) and come back
+    from round 2; the server's foundation model stays finite."""
+    per_value = {"fp32": 4, "fp16": 2, "bf16": 2}[c["codec.name"]]
+    P, C = len(sim.data.public), sim.num_classes
+    trained = [r for r in rows if r["round"] > 0]
+    assert trained and all(r["consensus_clients"] == len(r["clients"]) for r in trained), rows
+    assert all(r["bytes_up"] == len(r["clients"]) * P * C * per_value for r in trained)
+    assert trained[0]["bytes_down"] == 0 and all(r["bytes_down"] == len(r["clients"]) * P * C * per_value
+                                                  for r in trained[1:])
+    assert all(math.isfinite(r["server_kl_after"]) for r in trained) and torch.isfinite(sim.fm.state).all()
+
+
 @pytest.mark.parametrize("shard", range(SHARDS))
 def test_each_covering_configuration_runs_two_rounds_and_keeps_its_invariants(tmp_path_factory, shard):
     make, m = _setup(tmp_path_factory)
@@ -126,6 +140,10 @@ def test_each_covering_configuration_runs_two_rounds_and_keeps_its_invariants(tm
     for c in m.configs[shard::SHARDS]:
         try:
             cfg = make(composition.overrides(c))
+            if c["client.algorithm"] == "fedmd":  # clients of their own models: fedfm.hetero's driver
+                sim = HeteroSimulation(prepare_transfer(cfg))
+                _fedmd_invariants(sim, sim.run(), c)
+                continue
             server = Simulation(prepare(cfg))
             _invariants(server, server.run(), c)
         except Exception as e:  # report every failing configuration of the shard, not just the first

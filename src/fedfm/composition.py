@@ -43,6 +43,7 @@ COMPANIONS: dict[tuple[str, Any], dict[str, Any]] = {
         "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
         "intermediate_size": 64, "vocab_size": 30522, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0}},
+    ("client.algorithm", "fedmd"): {"transfer.public_fraction": 0.2},  # its public set (fedfm.hetero runs it)
     ("server.aggregator", "hetlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "flexlora"): {"adapter.r": 4, "adapter.rank_per_client": {2: 0.5, 4: 0.5}},
     ("server.aggregator", "norm-bound"): {"server.norm_bound": 1.0},

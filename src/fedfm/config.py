@@ -401,6 +401,30 @@ class OffsiteConfig(Section):
     distill_batch_size: int = Field(8, ge=1)
 
 
+class TransferGroup(Section):
+    """One architecture of client.algorithm fedmd: the model its clients run, their adapter, and which clients."""
+
+    model: ModelConfig
+    adapter: Optional[AdapterConfig] = None  # default: the run's adapter section
+    clients: int | list[int]  # how many (the next client ids, in the order of the groups) or which ids
+
+
+class TransferConfig(Section):
+    """client.algorithm fedmd (FedMD, Li & Wang 2019; FedDF, Lin et al. 2020): clients running different models
+    exchange only their logits on a public set; the server distils their consensus into its foundation model and
+    sends its logits back."""
+
+    public_fraction: float = Field(0.0, ge=0, lt=1)  # of the examples, carved before partitioning; labels unused
+    groups: list[TransferGroup] = []  # which model each client runs (none: every client runs the model section)
+    server_model: Optional[ModelConfig] = None  # the server's foundation model (default: the model section)
+    server_adapter: Optional[AdapterConfig] = None  # what of it the server tunes (default: the adapter section)
+    temperature: float = Field(1.0, gt=0)  # T of the distillation loss, on both sides
+    client_distill_steps: int = Field(5, ge=0)  # each client's steps toward what the server sends, each round
+    server_distill_steps: int = Field(10, ge=0)  # the server's steps toward the clients' consensus, each round
+    server_lr: float = Field(1e-3, gt=0)  # the server's distillation learning rate (AdamW)
+    send: Literal["foundation", "consensus"] = "foundation"  # what goes back: the FM's logits, or the consensus
+
+
 class RunConfig(Section):
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -423,6 +447,7 @@ class RunConfig(Section):
     fedkseed: FedKSeedConfig = FedKSeedConfig()
     blackbox: BlackBoxConfig = BlackBoxConfig()
     offsite: OffsiteConfig = OffsiteConfig()
+    transfer: TransferConfig = TransferConfig()
 
     def _codec_checks(self, sends_state: bool) -> None:
         """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept

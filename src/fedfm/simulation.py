@@ -176,6 +176,10 @@ class Simulation(Federation):
 
     def __init__(self, prepared: Prepared, run_dir: Optional[RunDir] = None, display: Optional[Display] = None):
         self.cfg, self.data, self.run_dir = prepared.cfg, prepared.data, run_dir
+        driver = getattr(CLIENT_ALGORITHMS.get(self.cfg.client.algorithm), "driver", None)
+        if driver is not None:  # clients that do not share one model (fedmd): refused before any model loads
+            raise ConfigError(f"client.algorithm {self.cfg.client.algorithm!r} runs in {driver}, not in a simulation "
+                              f"of one shared model")
         self.display = display or Display()
         self.random = Randomness.from_config(self.cfg)  # every draw of the run, by purpose
         self.owned = []

@@ -26,6 +26,8 @@ class FederatedData:
     clients: list[ClientData]
     method: str
     notes: list[str] = field(default_factory=list)  # how the data was read and the held-out set chosen, for the run to print
+    public: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # transfer.public_fraction's
+    # unlabelled slice, carved before partitioning: no client's own data, and its labels are never used
 
     def public_texts(self) -> list[str]:
         """The server's own text (the held-out split): what a tokenizer may be trained on without client data."""
@@ -134,10 +136,22 @@ def _held_out(cfg, examples: Examples, rng: np.random.Generator) -> tuple[np.nda
     return pool, test, [f"held-out set: {len(test)} of {n} examples (data.test_fraction={f:g}, {how})"]
 
 
+def _public(cfg, pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the pool left to partition, the public set): ``transfer.public_fraction`` of the n examples, drawn at random
+    (not by label: its labels are never used) from the pool the held-out set left."""
+    fraction = getattr(getattr(cfg, "transfer", None), "public_fraction", 0.0)
+    k = min(int(round(fraction * n)), len(pool) - 1) if fraction else 0
+    if k <= 0:
+        return pool, np.zeros(0, dtype=np.int64)
+    perm = Randomness(cfg.federation.seed).rng("transfer_public").permutation(len(pool))
+    return np.sort(pool[perm[k:]]), np.sort(pool[perm[:k]])
+
+
 def build_federated_data(cfg, examples: Examples) -> FederatedData:
     """Hold out the test set, partition the rest into clients, split each client train/test."""
     rng = Randomness(cfg.federation.seed).rng("data_split")
     pool, test, notes = _held_out(cfg, examples, rng)
+    pool, public = _public(cfg, pool, len(examples))
     p = cfg.partition
     spec = PartitionSpec(num_clients=p.num_clients, alpha=p.alpha, shards_per_client=p.shards_per_client,
                          power=p.power, min_size=p.min_size)
@@ -155,5 +169,8 @@ def build_federated_data(cfg, examples: Examples) -> FederatedData:
         if len(idx) - k < 1:
             k = 0
         clients.append(ClientData(id=cid, name=names[cid], train=np.sort(perm[k:]), test=np.sort(perm[:k])))
+    if len(public):
+        notes.append(f"public set: {len(public)} of {len(examples)} examples (transfer.public_fraction="
+                     f"{cfg.transfer.public_fraction:g}), carved before partitioning, labels unused")
     return FederatedData(examples=examples, test=test, clients=clients, method=p.method,
-                         notes=examples.notes + notes)
+                         notes=examples.notes + notes, public=public)
