@@ -103,9 +103,10 @@ def _summary_table(rows: list[dict[str, Any]], total_s: float) -> Table:
     t.add_column("metric")
     t.add_column("final", justify="right")
     t.add_column("best", justify="right")
-    evals = [r for r in rows if any(k.startswith(("eval_", "fed_")) for k in r)]
+    scored = ("eval_", "fed_", "fm_")  # fm_: the server's foundation model under fedmd
+    evals = [r for r in rows if any(k.startswith(scored) for k in r)]
     keys = sorted({k for r in evals for k, v in r.items()
-                   if k.startswith(("eval_", "client_", "fed_")) and isinstance(v, float)})
+                   if k.startswith((*scored, "client_")) and isinstance(v, float)})
     for k in keys:
         vals = [r[k] for r in evals if isinstance(r.get(k), float)]
         best = min(vals) if ("loss" in k or "perplexity" in k) else max(vals)
@@ -192,8 +193,12 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
 
     try:
         from .federation import begin, open_run_dir
-        from .simulation import Simulation, prepare
+        from .simulation import Simulation, driver_of, prepare
 
+        driver = driver_of(cfg)
+        if driver is not None:  # clients that run different models (fedmd): the driver the algorithm names
+            _run_driver(cfg, driver, run_dir, resume, overwrite, warn, t0)
+            return
         ck = open_run_dir(run_dir, resume, overwrite, warn)  # touches nothing; a checkpoint read before the model
         prepared = prepare(cfg)  # data + config checks, before any model loads
         desc = prepared.data.describe()
@@ -223,6 +228,37 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
     except Exception as e:  # a plot failing must not hide a finished run
         console.print(f"[yellow]report not drawn: {e}[/yellow]")
     console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")
+
+
+def _run_driver(cfg, driver, run_dir, resume: bool, overwrite: bool, warn, t0: float) -> None:
+    """``fedfm run`` for an algorithm whose clients run different models (fedmd, ``hetero.HeteroSimulation``): the
+    same checks before any model loads and the same run directory (config.yaml, partition.json, metrics.jsonl, one
+    row a round); it keeps no checkpoints, so ``--resume`` is refused."""
+    from .federation import open_run_dir
+
+    try:
+        if resume:
+            raise FedfmError(f"--resume: client.algorithm {cfg.client.algorithm!r} runs in {driver.__module__}."
+                             f"{driver.__name__}, which keeps no checkpoints; start a new run (another output.dir "
+                             f"or --overwrite)")
+        open_run_dir(run_dir, False, overwrite, warn)  # touches nothing
+        prepared = driver.prepare(cfg)  # data + config checks, before any model loads
+        desc = prepared.data.describe()
+        display = RichDisplay(cfg.federation.rounds)
+        console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
+        display.partition(desc)
+        fed = driver(prepared, display=display, run_dir=run_dir)  # builds the models; writes nothing yet
+        run_dir.create(overwrite=overwrite)
+        run_dir.write_config(cfg.to_yaml())
+        run_dir.write_json("partition.json", desc)
+        with run_dir.writing():
+            fed.run(initial=cfg.eval.initial)
+        rows = run_dir.read_metrics()
+    except FedfmError as e:
+        _fail(e)
+        return
+    console.print(_summary_table(rows, time.perf_counter() - t0))
+    console.print(f"run directory: [bold]{run_dir.path}[/bold]")
 
 
 @app.command("privacy")

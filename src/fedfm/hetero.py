@@ -104,11 +104,14 @@ def _key(gcfg) -> str:
 class HeteroSimulation:
     """Clients of several architectures and the server's foundation model, in one process (see the module doc)."""
 
-    def __init__(self, prepared: Prepared, display: Optional[Display] = None, mode: str = "transfer"):
+    prepare = staticmethod(prepare_transfer)  # what `fedfm run` checks before any model loads
+
+    def __init__(self, prepared: Prepared, display: Optional[Display] = None, mode: str = "transfer",
+                 run_dir=None):
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         cfg, data = prepared.cfg, prepared.data
-        self.cfg, self.data, self.mode = cfg, data, mode
+        self.cfg, self.data, self.mode, self.run_dir = cfg, data, mode, run_dir
         self.display = display or Display()
         self.random = Randomness.from_config(cfg)
         if cfg.runtime.threads:
@@ -190,13 +193,21 @@ class HeteroSimulation:
     def run(self, initial: bool = True) -> list[dict[str, Any]]:
         """The rounds, each a row; ``initial``: also evaluate the initial models, as round 0."""
         rows = [{"round": 0, **self.evaluate()}] if initial else []
+        if rows:
+            self._log(rows[0])
         for rnd in range(1, self.cfg.federation.rounds + 1):
             row = self.run_round(rnd)
             if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.federation.rounds:
                 row.update(self.evaluate())
             rows.append(row)
-            self.display.message(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
+            self._log(row)
         return rows
+
+    def _log(self, row: dict[str, Any]) -> None:
+        """One row: into the run directory's metrics.jsonl (``fedfm run``), and to the display."""
+        if self.run_dir is not None:
+            self.run_dir.append_metrics(row)
+        self.display.message(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()

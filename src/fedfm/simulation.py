@@ -170,6 +170,19 @@ def worker_clients(cfg: RunConfig):
     return make_client(ctx)
 
 
+def driver_of(cfg):
+    """The driver of a client algorithm whose clients do not share one model (fedmd: ``hetero.HeteroSimulation``), or
+    None for a ``Simulation``. The algorithm names its driver by dotted path (the driver imports the simulation, so
+    the simulation does not import it)."""
+    import importlib
+
+    path = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "driver", None)
+    if path is None:
+        return None
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 class Simulation(Federation):
     """``fedfm run``: the data partitioned into virtual clients, one shared base, the client side, the server side,
     the runtime and the (simulated) clock."""

@@ -253,3 +253,30 @@ def test_the_server_half_averages_the_clients_logits_drops_a_bad_one_and_can_sen
     assert [r.client_id for r in accepted] == [0, 1] and m["consensus_clients"] == 2
     assert m["dropped"][0]["client"] == 2 and "public rows" in m["dropped"][0]["error"]
     assert torch.allclose(unpack(server.payload(4, 0), (P, C), "fp32"), (a + b) / 2)  # the plain mean, as FedMD's
+
+
+# ---------------------------------------------------------------------------------------------- fedfm run
+
+def test_fedfm_run_drives_fedmd_into_a_run_directory_and_refuses_to_resume_it(tmp_path):
+    """`fedfm run` with client.algorithm fedmd runs the algorithm's own driver: the run directory holds the config,
+    the partition and one metrics row a round with the logits' bytes; it keeps no checkpoint, so --resume is refused
+    naming the driver, and the run directory is left as it was."""
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    csv = write_csv(tmp_path / "tiny.csv", make_rows())
+    ov = tiny_overrides(csv, tmp_path, **{**FEDMD, "eval.initial": True})
+    res = CliRunner().invoke(app, ["run", "bbc-lora", *ov])
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] == 0  # round 1: nothing to send back yet
+    assert rows[2]["bytes_down"] == rows[2]["bytes_up"]  # the foundation model's logits, same shape as the clients'
+    assert 0.0 <= rows[2]["fm_accuracy"] <= 1.0 and rows[2]["client_acc"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "partition.json").is_file()
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    res = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
+    assert res.exit_code != 0 and "HeteroSimulation" in res.output and "--resume" in res.output, res.output
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
