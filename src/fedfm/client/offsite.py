@@ -22,7 +22,7 @@ from . import CLIENT_ALGORITHMS, LocalTraining, ServerSide
 def check_config(cfg) -> None:
     """What offsite tuning cannot do, refused before anything loads (each message names its key)."""
     from ..models import personal_patterns
-    from ..models.loader import peek_config
+    from ..models.blocks import peek_depth
     from ..ownership.offsite import plan
 
     refusals = [
@@ -44,9 +44,8 @@ def check_config(cfg) -> None:
     for refused, why in refusals:
         if refused:
             raise ValueError(f"client.algorithm 'offsite': {why}")
-    config = peek_config(cfg.model)
-    depth = getattr(config, "num_hidden_layers", None) if config is not None else None
-    if isinstance(depth, int):
+    depth = peek_depth(cfg.model)
+    if depth is not None:
         try:
             plan(depth, cfg.offsite.adapter_layers, cfg.offsite.drop_ratio)
         except ConfigError as e:

@@ -270,7 +270,7 @@ def check_config(cfg) -> None:
     """What split learning cannot do, refused before anything loads (each message names its key)."""
     from ..models import personal_patterns
     from ..models.adapters import METHODS
-    from ..models.loader import peek_config
+    from ..models.blocks import peek_depth
 
     refusals = [
         (getattr(METHODS.get(cfg.adapter.method), "virtual_tokens", False),
@@ -297,9 +297,8 @@ def check_config(cfg) -> None:
     for refused, why in refusals:
         if refused:
             raise ValueError(f"client.algorithm 'split': {why}")
-    config = peek_config(cfg.model)
-    depth = getattr(config, "num_hidden_layers", None) if config is not None else None
-    if isinstance(depth, int) and cfg.split.layer >= depth:
+    depth = peek_depth(cfg.model)
+    if depth is not None and cfg.split.layer >= depth:
         raise ValueError(f"split.layer: {cfg.split.layer} is not below the model's depth ({depth} blocks, "
                          f"num_hidden_layers); the server side runs blocks split.layer.. and the head")
 

@@ -14,3 +14,12 @@ def find_blocks(model, who: str = "model") -> tuple[str, torch.nn.ModuleList]:
     if not lists:
         raise ConfigError(f"{who}: the model has no list of transformer blocks")
     return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+
+def peek_depth(model_cfg) -> int | None:
+    """The model's block count (``num_hidden_layers``) from its config, without loading weights; None when the config
+    is not at hand (a GGUF alias: checked when the model loads)."""
+    from .loader import peek_config
+
+    depth = getattr(peek_config(model_cfg), "num_hidden_layers", None)
+    return depth if isinstance(depth, int) else None
