@@ -32,9 +32,10 @@ class Examples:
     source: str = ""
     messages: Optional[list[list[dict]]] = None  # instruction data: one conversation (role/content dicts) per example
     notes: list[str] = field(default_factory=list)  # what the run should tell the user about reading the data
+    images: Optional[list] = None  # image data: one H x W x 3 uint8 RGB numpy array per example (data/images.py)
 
     def __len__(self) -> int:
-        for rows in (self.texts, self.input_ids, self.messages):
+        for rows in (self.texts, self.input_ids, self.messages, self.images):
             if rows is not None:
                 return len(rows)
         return 0
