@@ -68,6 +68,9 @@ class ModelConfig(Section):
     dropout: Optional[float] = Field(None, ge=0, lt=1)  # every dropout rate of the base (default: the model's own)
     device: Optional[str] = None  # default: cuda when available, else cpu
     train_tokenizer: Optional["TokenizerTrainConfig"] = None  # a byte-level BPE trained on the public (held-out) text
+    # image tasks: an image processor built from these settings ({image_processor_type: ViTImageProcessor, size: ...})
+    # instead of the model directory's preprocessor_config.json (a model built from model.from_config has none)
+    image_processor: Optional[dict[str, Any]] = None
 
     @field_validator("from_config")
     @classmethod

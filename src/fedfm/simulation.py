@@ -65,7 +65,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     if check_peers is not None:  # a service the algorithm calls (black-box tuning) answers, before anything loads
         check_peers(cfg)
     examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
-                             chat=task_cls.reads_chat)
+                             chat=task_cls.reads_chat, images=task_cls.reads_images)
     data = build_federated_data(cfg, examples)
     synthetic = _add_synthetic(cfg, data)  # each client's own choice of rows, before anything is tokenized
     n = len(data.clients)

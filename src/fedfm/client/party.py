@@ -30,7 +30,7 @@ def own_examples(cfg, source: str | Path, test_source: Optional[str | Path] = No
 
     def read(path):
         return load_examples(cfg.data.model_copy(update={"source": str(path)}), needs_labels=task_cls.needs_labels,
-                             seed=cfg.federation.seed, chat=task_cls.reads_chat)
+                             seed=cfg.federation.seed, chat=task_cls.reads_chat, images=task_cls.reads_images)
 
     examples = read(source)
     if test_source is None:

@@ -401,7 +401,7 @@ def _named_labels(values: list, names: list[str], src: str) -> np.ndarray:
     return np.array([index[str(v)] for v in values], dtype=np.int64)
 
 
-def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = False) -> Examples:
+def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = False, images: bool = False) -> Examples:
     """Read the source and map its columns; labels become ids with names taken from the data.
 
     ``chat``: the task learns from conversations (Alpaca, chat ``messages`` or prompt/completion rows). A source

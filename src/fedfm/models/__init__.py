@@ -34,7 +34,7 @@ def build_base(cfg, tokenizer, examples) -> tuple[Any, torch.nn.Module]:
 
     task = make_task(cfg, tokenizer)
     kwargs = task.model_kwargs(examples)
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
+    if getattr(tokenizer, "pad_token_id", None) is not None:
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     if cfg.model.train_tokenizer is not None and cfg.model.from_config is not None and tokenizer is not None:
         kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -49,10 +49,10 @@ def build_model(cfg, examples, public_texts: list[str] | None = None, adapt=None
     held-out split, never a client's data). ``adapt(base, adapter_cfg, task_type, head_names)`` replaces
     ``adapters.apply_adapter`` (offsite tuning puts the adapter on chosen blocks only).
     """
+    from ..tasks import TASKS
     from .adapters import apply_adapter
-    from .loader import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model, public_texts)
+    tokenizer = TASKS.get(cfg.task.name).load_preprocessor(cfg.model, public_texts)
     task, base = build_base(cfg, tokenizer, examples)
     device = resolve_device(cfg.model)
     if cfg.model.quantization is None:

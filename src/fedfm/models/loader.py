@@ -275,6 +275,34 @@ def load_tokenizer(model_cfg, public_texts: list[str] | None = None):
     return tok
 
 
+def load_image_processor(model_cfg):
+    """The image processor of an image task: built from ``model.image_processor`` when set, else the model's own
+    (``AutoImageProcessor`` on the resolved directory or id)."""
+    import transformers
+
+    if model_cfg.image_processor is not None:
+        conf = dict(model_cfg.image_processor)
+        name = conf.pop("image_processor_type", None)
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is None or not name.endswith("ImageProcessor"):
+            raise ConfigError(f"model.image_processor: image_processor_type {name!r} is not an image processor class "
+                              "transformers has (e.g. ViTImageProcessor, BitImageProcessor, CLIPImageProcessor)")
+        try:
+            return cls(**conf)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.image_processor: {name}: {e}") from None
+    if model_cfg.from_config is not None:
+        raise ConfigError("model.image_processor: a model built from model.from_config has no preprocessor_config.json; "
+                          "set model.image_processor (e.g. {image_processor_type: ViTImageProcessor, size: {height: 32, "
+                          "width: 32}})")
+    path = model_path(model_cfg)
+    quiet_transformers()
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, revision=model_cfg.revision, **_hub_kwargs(path))
+    except OSError as e:
+        raise _hub_error(path, e) from None
+
+
 def quiet_transformers() -> None:
     """fedfm shows its own progress; keep transformers' load reports and bars out of the way."""
     import transformers

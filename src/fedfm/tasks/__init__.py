@@ -22,12 +22,21 @@ class Task:
     head_names: list[str] = []
     needs_labels = False
     reads_chat = False  # examples are conversations (instruction data), not texts
+    reads_images = False  # examples are images (``Examples.images``), not texts
     cached_attrs: tuple[str, ...] = ()  # what ``encode`` sets on the task besides the tensors (kept by the cache)
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = torch.device("cpu")  # set to the model's device by build_model
+
+    @classmethod
+    def load_preprocessor(cls, model_cfg, public_texts: list[str] | None = None):
+        """What turns raw examples into model inputs, built once per process and passed to the task as its
+        ``tokenizer``: a tokenizer for text tasks; image tasks return their image processor (or a processor pair)."""
+        from ..models.loader import load_tokenizer
+
+        return load_tokenizer(model_cfg, public_texts)
 
     def autocast(self):
         """bf16/fp16 autocast around forward passes when ``model.autocast`` asks for it (weights stay fp32)."""
