@@ -86,12 +86,20 @@ def _smollm2_path() -> str:
     return convert_gguf(str(folder), SMOLLM2_GGUF, "smollm2-135m-instruct")
 
 
+def _dinov2_small_path() -> str:
+    from .dinov2 import dinov2_small_path
+
+    return dinov2_small_path()
+
+
 # alias -> (function returning a local directory, Hugging Face id used where the package is missing)
 ALIASES: dict[str, tuple[Callable[[], str], str]] = {
     "minilm": (_minilm_path, "sentence-transformers/all-MiniLM-L6-v2"),
     "all-minilm-l6-v2": (_minilm_path, "sentence-transformers/all-MiniLM-L6-v2"),
     "smollm2-135m-instruct": (_smollm2_path, "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "smollm2": (_smollm2_path, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "dinov2-small": (_dinov2_small_path, "facebook/dinov2-small"),
+    "dinov2": (_dinov2_small_path, "facebook/dinov2-small"),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
