@@ -118,6 +118,9 @@ class TaskConfig(Section):
     max_length: int = Field(64, ge=2)
     packing: bool = False  # instruction: concatenate training examples into full max_length rows
     system_prompt: Optional[str] = None  # instruction: a system message put before every conversation
+    # image tasks: the side of the square images the model sees (the processor's resize and crop scaled to it);
+    # None: the image processor's own size
+    image_size: Optional[int] = Field(None, ge=1)
 
 
 class GenerationConfig(Section):

@@ -31,6 +31,23 @@ def _unfreeze_heads(model, head_names: list[str]) -> None:
                 p.requires_grad_(True)
 
 
+# peft knows the attention projections of text models by model_type; these are the image models' (ViT-style models
+# name them query/key/value like BERT, CLIP and SigLIP vision towers q_proj/k_proj/v_proj): LoRA on the attention's
+# query and value (Hu et al.'s choice), IA3 on key, value and the feed-forward output (peft's BERT entry)
+_VIT = {"lora": ["query", "value"], "ia3": (["key", "value", "output.dense"], ["output.dense"])}
+_DINOV2 = {"lora": ["query", "value"], "ia3": (["key", "value", "fc2"], ["fc2"])}
+_CLIP = {"lora": ["q_proj", "v_proj"], "ia3": (["k_proj", "v_proj", "fc2"], ["fc2"])}
+VISION_TARGETS = {"vit": _VIT, "deit": _VIT, "vit_msn": _VIT, "ijepa": _VIT, "dinov2": _DINOV2,
+                  "dinov2_with_registers": _DINOV2, "clip": _CLIP, "clip_vision_model": _CLIP, "siglip": _CLIP,
+                  "siglip_vision_model": _CLIP, "siglip2": _CLIP, "metaclip_2": _CLIP}
+
+
+def default_targets(model, method: str):
+    """The target modules of ``method`` for an image model peft has no defaults for (None: peft's own)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return VISION_TARGETS.get(model_type, {}).get(method)
+
+
 @METHODS.register("lora")
 def lora(model, cfg, task_type: str, head_names: list[str]):
     """LoRA (Hu et al. 2021): low-rank updates B·A on the target projections; the task head is trained and shared."""
@@ -38,7 +55,7 @@ def lora(model, cfg, task_type: str, head_names: list[str]):
 
     return _peft_wrap(model, LoraConfig(
         task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules, modules_to_save=head_names or None,
+        target_modules=cfg.target_modules or default_targets(model, "lora"), modules_to_save=head_names or None,
     ))
 
 
@@ -130,6 +147,9 @@ def ia3(model, cfg, task_type: str, head_names: list[str]):
     kwargs: dict[str, Any] = {}
     if cfg.target_modules:
         kwargs.update(target_modules=cfg.target_modules, feedforward_modules=[])
+    elif default_targets(model, "ia3") is not None:
+        targets, feedforward = default_targets(model, "ia3")
+        kwargs.update(target_modules=targets, feedforward_modules=feedforward)
     return _peft_wrap(model, IA3Config(task_type=task_type, modules_to_save=head_names or None, **kwargs))
 
 
@@ -212,7 +232,7 @@ def apply_to_blocks(model, cfg, task_type: str, head_names: list[str], layers: l
 
         return _peft_wrap(model, LoraConfig(
             task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-            target_modules=cfg.target_modules, modules_to_save=head_names or None,
+            target_modules=cfg.target_modules or default_targets(model, "lora"), modules_to_save=head_names or None,
             layers_to_transform=list(layers), layers_pattern=blocks_name.rsplit(".", 1)[-1]))
     if cfg.method != "full":
         raise ValueError(f"adapter.method {cfg.method!r}: only lora and full can be put on chosen blocks")

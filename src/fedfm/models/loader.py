@@ -223,6 +223,10 @@ def peek_config(model_cfg) -> Any:
         name = model_cfg.name_or_path
         if name is None or model_cfg.gguf_file or (name in ALIASES and ALIASES[name][0] is _smollm2_path):
             return None  # a GGUF is converted to get at its config
+        if name in ALIASES and ALIASES[name][0] is _dinov2_small_path:
+            from .dinov2 import small_config
+
+            return small_config()  # what the alias is, known without converting its ONNX file
         path = resolve_name_or_path(name)
         return transformers.AutoConfig.from_pretrained(path, revision=model_cfg.revision, local_files_only=True)
     except Exception:  # not at hand: loading the model reports what is wrong

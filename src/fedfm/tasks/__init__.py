@@ -31,6 +31,13 @@ class Task:
         self.device = torch.device("cpu")  # set to the model's device by build_model
 
     @classmethod
+    def check_config(cls, run_cfg) -> None:
+        """Called with the run's config before anything loads: a text task refuses an image model."""
+        from .vision import check_modality
+
+        check_modality(run_cfg, images=cls.reads_images)
+
+    @classmethod
     def load_preprocessor(cls, model_cfg, public_texts: list[str] | None = None):
         """What turns raw examples into model inputs, built once per process and passed to the task as its
         ``tokenizer``: a tokenizer for text tasks; image tasks return their image processor (or a processor pair)."""
@@ -67,7 +74,7 @@ class Task:
         idx = torch.as_tensor(self.rows(enc, indices))
         if generator is not None:
             idx = idx[torch.randperm(len(idx), generator=generator)]
-        else:  # evaluation: rows of similar length together, so batches carry little padding
+        elif "lengths" in enc:  # evaluation: rows of similar length together, so batches carry little padding
             idx = idx[torch.argsort(enc["lengths"][idx], stable=True)]
         for i in range(0, len(idx), batch_size):
             yield self.collate(enc, idx[i:i + batch_size])
@@ -129,11 +136,17 @@ class Classification(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(examples.labels, dtype=torch.long),
                 "lengths": lengths}
 
+    def forward(self, model, batch: dict[str, torch.Tensor]):
+        """The model's output on one batch (under ``autocast``)."""
+        with self.autocast():
+            return model(**batch)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.forward(model, batch).loss
+
     def segment_losses(self, model, batch, sizes):
         """Mean cross-entropy over each client's rows (the transformers head's loss, per client)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with self.autocast():
-            logits = model(**inputs).logits
+        logits = self.forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits
         per_row = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
         return torch.stack([part.mean() for part in per_row.split(sizes)])
 
@@ -143,8 +156,7 @@ class Classification(Task):
         model.eval()
         total_loss, correct, n = 0.0, 0, 0
         for batch in self.batches(enc, indices, batch_size):
-            with self.autocast():
-                out = model(**batch)
+            out = self.forward(model, batch)
             k = len(batch["labels"])
             total_loss += float(out.loss) * k
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
@@ -159,4 +171,4 @@ def make_task(cfg, tokenizer) -> Task:
     return TASKS.get(cfg.task.name)(cfg, tokenizer)
 
 
-from . import instruction, lm  # noqa: E402,F401  (register the causal-LM tasks)
+from . import instruction, lm, vision  # noqa: E402,F401  (register the causal-LM and image tasks)
