@@ -117,7 +117,8 @@ def _prefix_check(run_cfg) -> None:
     from ..tasks import TASKS
     from .loader import peek_model_type
 
-    if TASKS.get(run_cfg.task.name).peft_task_type == "CAUSAL_LM":
+    task_cls = TASKS.get(run_cfg.task.name)
+    if task_cls.peft_task_type == "CAUSAL_LM" or task_cls.reads_images:  # an image task refuses prefixes itself
         return
     model_type = peek_model_type(run_cfg.model)
     if model_type is None or takes_past_key_values(model_type) is not False:

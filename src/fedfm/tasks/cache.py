@@ -2,7 +2,8 @@
 tokenizer and task settings.
 
 The key is a SHA-256 over the task's class and settings, the tokenizer (its full serialized vocabulary, merges,
-special tokens and chat template) and the examples themselves (texts, messages, labels or token ids), so any change
+special tokens and chat template; an image processor's settings) and the examples themselves (texts, messages,
+labels, token ids or every image's pixels), so any change
 to any of them is a different entry. Entries live in ``$FEDFM_CACHE/tokenized/<key>/`` (``tensors.pt`` loaded
 with ``mmap=True``, ``meta.json`` with what the task keeps beside the tensors, e.g. the prompts it will answer),
 written to a temporary folder and renamed, so a crash never leaves half an entry.
@@ -36,6 +37,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if tokenizer is None:
         return "none"
     h = hashlib.sha256(type(tokenizer).__name__.encode())
+    if not hasattr(tokenizer, "get_vocab"):  # an image processor: every setting it resizes and normalises with
+        h.update(tokenizer.to_json_string().encode())
+        return h.hexdigest()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         h.update(backend.to_str().encode())
@@ -52,6 +56,11 @@ def cache_key(task, examples) -> str:
     h.update(tokenizer_fingerprint(task.tokenizer).encode())
     for name in ("texts", "messages", "input_ids"):
         _feed(h, getattr(examples, name, None))
+    images = getattr(examples, "images", None)
+    if images is not None:  # each array's shape and bytes (a list of arrays is not JSON)
+        _feed(h, len(images))
+        for image in images:
+            _feed(h, np.asarray(image))
     labels = getattr(examples, "labels", None)
     _feed(h, None if labels is None else np.asarray(labels))
     return h.hexdigest()
