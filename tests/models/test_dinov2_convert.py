@@ -55,8 +55,10 @@ def test_a_mismatched_weight_would_be_seen_by_the_check(converted):
 def test_the_alias_converts_once_into_a_directory_transformers_loads(tmp_path, monkeypatch):
     import transformers
 
+    from fedfm.models.loader import resolve_name_or_path
+
     monkeypatch.setenv("FEDFM_CACHE", str(tmp_path / "cache"))
-    path = convert_onnx_dinov2(ONNX, "dinov2-small")
+    path = resolve_name_or_path("dinov2-small")
     assert path.startswith(str(tmp_path / "cache" / "models" / "dinov2-small--vit_s_focus-"))
     assert not [p for p in (tmp_path / "cache" / "models").iterdir() if p.name.startswith(".")]  # no temp left
     model = transformers.AutoModelForImageClassification.from_pretrained(path, num_labels=10)
@@ -65,7 +67,7 @@ def test_the_alias_converts_once_into_a_directory_transformers_loads(tmp_path, m
     assert type(processor).__name__ == "BitImageProcessor"
     assert processor.crop_size == {"height": 224, "width": 224} and processor.image_mean == [0.485, 0.456, 0.406]
     monkeypatch.setattr(dinov2, "dinov2_from_onnx", lambda *a: pytest.fail("converted twice"))
-    assert convert_onnx_dinov2(ONNX, "dinov2-small") == path
+    assert convert_onnx_dinov2(ONNX, "dinov2-small", tmp_path / "cache") == path
 
 
 def test_a_file_that_is_not_onnx_is_named(tmp_path):

