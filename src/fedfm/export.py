@@ -73,6 +73,8 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
         merged.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if (final / "preprocessor_config.json").exists():  # an image model's processor, saved by the run
+            shutil.copy2(final / "preprocessor_config.json", tmp / "preprocessor_config.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.rmdir()

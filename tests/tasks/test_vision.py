@@ -136,8 +136,9 @@ def test_batches_are_normalised_as_the_processor_normalises(vision_config):
     assert enc["pixels"].dtype == torch.uint8 and enc["pixels"].shape == (10, 3, 12, 12)
     batch = bundle.task.collate(enc, torch.arange(10))
     # the processor's own float pipeline at the same size: resize the short side to 12·18/16, crop 12, normalise
-    ref = bundle.tokenizer(list(ex.images), size={"shortest_edge": 14}, crop_size={"height": 12, "width": 12},
-                           input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+    processor = bundle.tokenizer  # set to task.image_size for the run (and saved so beside the adapter)
+    assert processor.size == {"shortest_edge": 14} and processor.crop_size == {"height": 12, "width": 12}
+    ref = processor(list(ex.images), input_data_format="channels_last", return_tensors="pt")["pixel_values"]
     assert batch["pixel_values"].dtype == torch.float32
     assert torch.allclose(batch["pixel_values"], ref, atol=1e-5)
     assert batch["labels"].tolist() == labels.tolist()

@@ -109,6 +109,9 @@ class ImageClassification(Classification):
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self._extra: dict[tuple, dict[str, Any]] = {}
+        if cfg.task.image_size:  # the run's processor is at task.image_size (and saved so beside the adapter)
+            for key, value in _sized(tokenizer, cfg.task.image_size).items():
+                setattr(tokenizer, key, value)
         mean, std = getattr(tokenizer, "image_mean", None), getattr(tokenizer, "image_std", None)
         normalize = getattr(tokenizer, "do_normalize", False) and mean is not None and std is not None
         self.scale = float(tokenizer.rescale_factor) if getattr(tokenizer, "do_rescale", False) else 1.0
@@ -132,19 +135,16 @@ class ImageClassification(Classification):
         _check_image_size(run_cfg, config)
 
     def encode(self, examples) -> dict[str, torch.Tensor]:
-        """Every image through the processor once (resize, crop; ``task.image_size`` sets the side), kept as uint8
-        [N, 3, S, S]; the labels."""
+        """Every image through the processor once (resize, crop), kept as uint8 [N, 3, S, S]; the labels."""
         if examples.images is None:
             raise DataError(f"data.source {examples.source!r}: task.name {self.cfg.task.name!r} needs images, the "
                             f"source has {'texts' if examples.texts is not None else 'none'}")
-        side = self.cfg.task.image_size
-        kwargs = dict(_sized(self.tokenizer, side) if side else {}, do_rescale=False, do_normalize=False,
-                      input_data_format="channels_last", return_tensors="np")
+        kwargs = dict(do_rescale=False, do_normalize=False, input_data_format="channels_last", return_tensors="np")
         chunks = []
         for i in range(0, len(examples.images), CHUNK):
             pixels = self.tokenizer(list(examples.images[i:i + CHUNK]), **kwargs)["pixel_values"]
             chunks.append(torch.from_numpy(np.clip(np.round(pixels), 0, 255).astype(np.uint8)))
-        pixels = torch.cat(chunks) if chunks else torch.zeros((0, 3, side or 1, side or 1), dtype=torch.uint8)
+        pixels = torch.cat(chunks) if chunks else torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
         return {"pixels": pixels, "labels": torch.as_tensor(examples.labels, dtype=torch.long)}
 
     def collate(self, enc, sel) -> dict[str, torch.Tensor]:
