@@ -96,6 +96,7 @@ def test_the_shipped_vit_fashion_config_runs_a_few_steps(tmp_path):
     from fedfm.simulation import Simulation, prepare
 
     cfg = load_config("vit-fashion", ["data.max_examples=400", "federation.rounds=1", "federation.clients_per_round=2",
+                                      "federation.min_clients=2",
                                       "client.steps=3", "client.epochs=null", "eval.max_examples=64",
                                       "eval.per_client=false", f"output.dir={tmp_path / 'run'}", "runtime.threads=1",
                                       "data.tokenized_cache=false"])
