@@ -79,11 +79,13 @@ class GaussianNoise(Attack):
         return {n: torch.randn(t.shape, generator=g, dtype=t.dtype) * self.cfg.noise_std for n, t in delta.items()}
 
 
-def _labelled(data, kind: str):
+def _labelled(data, kind: str, texts: bool = False):
+    """The labelled examples a data attack changes (``texts``: it also writes into their texts)."""
     ex = data.examples
-    if ex.labels is None or ex.texts is None:
-        raise ConfigError(f"attack.kind {kind!r} changes labels of text examples: it needs a classification task "
-                          "with data.label_column")
+    if ex.labels is None or (texts and ex.texts is None):
+        what = "labels of text examples" if texts else "labels"
+        raise ConfigError(f"attack.kind {kind!r} changes {what}: it needs a {'text ' if texts else ''}classification "
+                          "task with data.label_column")
     return ex
 
 
@@ -119,7 +121,7 @@ class Backdoor(Attack):
         return ex.label_names.index(t)
 
     def poison_data(self, data):
-        ex = _labelled(data, "backdoor")
+        ex = _labelled(data, "backdoor", texts=True)
         labels, texts = np.array(ex.labels, copy=True), list(ex.texts)
         target = self.target(ex)
         rng = Randomness(self.seed).rng("backdoor")

@@ -194,3 +194,17 @@ def test_an_image_size_the_model_cannot_take_is_refused(vision_config):
                                           r"for 16 px and cannot interpolate them"):
         vision_config(**{"model.from_config": TINY_CLIP, "task.image_size": 24})
     vision_config(**{"model.from_config": TINY_CLIP, "task.image_size": 16})  # its own size is fine
+
+
+def test_label_flipping_attackers_flip_image_labels_and_a_text_backdoor_is_refused(vision_config):
+    cfg = vision_config(**{"attack.kind": "label-flip", "attack.fraction": 0.5, "federation.rounds": 1})
+    prepared = prepare(cfg)
+    clean = prepare(vision_config(**{"federation.rounds": 1})).data.examples.labels
+    bad = sorted(prepared.attack.malicious)
+    assert bad
+    for c in bad:
+        idx = prepared.data.clients[c].train
+        assert (prepared.data.examples.labels[idx] == (clean[idx] + 1) % 4).all()
+    with pytest.raises(ConfigError, match=r"attack.kind 'backdoor' changes labels of text examples: it needs a text "
+                                          r"classification task"):
+        prepare(vision_config(**{"attack.kind": "backdoor", "attack.fraction": 0.5}))
