@@ -12,6 +12,7 @@ seconds of the round: CPU seconds say what the round costs when other processes 
 line per arm are printed and appended to benchmarks/results/vision.jsonl.
 
     PYTHONPATH=src python benchmarks/vision.py [--rounds 10] [--threads 2] [--only pretrained,random] [-o key=value]
+    PYTHONPATH=src python benchmarks/vision.py --render      # the latest run of each arm into docs/vision.md
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from _results import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "vision.jsonl"
+DOC = ROOT / "docs" / "vision.md"
 THREADS = 2  # --threads: 1 is faster when other processes load the cores (no oversubscribed thread pools)
 ARM_TIMEOUT_S = 3600
 
@@ -87,14 +89,54 @@ def run_arm(name: str, rounds: int, extra: list[str], threads: int) -> None:
           "cpus": os.cpu_count(), "date": _dt.datetime.now().isoformat(timespec="seconds")}, RESULTS)
 
 
+def render() -> None:
+    """The latest run of each arm as a table (held-out accuracy per round, final, best, seconds) in docs/vision.md."""
+    runs: dict[str, dict] = {}
+    rounds: dict[str, dict[int, dict]] = {}
+    for line in RESULTS.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("summary"):
+            runs[rec["arm"]] = rec
+        else:
+            if rec["round"] == 1:
+                rounds[rec["arm"]] = {}
+            rounds.setdefault(rec["arm"], {})[rec["round"]] = rec
+    arms = [a for a in ARMS if a in runs]
+    n = max(runs[a]["rounds"] for a in arms)
+    lines = ["| round | " + " | ".join(f"{a}: accuracy | {a}: CPU s" for a in arms) + " |",
+             "|---|" + "---|---|" * len(arms)]
+    for r in range(1, n + 1):
+        cells = []
+        for a in arms:
+            rec = rounds[a].get(r, {})
+            acc, cpu = rec.get("eval_accuracy"), rec.get("round_cpu_s")
+            cells += [f"{acc:.4f}" if acc is not None else "—", f"{cpu:.0f}" if cpu is not None else "—"]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "| arm | final accuracy | best accuracy | trainable / total parameters | setup s | wall s | CPU s | "
+              "threads |", "|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        x = runs[a]
+        lines.append(f"| {a} | {x['final_accuracy']:.4f} | {x['best_accuracy']:.4f} | {x['trainable']:,} / "
+                     f"{x['total']:,} | {x['setup_s']:.0f} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | {x['threads']} |")
+    begin, end = "<!-- vision-results -->", "<!-- /vision-results -->"
+    text = DOC.read_text()
+    head, rest = text.split(begin)
+    DOC.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--arm")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--render", action="store_true", help="the latest results as a table in docs/vision.md")
     ap.add_argument("-o", "--override", action="append", default=[], help="key=value for both arms (e.g. a shorter run)")
     args = ap.parse_args()
+    if args.render:
+        render()
+        return
     if args.arm:
         run_arm(args.arm, args.rounds, args.override, args.threads)
         return
