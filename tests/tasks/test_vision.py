@@ -107,8 +107,9 @@ def test_ia3_bitfit_and_the_head_train_what_they_name(vision_config, method, tra
     assert rows[-1]["aggregated"] and not torch.equal(before, sim.global_flat)
 
 
-def test_batched_clients_get_the_local_runtimes_update(vision_config):
-    cfg = vision_config(**{"partition.alpha": 0.3, "client.epochs": 1, "client.batch_size": 8})
+@pytest.mark.parametrize("method", ["lora", "ia3", "head"])
+def test_batched_clients_get_the_local_runtimes_update(vision_config, method):
+    cfg = vision_config(**{"partition.alpha": 0.3, "client.epochs": 1, "client.batch_size": 8, "adapter.method": method})
     sim = Simulation(prepare(cfg))
     seq, bat = _both(sim, _tasks(sim))
     _compare(sim, seq, bat)
@@ -208,3 +209,23 @@ def test_label_flipping_attackers_flip_image_labels_and_a_text_backdoor_is_refus
     with pytest.raises(ConfigError, match=r"attack.kind 'backdoor' changes labels of text examples: it needs a text "
                                           r"classification task"):
         prepare(vision_config(**{"attack.kind": "backdoor", "attack.fraction": 0.5}))
+
+
+def test_a_run_saves_its_processor_at_the_image_size_and_export_merge_keeps_it(tiny_npz, tmp_path):
+    import transformers
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    overrides = vision_overrides(tiny_npz, tmp_path, **{"task.image_size": 12, "federation.rounds": 1})
+    res = CliRunner().invoke(app, ["run", "bbc-lora", *overrides])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(out), "--merge"])
+    assert res.exit_code == 0, res.output
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(out))
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+    assert type(model).__name__ == "Dinov2ForImageClassification" and model.config.num_labels == 4
+    assert processor.crop_size == {"height": 12, "width": 12}  # what the run trained on, not the 16 it was given
+    pixels = processor(list(make_images(3)[0]), input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+    assert model(pixel_values=pixels).logits.shape == (3, 4)

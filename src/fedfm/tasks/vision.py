@@ -109,7 +109,8 @@ class ImageClassification(Classification):
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self._extra: dict[tuple, dict[str, Any]] = {}
-        if cfg.task.image_size:  # the run's processor is at task.image_size (and saved so beside the adapter)
+        if cfg.task.image_size and tokenizer is not None:  # the run's processor is at task.image_size (and saved so
+            # beside the adapter); none when only the model is rebuilt (fedfm export)
             for key, value in _sized(tokenizer, cfg.task.image_size).items():
                 setattr(tokenizer, key, value)
         mean, std = getattr(tokenizer, "image_mean", None), getattr(tokenizer, "image_std", None)
