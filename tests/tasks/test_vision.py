@@ -229,3 +229,33 @@ def test_a_run_saves_its_processor_at_the_image_size_and_export_merge_keeps_it(t
     assert processor.crop_size == {"height": 12, "width": 12}  # what the run trained on, not the 16 it was given
     pixels = processor(list(make_images(3)[0]), input_data_format="channels_last", return_tensors="pt")["pixel_values"]
     assert model(pixel_values=pixels).logits.shape == (3, 4)
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_a_model_directory_as_the_hub_gives_it_with_its_own_processor(vision_config, tmp_path, kind):
+    """What a hub id resolves to: a directory with config.json, weights and preprocessor_config.json (a full CLIP
+    model's directory gives its vision tower and a fresh head)."""
+    import transformers
+
+    folder = tmp_path / kind
+    if kind == "vit":
+        model = transformers.ViTModel(transformers.ViTConfig(**{k: v for k, v in TINY_VIT.items() if k != "model_type"}))
+        processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16})
+    else:
+        model = transformers.CLIPModel(transformers.CLIPConfig(vision_config=TINY_CLIP["vision_config"],
+                                                               text_config=TINY_CLIP["text_config"]))
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    cfg = vision_config(**{"model.from_config": None, "model.image_processor": None, "model.name_or_path": str(folder),
+                           "federation.rounds": 1})
+    sim = Simulation(prepare(cfg))
+    base = sim.model.get_base_model()
+    assert type(base).__name__ == {"vit": "ViTForImageClassification", "clip": "CLIPForImageClassification"}[kind]
+    own = model.vision_model if kind == "clip" else model
+    emb = "embeddings.patch_embedding.weight" if kind == "clip" else "embeddings.patch_embeddings.projection.weight"
+    got = base.vision_model if kind == "clip" else base.vit
+    assert torch.equal(got.get_parameter(emb), own.get_parameter(emb))  # the directory's weights, not fresh ones
+    target = "q_proj.lora_A" if kind == "clip" else "query.lora_A"
+    assert any(target in n for n in sim.spec.names)
+    assert sim.run()[-1]["aggregated"]
