@@ -18,14 +18,19 @@ from . import TASKS, Classification
 CHUNK = 512  # images through the processor at a time (its float32 intermediates stay small)
 
 
-def image_model_config(config) -> bool:
-    """Whether a transformers config is an image model: a vision tower (``vision_config``), a type transformers
-    classifies images with, or no vocabulary at all."""
+def image_model_config(config, by_type: bool = False) -> bool:
+    """Whether a transformers config is an image model: a vision tower (``vision_config``), image channels
+    (``num_channels``), or no vocabulary at all; with ``by_type`` also a type transformers classifies images with
+    (ImageGPT has a vocabulary of colour clusters), read from transformers' model tables, which only an image task,
+    about to load its model anyway, imports."""
+    if (getattr(config, "vision_config", None) is not None or getattr(config, "num_channels", None) is not None
+            or getattr(config, "vocab_size", None) is None):
+        return True
+    if not by_type:
+        return False
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-    return (getattr(config, "vision_config", None) is not None
-            or config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-            or getattr(config, "vocab_size", None) is None)
+    return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 
 def check_modality(run_cfg, images: bool) -> None:
@@ -37,7 +42,7 @@ def check_modality(run_cfg, images: bool) -> None:
 
 
 def _check_modality(run_cfg, config, images: bool) -> None:
-    if config is None or image_model_config(config) == images:
+    if config is None or image_model_config(config, by_type=images) == images:
         return
     model = run_cfg.model.name_or_path or f"model.from_config ({config.model_type})"
     if images:
