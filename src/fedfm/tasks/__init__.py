@@ -32,7 +32,8 @@ class Task:
 
     @classmethod
     def check_config(cls, run_cfg) -> None:
-        """Called with the run's config before anything loads: a text task refuses an image model."""
+        """Called with the run's config before anything loads: a text task refuses an image model (read with
+        transformers' ``AutoConfig``: its import, about 3 s, is paid at config time instead of at model load)."""
         from .vision import check_modality
 
         check_modality(run_cfg, images=cls.reads_images)
