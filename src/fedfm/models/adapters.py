@@ -122,6 +122,29 @@ lora.lora_ranks = True  # heterogeneous ranks (adapter.rank_per_client) need LoR
 fedsa_lora.lora_ranks = True
 
 
+@METHODS.register("coop")
+def coop(model, cfg, task_type: str, head_names: list[str]):
+    """CoOp (Zhou et al. 2022): M = adapter.num_virtual_tokens context vectors shared by all classes, in front of each
+    class name in the prompts of a frozen CLIP; they are the only trainable (and, as in PromptFL, shared) parameters."""
+    from .coop import PromptedCLIP
+
+    return PromptedCLIP(model, cfg.num_virtual_tokens)
+
+
+def _coop_check(run_cfg) -> None:
+    """CoOp's prompts need class names and a text tower: only a task that builds them (``clip_prompt``) trains it."""
+    from ..tasks import TASKS
+
+    if not getattr(TASKS.get(run_cfg.task.name), "learns_context", False):
+        tasks = ", ".join(n for n in TASKS if getattr(TASKS.get(n), "learns_context", False))
+        raise ValueError(f"adapter.method 'coop' learns the context of a CLIP model's class prompts; task.name "
+                         f"{run_cfg.task.name!r} has no class prompts (use task.name {tasks})")
+
+
+coop.check_config = _coop_check
+coop.virtual_tokens = True  # trains tokens outside the base's layers (no layer to cut at)
+
+
 @METHODS.register("ia3")
 def ia3(model, cfg, task_type: str, head_names: list[str]):
     """IA3 (Liu et al. 2022): learned rescaling vectors on keys, values and feed-forward activations."""

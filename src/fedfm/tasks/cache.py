@@ -2,7 +2,8 @@
 tokenizer and task settings.
 
 The key is a SHA-256 over the task's class and settings, the tokenizer (its full serialized vocabulary, merges,
-special tokens and chat template) and the examples themselves (texts, messages, labels or token ids), so any change
+special tokens and chat template; an image processor's settings) and the examples themselves (texts, messages,
+images, labels or token ids), so any change
 to any of them is a different entry. Entries live in ``$FEDFM_CACHE/tokenized/<key>/`` (``tensors.pt`` loaded
 with ``mmap=True``, ``meta.json`` with what the task keeps beside the tensors, e.g. the prompts it will answer),
 written to a temporary folder and renamed, so a crash never leaves half an entry.
@@ -33,8 +34,16 @@ def _feed(h, obj: Any) -> None:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer; for a processor of several parts (an image task's), each part's; an image processor's
+    settings."""
     if tokenizer is None:
         return "none"
+    if hasattr(tokenizer, "image_processor"):  # a tokenizer and an image processor, as transformers' processors hold
+        parts = [tokenizer_fingerprint(getattr(tokenizer, "tokenizer", None)),
+                 tokenizer_fingerprint(tokenizer.image_processor)]
+        return hashlib.sha256(":".join(parts).encode()).hexdigest()
+    if hasattr(tokenizer, "to_json_string"):  # an image processor: its class and settings
+        return hashlib.sha256((type(tokenizer).__name__ + tokenizer.to_json_string()).encode()).hexdigest()
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -52,6 +61,11 @@ def cache_key(task, examples) -> str:
     h.update(tokenizer_fingerprint(task.tokenizer).encode())
     for name in ("texts", "messages", "input_ids"):
         _feed(h, getattr(examples, name, None))
+    images = getattr(examples, "images", None)
+    if images is not None:  # (text data keeps the keys it always had)
+        _feed(h, len(images))
+        for image in images:
+            _feed(h, np.asarray(image))
     labels = getattr(examples, "labels", None)
     _feed(h, None if labels is None else np.asarray(labels))
     return h.hexdigest()
