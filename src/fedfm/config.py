@@ -163,6 +163,8 @@ class SyntheticConfig(Section):
 class DataConfig(Section):
     source: str = "bbc-news"
     text_column: str = "text"
+    image_column: str = "image"  # image tasks: the column of images (arrays, encoded bytes, file paths)
+    bad_images: Literal["refuse", "skip"] = "refuse"  # an image that cannot be decoded: stop naming it, or leave it out
     format: Literal["auto", "alpaca", "chat", "prompt_completion"] = "auto"  # instruction data: how a row is laid out
     label_column: Optional[str] = "label"
     # the classes, in order (label ids index this list); unset: the sorted labels found in the data. A deployment sets

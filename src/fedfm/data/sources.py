@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import DataError
 from ..randomness import Randomness
 from ..registry import Registry
+from . import images as image_data
 
 BUILTIN_DATASETS: Registry[Callable[[], "object"]] = Registry("built-in dataset")
 FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt")
@@ -124,6 +125,10 @@ def chatterbot_qa() -> Table:
     return table
 
 
+BUILTIN_DATASETS.register("fashion-mnist")(image_data.fashion_mnist)
+BUILTIN_DATASETS.register("lfw-subset")(image_data.lfw_subset)
+
+
 def _read_json(path: Path, lines: bool) -> Table:
     text = path.read_text()
     if not lines:
@@ -178,11 +183,14 @@ def _read_file(path: Path) -> Table:
             import pandas as pd
 
             return _from_frame(pd.read_parquet(path))
+        if path.suffix == ".npz":
+            return image_data.read_npz(path)
     except DataError:
         raise
     except Exception as e:  # readers raise many kinds
         raise DataError(f"data.source: could not read {path}: {type(e).__name__}: {e}") from None
-    raise DataError(f"data.source: {path} has suffix {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}")
+    raise DataError(f"data.source: {path} has suffix {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)} "
+                    "(or .npz arrays of images)")
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -192,8 +200,11 @@ def _is_saved_dataset(path: Path) -> bool:
 def _dataset_table(ds) -> Table:
     """A ``datasets.Dataset`` as columns; a ``ClassLabel`` of -1 (how ``datasets`` marks an unlabelled example, as
     in GLUE's test splits) becomes a missing value."""
-    from datasets import ClassLabel
+    from datasets import ClassLabel, Image
 
+    for name, feature in ds.features.items():  # images stay encoded until load_examples decodes the rows it keeps
+        if isinstance(feature, Image) and feature.decode:
+            ds = ds.cast_column(name, Image(decode=False))
     table = ds.to_dict()
     for name, feature in ds.features.items():
         if isinstance(feature, ClassLabel):
@@ -229,8 +240,11 @@ def read_table(source: str) -> Table:
     if _is_saved_dataset(path):
         return _read_saved_dataset(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+    if not files and image_data.image_files(path):
+        return image_data.read_image_folder(path, image_data.image_files(path))
     if not files:
-        raise DataError(f"data.source: folder {path} holds no {', '.join(FILE_SUFFIXES)} file and is not a saved dataset")
+        raise DataError(f"data.source: folder {path} holds no {', '.join(FILE_SUFFIXES)} file, no image in class "
+                        "folders, and is not a saved dataset")
     tables = []
     for f in files:  # a .txt file in a folder is one example (a document); other files hold rows
         rel = f.relative_to(path).as_posix()
@@ -377,7 +391,7 @@ def label_order(names) -> list[str]:
 def concat_examples(a: Examples, b: Examples) -> Examples:
     """``a``'s examples then ``b``'s (one party's training file and its test file), labels numbered over both."""
     out = Examples(texts=None, source=a.source, notes=a.notes + b.notes)
-    for name in ("texts", "input_ids", "messages"):
+    for name in ("texts", "input_ids", "messages", "images"):
         x, y = getattr(a, name), getattr(b, name)
         if (x is None) != (y is None):
             raise DataError(f"{b.source}: its rows are not of the same kind as {a.source}'s ({name})")
@@ -418,10 +432,18 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
     pre_tokenized = "input_ids" in table and data_cfg.text_column not in table and not needs_labels
     keep = np.ones(n, dtype=bool)
     convs = None
-    if chat:
+    if images:
+        if data_cfg.image_column not in table:
+            raise DataError(f"data.image_column: column {data_cfg.image_column!r} not found in {src} (this task reads "
+                            f"images); columns are: {', '.join(c for c in map(str, table) if c != '__split__')}")
+        keep &= np.array([v is not None for v in table[data_cfg.image_column]])
+    elif chat:
         convs = _conversations(table, data_cfg)
         keep &= np.array([c is not None for c in convs])
     elif not pre_tokenized:
+        if data_cfg.text_column not in table and data_cfg.image_column in table:
+            raise DataError(f"data.text_column: {src} holds images (column {data_cfg.image_column!r}), not text; this "
+                            "task reads text (for images use task.name image_classification or clip_prompt)")
         keep &= np.array([_present(v) for v in _column(table, "data.text_column", data_cfg.text_column, src)])
     if needs_labels:
         if not data_cfg.label_column:
@@ -436,18 +458,32 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
         _column(table, "data.client_column", data_cfg.client_column, src)
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
-        what = "conversation with an assistant answer" if chat else "text and a label" if needs_labels else "text"
+        what = ("image" if images else "conversation with an assistant answer" if chat else "text")
+        what += " and a label" if needs_labels and not chat else ""
         raise DataError(f"data.source: {src} has no row with a {what}")
     if data_cfg.max_examples and len(rows) > data_cfg.max_examples:
         rng = Randomness(seed).rng("subsample")
         rows = np.sort(rng.choice(rows, data_cfg.max_examples, replace=False))
+
+    decoded = None
+    if images:  # only the rows kept are decoded; one that cannot be is refused or skipped (data.bad_images)
+        files = table.get("file") or [None] * n
+        base = Path(src).expanduser() if Path(src).expanduser().is_dir() else None
+        decoded, bad_notes = image_data.decode_images([table[data_cfg.image_column][i] for i in rows],
+                                                      [files[i] for i in rows], data_cfg.bad_images, src, base)
+        ok = np.array([d is not None for d in decoded])
+        rows, decoded, notes = rows[ok], [d for d in decoded if d is not None], notes + bad_notes
+        if len(rows) == 0:
+            raise DataError(f"data.source: no image of {src} can be decoded")
 
     def col(name: str) -> list:
         values = table[name]
         return [values[i] for i in rows]
 
     ex = Examples(texts=None, source=src, notes=notes)
-    if chat:
+    if images:
+        ex.images = decoded
+    elif chat:
         ex.messages = [convs[i] for i in rows]
     elif pre_tokenized:
         ex.input_ids = [list(map(int, r)) for r in col("input_ids")]
