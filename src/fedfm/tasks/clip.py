@@ -94,7 +94,10 @@ class ClipPrompt(Task):
             raise ValueError(f"task.name 'clip_prompt' learns CoOp's prompt context on a frozen CLIP; adapter.method "
                              f"{cfg.adapter.method!r} is not supported with it (set adapter.method: coop)")
         if cfg.data.label_names is not None:
-            class_prompt_names(cfg.data.label_names, "data.label_names")
+            try:
+                class_prompt_names(cfg.data.label_names, "data.label_names")
+            except DataError as e:
+                raise ValueError(str(e)) from None
         from ..models.loader import empty_base, peek_config
 
         config = peek_config(cfg.model)
