@@ -57,6 +57,22 @@ def image_key(image: np.ndarray) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+def _missing_clip_parts(model_cfg) -> list[str]:
+    """What of CLIP's layout the model lacks, read from its modules built on the meta device (no weights), once per
+    model section in a process."""
+    key = model_cfg.model_dump_json(include={"name_or_path", "from_config", "revision"})
+    if key not in _LAYOUTS:
+        from ..models.coop import missing_parts
+        from ..models.loader import empty_base
+
+        base = empty_base(model_cfg, ClipPrompt.auto_class)
+        _LAYOUTS[key] = missing_parts(base) if base is not None else []
+    return _LAYOUTS[key]
+
+
+_LAYOUTS: dict[str, list[str]] = {}
+
+
 @TASKS.register("clip_prompt")
 class ClipPrompt(Task):
     """CoOp prompt learning on a frozen CLIP: cross-entropy of s · cos(f(image), w(prompt of c)) over the classes c;
@@ -98,7 +114,7 @@ class ClipPrompt(Task):
                 class_prompt_names(cfg.data.label_names, "data.label_names")
             except DataError as e:
                 raise ValueError(str(e)) from None
-        from ..models.loader import empty_base, peek_config
+        from ..models.loader import peek_config
 
         config = peek_config(cfg.model)
         model = "model.from_config" if cfg.model.from_config is not None else f"model.name_or_path {cfg.model.name_or_path!r}"
@@ -106,13 +122,10 @@ class ClipPrompt(Task):
             raise ValueError(f"task.name 'clip_prompt' needs a CLIP-style image-text model (a config with text_config "
                              f"and vision_config); {model} (model_type {config.model_type!r}) has no text tower")
         if config is not None:
-            from ..models.coop import missing_parts
-
-            base = empty_base(cfg.model, cls.auto_class)  # on the meta device: no weights read
-            missing = missing_parts(base) if base is not None else []
+            missing = _missing_clip_parts(cfg.model)
             if missing:
-                raise ValueError(f"task.name 'clip_prompt': {model} (model_type {config.model_type!r}, "
-                                 f"{type(base).__name__}) does not have CLIP's layout: no {', '.join(missing)}")
+                raise ValueError(f"task.name 'clip_prompt': {model} (model_type {config.model_type!r}) does not "
+                                 f"have CLIP's layout: no {', '.join(missing)}")
 
     def model_kwargs(self, examples) -> dict[str, Any]:
         """Checks the class names and the initial context against the tokenizer before the base loads."""
