@@ -140,12 +140,12 @@ def test_federated_prompt_learning_moves_only_the_context(tmp_path):
     zero-shot CLIP, and the held-out loss falls."""
     cfg = clip_config(tmp_path, write_npz(tmp_path / "colours.npz"))
     sim = Simulation(prepare(cfg))
-    assert sim.spec.names == ["context"] and sim.spec.shapes["context"] == (M, WIDTH)
+    assert sim.spec.names == ["context_vectors.weight"] and sim.spec.shapes["context_vectors.weight"] == (M, WIDTH)
     base = {n: p.detach().clone() for n, p in sim.model.clip.named_parameters()}
     assert not any(p.requires_grad for p in sim.model.clip.parameters())
     start = sim.global_flat.clone()
     payload = make_codec("fp32").encode(sim.spec.unflatten(start))
-    assert list(make_codec("fp32").decode(payload)) == ["context"]
+    assert list(make_codec("fp32").decode(payload)) == ["context_vectors.weight"]
     rows = sim.run()
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     one = len(payload)
@@ -199,3 +199,28 @@ def test_context_init_must_fill_the_context(tmp_path):
     assert b.model.context.shape == (6, WIDTH) and 0.01 < float(b.model.context.std().detach()) < 0.03  # N(0, 0.02)
     again = build_model(cfg, in_memory())
     assert torch.equal(b.model.context, again.model.context)  # drawn by purpose coop_context from the run's seed
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_built_in_clip_fashion_config_on_fashion_mnist(tmp_path):
+    """The shipped config with the tiny CLIP in place of ViT-B/32: the ten Fashion-MNIST class names are the prompts,
+    one round runs from zero-shot (round 0)."""
+    from fedfm.config import load_config
+
+    over = {"model.name_or_path": None, "model.from_config": TINY_CLIP, "model.tokenizer": "minilm",
+            "model.image_processor": PROCESSOR, "data.max_examples": 400, "partition.num_clients": 3,
+            "federation.clients_per_round": 3, "federation.min_clients": 1, "federation.rounds": 1,
+            "client.steps": 2, "client.epochs": None, "eval.max_examples": 64, "runtime.threads": 1,
+            "output.dir": str(tmp_path / "run")}
+    cfg = load_config("clip-fashion", [f"{k}={json.dumps(v) if isinstance(v, dict) or v is None else v}"
+                                       for k, v in over.items()])
+    assert cfg.adapter.method == "coop" and cfg.adapter.context_init == "a photo of a"
+    sim = Simulation(prepare(cfg))
+    from fedfm.data.images import FASHION_MNIST_CLASSES
+
+    assert sorted(sim.task.class_names) == sorted(FASHION_MNIST_CLASSES)
+    assert sim.model.class_names == sim.task.class_names
+    rows = sim.run()
+    assert [r["round"] for r in rows] == [0, 1]
+    assert all(np.isfinite(r["eval_loss"]) and 0 <= r["eval_accuracy"] <= 1 for r in rows)

@@ -55,6 +55,15 @@ def text_features_from_embeds(clip, inputs_embeds: torch.Tensor, eos_positions: 
     return clip.text_projection(pooled)
 
 
+class ContextVectors(torch.nn.Module):
+    """[V]_1..[V]_M: the one trainable tensor, [M, width], in a module of its own (no buffers, never called: per-example
+    gradients under DP-SGD are taken one example at a time, ``privacy.dpsgd.one_at_a_time``)."""
+
+    def __init__(self, num_context: int, width: int, device=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(num_context, width, device=device))
+
+
 class PromptedCLIP(torch.nn.Module):
     """The frozen CLIP ``clip`` and CoOp's context ``context`` ([M, width], the only trainable parameter).
 
@@ -76,15 +85,19 @@ class PromptedCLIP(torch.nn.Module):
         # its values are set by the task once the prompts are known (CLIPPrompt.prepare_model): a phrase's token
         # embeddings (adapter.context_init) or N(0, 0.02)
         device = embedding.weight.device
-        self.context = torch.nn.Parameter(torch.zeros(num_context, embedding.embedding_dim, device=device))
-        self.register_buffer("prompt_ids", torch.zeros(0, num_context + 2, dtype=torch.long, device=device),
-                             persistent=False)
-        self.register_buffer("eos_positions", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self.context_vectors = ContextVectors(num_context, embedding.embedding_dim, device)
+        # the class prompts (set_prompts), kept on the context's device
+        self.prompt_ids = torch.zeros(0, num_context + 2, dtype=torch.long, device=device)
+        self.eos_positions = torch.zeros(0, dtype=torch.long, device=device)
         self.class_names: list[str] = []
 
     @property
     def config(self):
         return self.clip.config
+
+    @property
+    def context(self) -> torch.nn.Parameter:
+        return self.context_vectors.weight
 
     @property
     def num_context(self) -> int:
@@ -113,7 +126,7 @@ class PromptedCLIP(torch.nn.Module):
         """[K, T, width]: each class's prompt embeddings with [V]_1..[V]_M in place of the placeholders."""
         if not len(self.prompt_ids):
             raise RuntimeError("PromptedCLIP: no class prompts (set_prompts was not called)")
-        tokens = self.clip.text_model.embeddings.token_embedding(self.prompt_ids)  # frozen
+        tokens = self.clip.text_model.embeddings.token_embedding(self.prompt_ids.to(self.context.device))  # frozen
         m = self.num_context
         ctx = self.context.to(tokens.dtype).unsqueeze(0).expand(len(tokens), -1, -1)
         return torch.cat([tokens[:, :1], ctx, tokens[:, 1 + m:]], dim=1)
