@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PLACEHOLDER = "X"  # CoOp's placeholder token, one per context vector, replaced by [V]_i before the text transformer
 CLIP_PARTS = ("text_model.embeddings.token_embedding", "text_model.encoder", "text_model.final_layer_norm",
               "text_projection", "vision_model", "visual_projection", "logit_scale")
 

@@ -24,6 +24,7 @@ from ..errors import ConfigError, DataError
 from . import TASKS, Task
 
 BARE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+PLACEHOLDER = "X"  # CoOp's placeholder token, one per context vector, replaced by [V]_i before the text transformer
 
 
 class ClipPreprocessor:
@@ -57,22 +58,6 @@ def image_key(image: np.ndarray) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def _missing_clip_parts(model_cfg) -> list[str]:
-    """What of CLIP's layout the model lacks, read from its modules built on the meta device (no weights), once per
-    model section in a process."""
-    key = model_cfg.model_dump_json(include={"name_or_path", "from_config", "revision"})
-    if key not in _LAYOUTS:
-        from ..models.coop import missing_parts
-        from ..models.loader import empty_base
-
-        base = empty_base(model_cfg, ClipPrompt.auto_class)
-        _LAYOUTS[key] = missing_parts(base) if base is not None else []
-    return _LAYOUTS[key]
-
-
-_LAYOUTS: dict[str, list[str]] = {}
-
-
 @TASKS.register("clip_prompt")
 class ClipPrompt(Task):
     """CoOp prompt learning on a frozen CLIP: cross-entropy of s · cos(f(image), w(prompt of c)) over the classes c;
@@ -104,8 +89,8 @@ class ClipPrompt(Task):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """Before anything loads: CoOp is what this task trains, the model has a text and a vision tower in CLIP's
-        layout, and class names given in the config are names."""
+        """Before anything loads: CoOp is what this task trains (whose own check refuses a model without CLIP's text
+        and vision towers), and class names given in the config are names."""
         if cfg.adapter.method != "coop":
             raise ValueError(f"task.name 'clip_prompt' learns CoOp's prompt context on a frozen CLIP; adapter.method "
                              f"{cfg.adapter.method!r} is not supported with it (set adapter.method: coop)")
@@ -114,18 +99,6 @@ class ClipPrompt(Task):
                 class_prompt_names(cfg.data.label_names, "data.label_names")
             except DataError as e:
                 raise ValueError(str(e)) from None
-        from ..models.loader import peek_config
-
-        config = peek_config(cfg.model)
-        model = "model.from_config" if cfg.model.from_config is not None else f"model.name_or_path {cfg.model.name_or_path!r}"
-        if config is not None and not (hasattr(config, "text_config") and hasattr(config, "vision_config")):
-            raise ValueError(f"task.name 'clip_prompt' needs a CLIP-style image-text model (a config with text_config "
-                             f"and vision_config); {model} (model_type {config.model_type!r}) has no text tower")
-        if config is not None:
-            missing = _missing_clip_parts(cfg.model)
-            if missing:
-                raise ValueError(f"task.name 'clip_prompt': {model} (model_type {config.model_type!r}) does not "
-                                 f"have CLIP's layout: no {', '.join(missing)}")
 
     def model_kwargs(self, examples) -> dict[str, Any]:
         """Checks the class names and the initial context against the tokenizer before the base loads."""
@@ -138,8 +111,6 @@ class ClipPrompt(Task):
         return {}
 
     def _placeholder_id(self) -> int:
-        from ..models.coop import PLACEHOLDER
-
         ids = self.tokenizer.tokenizer(PLACEHOLDER, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ConfigError(f"model.tokenizer: CoOp's placeholder {PLACEHOLDER!r} is {len(ids)} tokens for this "
@@ -150,7 +121,7 @@ class ClipPrompt(Task):
         """Token ids of every class prompt ``[SOS] X..X name . [EOS]`` (padded after [EOS]) and each [EOS] position."""
         tok, m = self.tokenizer.tokenizer, self.cfg.adapter.num_virtual_tokens
         x = self._placeholder_id()
-        texts = [" ".join(["X"] * m) + f" {name}." for name in self.class_names]
+        texts = [" ".join([PLACEHOLDER] * m) + f" {name}." for name in self.class_names]
         rows = tok(texts, add_special_tokens=True)["input_ids"]
         for name, row in zip(self.class_names, rows):
             if row[1:1 + m] != [x] * m or len(row) < m + 3 or row[-1] not in tok.all_special_ids:
