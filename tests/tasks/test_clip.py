@@ -224,3 +224,12 @@ def test_the_built_in_clip_fashion_config_on_fashion_mnist(tmp_path):
     rows = sim.run()
     assert [r["round"] for r in rows] == [0, 1]
     assert all(np.isfinite(r["eval_loss"]) and 0 <= r["eval_accuracy"] <= 1 for r in rows)
+
+
+def test_the_batched_runtime_runs_clip_clients_one_after_another(tmp_path):
+    cfg = clip_config(tmp_path, write_npz(tmp_path / "colours.npz", n=48), **{"runtime.name": "batched",
+                                                                               "federation.rounds": 1})
+    sim = Simulation(prepare(cfg))
+    assert any("adapter.method 'coop'" in n and "one after another" in n for n in sim.runtime.notes), sim.runtime.notes
+    rows = sim.run()
+    assert rows[-1]["aggregated"] and np.isfinite(rows[-1]["eval_loss"])
