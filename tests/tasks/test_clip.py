@@ -233,3 +233,24 @@ def test_the_batched_runtime_runs_clip_clients_one_after_another(tmp_path):
     assert any("adapter.method 'coop'" in n and "one after another" in n for n in sim.runtime.notes), sim.runtime.notes
     rows = sim.run()
     assert rows[-1]["aggregated"] and np.isfinite(rows[-1]["eval_loss"])
+
+
+def test_the_saved_context_loads_back_onto_a_fresh_clip(bundle, tmp_path):
+    model, task = bundle.model, bundle.task
+    enc = task.encode(in_memory())
+    batch = task.collate(enc, torch.arange(12))
+    start = model.context.detach().clone()
+    with torch.no_grad():
+        model.context.add_(torch.randn(model.context.shape, generator=torch.Generator().manual_seed(1)))
+        want = task.logits(model, batch)
+    model.save_pretrained(str(tmp_path / "model"))
+    with torch.no_grad():
+        model.context.copy_(start)  # the module's bundle as the other tests found it
+    assert json.loads((tmp_path / "model" / "coop_config.json").read_text())["class_names"] == COLOURS
+    fresh = build_model(task.cfg, in_memory())
+    fresh.model.load_context(str(tmp_path / "model"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.task.logits(fresh.model, batch), want)
+    other = build_model(task.cfg, in_memory(names=["crimson", "green", "blue"]))
+    with pytest.raises(ValueError, match="learned for the classes"):
+        other.model.load_context(str(tmp_path / "model"))

@@ -160,3 +160,19 @@ class PromptedCLIP(torch.nn.Module):
         tmp = out / f".coop_config.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, out / "coop_config.json")
+
+    @torch.no_grad()
+    def load_context(self, path: str) -> None:
+        """The context ``save_pretrained`` wrote into ``path`` (a run's ``model/``), checked against this model's M,
+        width and class names."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        meta = json.loads((folder / "coop_config.json").read_text())
+        context = load_file(str(folder / "coop_context.safetensors"))["context"]
+        if tuple(context.shape) != tuple(self.context.shape):
+            raise ValueError(f"{folder}: a context of shape {tuple(context.shape)}; this model's is "
+                             f"{tuple(self.context.shape)}")
+        if self.class_names and meta.get("class_names") and meta["class_names"] != self.class_names:
+            raise ValueError(f"{folder}: learned for the classes {meta['class_names']}, not {self.class_names}")
+        self.context.copy_(context)
