@@ -190,6 +190,12 @@ def test_other_methods_and_tasks_are_refused_at_config_time(tmp_path):
         clip_config(tmp_path, "x.npz", **{"task.name": "classification"})
 
 
+def test_prompts_longer_than_the_text_model_reads_are_refused_before_the_base_loads(tmp_path):
+    cfg = clip_config(tmp_path, "memory", **{"adapter.num_virtual_tokens": 30, "adapter.context_init": None})
+    with pytest.raises(ConfigError, match=r"adapter\.num_virtual_tokens: the prompts are up to 34 tokens.*at most 32"):
+        build_model(cfg, in_memory())
+
+
 def test_context_init_must_fill_the_context(tmp_path):
     cfg = clip_config(tmp_path, "memory", **{"adapter.num_virtual_tokens": 6})
     with pytest.raises(ConfigError, match=r"adapter\.context_init: 'a photo of a' is 4 tokens.*num_virtual_tokens"):

@@ -106,8 +106,16 @@ class ClipPrompt(Task):
         if examples.labels is not None and len(examples.labels) and int(np.max(examples.labels)) >= len(self.class_names):
             raise DataError(f"data.label_names: {len(self.class_names)} class name(s) for labels up to "
                             f"{int(np.max(examples.labels))}; give one name per class")
-        self._prompt_rows()
+        ids, eos = self._prompt_rows()
         self._context_tokens()
+        from ..models.loader import peek_config
+
+        limit = getattr(getattr(peek_config(self.cfg.model), "text_config", None), "max_position_embeddings", None)
+        if limit is not None and ids.shape[1] > limit:
+            longest = self.class_names[int(eos.argmax())]
+            raise ConfigError(f"adapter.num_virtual_tokens: the prompts are up to {ids.shape[1]} tokens ([SOS], "
+                              f"{self.cfg.adapter.num_virtual_tokens} context vectors, the class name, e.g. "
+                              f"{longest!r}, '.' and [EOS]); the text model reads at most {limit}")
         return {}
 
     def _placeholder_id(self) -> int:
