@@ -4,6 +4,7 @@ before any weights load. A tiny CLIP built from a config; the MiniLM WordPiece t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,8 +166,8 @@ def test_bare_integer_labels_are_refused_naming_label_names(tmp_path):
         clip_config(tmp_path, "x.npz", **{"data.label_names": ["0", "1", "2"]})
 
 
-def test_fewer_names_than_classes_are_refused_naming_label_names():
-    cfg = clip_config(__import__("pathlib").Path("/tmp"), "memory")
+def test_fewer_names_than_classes_are_refused_naming_label_names(tmp_path):
+    cfg = clip_config(tmp_path, "memory")
     ex = in_memory()
     ex.label_names = ["red", "green"]
     with pytest.raises(DataError, match=r"data\.label_names: 2 class name\(s\) for labels up to 2"):
@@ -207,7 +208,7 @@ def test_context_init_must_fill_the_context(tmp_path):
     assert torch.equal(b.model.context, again.model.context)  # drawn by purpose coop_context from the run's seed
 
 
-@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_built_in_clip_fashion_config_on_fashion_mnist(tmp_path):
     """The shipped config with the tiny CLIP in place of ViT-B/32: the ten Fashion-MNIST class names are the prompts,

@@ -81,7 +81,7 @@ class PromptedCLIP(torch.nn.Module):
             p.requires_grad_(False)
         self.clip = clip.eval()
         embedding = clip.text_model.embeddings.token_embedding
-        # its values are set by the task once the prompts are known (CLIPPrompt.prepare_model): a phrase's token
+        # its values are set by the task once the prompts are known (ClipPrompt.prepare_model): a phrase's token
         # embeddings (adapter.context_init) or N(0, 0.02)
         device = embedding.weight.device
         self.context_vectors = ContextVectors(num_context, embedding.embedding_dim, device)
