@@ -261,3 +261,21 @@ def test_the_saved_context_loads_back_onto_a_fresh_clip(bundle, tmp_path):
     other = build_model(task.cfg, in_memory(names=["crimson", "green", "blue"]))
     with pytest.raises(ValueError, match="learned for the classes"):
         other.model.load_context(str(tmp_path / "model"))
+
+
+def test_the_tokenized_cache_tells_images_and_image_processors_apart(bundle, tmp_path):
+    """Two image sources with the same labels are two cache entries (the key hashes the images), and so are two image
+    processors; the same images and settings are read back from the cache."""
+    from fedfm.tasks.cache import cache_key, encode_cached
+
+    task = bundle.task
+    a, b = in_memory(), in_memory()
+    b.images = [np.ascontiguousarray(im[::-1]) for im in b.images]  # the same labels, other pixels
+    assert cache_key(task, a) != cache_key(task, b)
+    assert cache_key(task, a) == cache_key(task, in_memory())
+    other = type(task)(task.cfg, type(task.tokenizer)(task.tokenizer.tokenizer, type(task.tokenizer.image_processor)(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})))
+    assert cache_key(other, a) != cache_key(task, a)
+    first, hit = encode_cached(task, a, tmp_path)
+    again, hit_again = encode_cached(task, a, tmp_path)
+    assert not hit and hit_again and torch.equal(first["images"], again["images"])
