@@ -104,6 +104,23 @@ def test_a_run_whose_every_client_crashes_stops_with_the_error(tiny_config, tmp_
     assert rows[-1]["round"] == 1 and rows[-1]["aggregated"] is False  # the failed round is still logged
 
 
+def test_a_fedbuff_run_whose_every_client_crashes_stops_too(tiny_config):
+    """FedBuff waits for buffer_size updates; when every client crashes none ever comes, and the round used to wait
+    forever. After as many crashes as clients with no update, the round ends and the run stops with the error."""
+    from fedfm.errors import ClientFailure
+
+    cfg = tiny_config(**{"federation.rounds": 2, "federation.schedule": "fedbuff", "federation.buffer_size": 2,
+                         "federation.concurrency": 2})
+    server = Simulation(prepare(cfg))
+
+    def broken(task):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    server.runtime.client_fn = broken
+    with pytest.raises(ClientFailure, match="round 1: every sampled client.*illegal memory access"):
+        server.run()
+
+
 def test_too_few_clients_leaves_global_unchanged(tiny_config):
     cfg = tiny_config(**{"federation.rounds": 1, "federation.clients_per_round": 2, "federation.min_clients": 2})
     server = Simulation(prepare(cfg))

@@ -54,6 +54,18 @@ COMPANIONS: dict[tuple[str, Any], dict[str, Any]] = {
     ("codec.name", "int8"): {"codec.stochastic": True},
     ("codec.name", "topk"): {"codec.fraction": 0.1, "codec.values": "int8"},  # top-k + int8 values
     ("codec.name", "randk"): {"codec.fraction": 0.1},
+    # CoOp learns the prompts of a CLIP: the CLIP task on a tiny CLIP and scikit-image's faces (named classes)
+    ("adapter.method", "coop"): {"task.name": "clip_prompt", "data.source": "lfw-subset", "adapter.num_virtual_tokens": 2,
+                                 "adapter.target_modules": None,
+                                 "model.from_config": {
+        "model_type": "clip", "projection_dim": 16, "text_config": {
+            "vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": 101, "eos_token_id": 102,
+            "pad_token_id": 0},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 32, "patch_size": 8}},
+        "model.image_processor": {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
+                                  "crop_size": {"height": 32, "width": 32}}},
     ("client.algorithm", "fedbpt"): {"blackbox.intrinsic_dim": 4, "blackbox.popsize": 2, "blackbox.iterations": 1,
                                      "adapter.num_virtual_tokens": 2},
 }

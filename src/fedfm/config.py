@@ -88,7 +88,10 @@ class AdapterConfig(Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Optional[list[str]] = None
-    num_virtual_tokens: int = Field(10, ge=1)
+    num_virtual_tokens: int = Field(10, ge=1)  # prompt/prefix: soft tokens; coop: M, the context vectors
+    # coop: a phrase whose token embeddings are the initial context ("a photo of a" with num_virtual_tokens 4: round 0
+    # is zero-shot CLIP); None: N(0, 0.02)
+    context_init: Optional[str] = None
     personal: list[str] = []  # parameter-name parts that stay on each client (e.g. classifier, lora_B)
     rank_per_client: Optional[list[int] | dict[int, float]] = None  # heterogeneous LoRA ranks: a list, or tiers
     # such as {4: 0.3, 8: 0.4, 16: 0.3} (fractions of clients); adapter.r must be the largest rank

@@ -76,6 +76,7 @@ PURPOSES: dict[str, Purpose] = {
     "transfer_public": Purpose(38, what="transfer.public_fraction's public set, carved before partitioning"),
     "transfer_distill": Purpose(39, style="derive", what="which public rows a distillation step of fedmd takes"),
     "conversion_check": Purpose(42, what="the fixed input an ONNX model and its conversion are compared on"),
+    "coop_context": Purpose(44, what="CoOp's initial context vectors, N(0, 0.02), when adapter.context_init gives none"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),

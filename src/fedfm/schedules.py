@@ -157,6 +157,8 @@ class FedBuff(Schedule):
             self.sim_time = max(self.sim_time, finish)
             if res.error is not None:
                 failed.append(res)
+                if not buffer and len(failed) >= len(s.server.client_sizes) and all(r.crashed for r in failed):
+                    break  # as many crashes as clients and no update: the client code fails, waiting would not end
                 continue
             buffer.append(res)
             stale.append(self.version - started)

@@ -69,6 +69,7 @@ def build_model(cfg, examples, public_texts: list[str] | None = None, adapt=None
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
     model = (adapt or apply_adapter)(base, cfg.adapter, task.peft_task_type, task.head_names)
+    task.prepare_model(model)
     model.train()
     task.device = next(model.parameters()).device
     patterns = personal_patterns(cfg.adapter)

@@ -152,6 +152,60 @@ lora.lora_ranks = True  # heterogeneous ranks (adapter.rank_per_client) need LoR
 fedsa_lora.lora_ranks = True
 
 
+@METHODS.register("coop")
+def coop(model, cfg, task_type: str, head_names: list[str]):
+    """CoOp (Zhou et al. 2022): M = adapter.num_virtual_tokens context vectors shared by all classes, in front of each
+    class name in the prompts of a frozen CLIP; they are the only trainable (and, as in PromptFL, shared) parameters."""
+    from .coop import PromptedCLIP
+
+    return PromptedCLIP(model, cfg.num_virtual_tokens)
+
+
+def _coop_check(run_cfg) -> None:
+    """CoOp's prompts need class names and a text tower: only a task that builds them (``clip_prompt``) trains it, on
+    a model with CLIP's text and vision towers, read from its config (and its modules on the meta device)."""
+    from ..tasks import TASKS
+    from .loader import peek_config
+
+    if not getattr(TASKS.get(run_cfg.task.name), "learns_context", False):
+        tasks = ", ".join(n for n in TASKS if getattr(TASKS.get(n), "learns_context", False))
+        raise ValueError(f"adapter.method 'coop' learns the context of a CLIP model's class prompts; task.name "
+                         f"{run_cfg.task.name!r} has no class prompts (use task.name {tasks})")
+    config = peek_config(run_cfg.model)
+    if config is None:  # not at hand (a Hub id not in the cache): loading it reports what is wrong
+        return
+    m = run_cfg.model
+    model = "model.from_config" if m.from_config is not None else f"model.name_or_path {m.name_or_path!r}"
+    task = f"task.name {run_cfg.task.name!r}"
+    if not (hasattr(config, "text_config") and hasattr(config, "vision_config")):
+        raise ValueError(f"{task} needs a CLIP-style image-text model (a config with text_config and vision_config); "
+                         f"{model} (model_type {config.model_type!r}) has no text tower")
+    missing = _missing_clip_parts(m, TASKS.get(run_cfg.task.name).auto_class)
+    if missing:
+        raise ValueError(f"{task}, adapter.method 'coop': {model} (model_type {config.model_type!r}) does not have "
+                         f"CLIP's layout: no {', '.join(missing)}")
+
+
+_LAYOUTS: dict[str, list[str]] = {}
+
+
+def _missing_clip_parts(model_cfg, auto_class: str) -> list[str]:
+    """What of CLIP's layout the model lacks, read from its modules built on the meta device (no weights), once per
+    model section in a process."""
+    key = model_cfg.model_dump_json(include={"name_or_path", "from_config", "revision"}) + auto_class
+    if key not in _LAYOUTS:
+        from .coop import missing_parts
+        from .loader import empty_base
+
+        base = empty_base(model_cfg, auto_class)
+        _LAYOUTS[key] = missing_parts(base) if base is not None else []
+    return _LAYOUTS[key]
+
+
+coop.check_config = _coop_check
+coop.virtual_tokens = True  # trains tokens outside the base's layers (no layer to cut at)
+
+
 @METHODS.register("ia3")
 def ia3(model, cfg, task_type: str, head_names: list[str]):
     """IA3 (Liu et al. 2022): learned rescaling vectors on keys, values and feed-forward activations."""

@@ -64,6 +64,10 @@ class Task:
     def model_kwargs(self, examples) -> dict[str, Any]:
         return {}
 
+    def prepare_model(self, model) -> None:
+        """What the task sets on the adapted model, once, before the server reads the initial shared state (CoOp:
+        the class prompts and the initial context)."""
+
     def encode(self, examples) -> dict[str, torch.Tensor]:
         """Tokenize every example once per run: a dict of tensors with N rows."""
         raise NotImplementedError
@@ -172,4 +176,4 @@ def make_task(cfg, tokenizer) -> Task:
     return TASKS.get(cfg.task.name)(cfg, tokenizer)
 
 
-from . import instruction, lm, vision  # noqa: E402,F401  (register the causal-LM and image tasks)
+from . import clip, instruction, lm, vision  # noqa: E402,F401  (register the CLIP, causal-LM and image tasks)

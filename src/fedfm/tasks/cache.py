@@ -3,7 +3,7 @@ tokenizer and task settings.
 
 The key is a SHA-256 over the task's class and settings, the tokenizer (its full serialized vocabulary, merges,
 special tokens and chat template; an image processor's settings) and the examples themselves (texts, messages,
-labels, token ids or every image's pixels), so any change
+images, labels or token ids), so any change
 to any of them is a different entry. Entries live in ``$FEDFM_CACHE/tokenized/<key>/`` (``tensors.pt`` loaded
 with ``mmap=True``, ``meta.json`` with what the task keeps beside the tensors, e.g. the prompts it will answer),
 written to a temporary folder and renamed, so a crash never leaves half an entry.
@@ -34,12 +34,17 @@ def _feed(h, obj: Any) -> None:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer; for a processor of several parts (an image task's), each part's; an image processor's
+    settings."""
     if tokenizer is None:
         return "none"
+    if hasattr(tokenizer, "image_processor"):  # a tokenizer and an image processor, as transformers' processors hold
+        parts = [tokenizer_fingerprint(getattr(tokenizer, "tokenizer", None)),
+                 tokenizer_fingerprint(tokenizer.image_processor)]
+        return hashlib.sha256(":".join(parts).encode()).hexdigest()
+    if hasattr(tokenizer, "to_json_string"):  # an image processor: its class and settings
+        return hashlib.sha256((type(tokenizer).__name__ + tokenizer.to_json_string()).encode()).hexdigest()
     h = hashlib.sha256(type(tokenizer).__name__.encode())
-    if not hasattr(tokenizer, "get_vocab"):  # an image processor: every setting it resizes and normalises with
-        h.update(tokenizer.to_json_string().encode())
-        return h.hexdigest()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         h.update(backend.to_str().encode())
@@ -57,7 +62,7 @@ def cache_key(task, examples) -> str:
     for name in ("texts", "messages", "input_ids"):
         _feed(h, getattr(examples, name, None))
     images = getattr(examples, "images", None)
-    if images is not None:  # each array's shape and bytes (a list of arrays is not JSON)
+    if images is not None:  # (text data keeps the keys it always had)
         _feed(h, len(images))
         for image in images:
             _feed(h, np.asarray(image))
