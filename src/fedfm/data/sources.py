@@ -126,6 +126,7 @@ def chatterbot_qa() -> Table:
 
 
 BUILTIN_DATASETS.register("fashion-mnist")(image_data.fashion_mnist)
+BUILTIN_LABEL_ORDER = {"fashion-mnist": image_data.FASHION_MNIST_CLASSES}  # numbered as the dataset numbers them
 BUILTIN_DATASETS.register("lfw-subset")(image_data.lfw_subset)
 
 
@@ -491,8 +492,11 @@ def load_examples(data_cfg, needs_labels: bool, seed: int = 0, chat: bool = Fals
         ex.texts = [str(t) for t in col(data_cfg.text_column)]
     if needs_labels:
         values = col(data_cfg.label_column)
-        if data_cfg.label_names is not None:  # the classes every party numbers alike (a deployment's sites)
-            ex.labels, ex.label_names = _named_labels(values, data_cfg.label_names, src), list(data_cfg.label_names)
+        names = data_cfg.label_names  # the classes every party numbers alike (a deployment's sites)
+        if names is None and src in BUILTIN_LABEL_ORDER and data_cfg.label_column == "label":
+            names = BUILTIN_LABEL_ORDER[src]  # a built-in dataset's own class ids
+        if names is not None:
+            ex.labels, ex.label_names = _named_labels(values, names, src), list(names)
             values = None
     if needs_labels and values is not None:
         numeric = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
