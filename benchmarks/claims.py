@@ -331,25 +331,39 @@ def measure_dp(args) -> list[dict]:
 
 def _render_alone(records):
     by = latest(records, "arm")
-    fed, alone = by.get("federated"), by.get("alone")
-    if not (fed and alone):
+    tables, verdicts, curves = [], [], {}
+    for setting, label in ALONE_SETTINGS.items():
+        fed, alone = by.get(f"federated{setting}"), by.get(f"alone{setting}")
+        if not (fed and alone):
+            continue
+        f_acc = fed["rows"][-1]["client_acc"]
+        a_acc = alone["rows"][-1]["client_acc_personal"]
+        lines = [f"{label}:\n", "| client | local-only acc (own test split) | federated acc (own test split) |",
+                 "|---|---|---|"]
+        wins = 0
+        for cid in sorted(f_acc, key=int):
+            wins += f_acc[cid] > a_acc.get(cid, -1)
+            lines.append(f"| {cid} | {fmt(a_acc.get(cid))} | {fmt(f_acc[cid])} |")
+        mean_f, mean_a = sum(f_acc.values()) / len(f_acc), sum(a_acc.values()) / len(a_acc)
+        lines.append(f"| mean | {mean_a:.3f} | {mean_f:.3f} |")
+        tables.append("\n".join(lines))
+        ok = wins > len(f_acc) / 2 and mean_f > mean_a
+        verdicts.append(f"{label}: " + ("supported" if ok else "NOT supported") + f": the federated model is better "
+                        f"on {wins} of {len(f_acc)} clients' own test splits (mean {mean_f:.3f} against {mean_a:.3f} "
+                        "alone)")
+        curves[f"local-only, {label}"] = [(int(c), v) for c, v in sorted(a_acc.items(), key=lambda kv: int(kv[0]))]
+        curves[f"federated, {label}"] = [(int(c), v) for c, v in sorted(f_acc.items(), key=lambda kv: int(kv[0]))]
+    if not tables:
         return "not measured yet", plot("alone", {}, "client", "accuracy", "")
-    f_acc = fed["rows"][-1]["client_acc"]
-    a_acc = alone["rows"][-1]["client_acc_personal"]
-    lines = ["| client | local-only acc (own test split) | federated acc (own test split) |", "|---|---|---|"]
-    wins = 0
-    for cid in sorted(f_acc, key=int):
-        wins += f_acc[cid] > a_acc.get(cid, -1)
-        lines.append(f"| {cid} | {fmt(a_acc.get(cid))} | {fmt(f_acc[cid])} |")
-    mean_f, mean_a = sum(f_acc.values()) / len(f_acc), sum(a_acc.values()) / len(a_acc)
-    lines.append(f"| mean | {mean_a:.3f} | {mean_f:.3f} |")
-    ok = wins > len(f_acc) / 2 and mean_f > mean_a
-    verdict = (("supported" if ok else "NOT supported") + f": the federated model is better on {wins} of "
-               f"{len(f_acc)} clients' own test splits (mean {mean_f:.3f} against {mean_a:.3f} alone)")
-    png = plot("alone", {"local-only": [(int(c), v) for c, v in sorted(a_acc.items(), key=lambda kv: int(kv[0]))],
-                         "federated": [(int(c), v) for c, v in sorted(f_acc.items(), key=lambda kv: int(kv[0]))]},
-               "client", "accuracy on its own test split", "federated vs each client alone, Dirichlet(0.1)")
-    return "\n".join(lines) + f"\n\n- {verdict}", png
+    png = plot("alone", curves, "client", "accuracy on its own test split", "federated vs each client alone")
+    return "\n\n".join(tables) + "\n\n" + "\n".join(f"- {v}" for v in verdicts), png
+
+
+# arm suffix -> the partition: bbc-lora's 10 clients, all every round, under Dirichlet(0.1) (each client's test split
+# as skewed as its training data); and 40 small clients (about 45 articles each), Dirichlet(1.0), 10 a round
+ALONE_OVERRIDES = {"": ["partition.alpha=0.1", "federation.clients_per_round=10"],
+                   "@small": ["partition.alpha=1.0", "partition.num_clients=40", "federation.clients_per_round=10"]}
+ALONE_SETTINGS = {"": "10 clients, Dirichlet(0.1)", "@small": "40 small clients, Dirichlet(1.0)"}
 
 
 @claim("alone", "Federation beats each small client training alone (per-client accuracy, local-only against "
@@ -357,10 +371,13 @@ def _render_alone(records):
 def measure_alone(args) -> list[dict]:
     # the same run twice: shared (FedAvg), and with every trained parameter personal, so that each client trains
     # only its own LoRA and head on only its own data, in the same rounds and steps (local-only)
-    base = BBC_NON_IID + [f"federation.rounds={args.rounds}", "eval.per_client=true", "federation.clients_per_round=10"]
-    arms = {"federated": [], "alone": ["adapter.personal=[lora_A,lora_B,classifier]"]}
-    return [emit(run("bbc-lora", base + extra, args, claim="alone", arm=arm), RESULTS) for arm, extra in arms.items()
-            if not args.only or arm in args.only]
+    out = []
+    for setting, overrides in ALONE_OVERRIDES.items():
+        base = overrides + [f"federation.rounds={args.rounds}", "eval.per_client=true", "eval.every=1"]
+        for arm, extra in {"federated": [], "alone": ["adapter.personal=[lora_A,lora_B,classifier]"]}.items():
+            if not args.only or arm + setting in args.only:
+                out.append(emit(run("bbc-lora", base + extra, args, claim="alone", arm=arm + setting), RESULTS))
+    return out
 
 
 # ------------------------------------------------------------ 6. communication and ownership against LoRA
