@@ -43,6 +43,7 @@ class Claim:
 
 
 CLAIMS: dict[str, Claim] = {}
+FROM_TABLES = {"forgetting"}  # claims rendered from another benchmark's results file (their measure runs it)
 
 
 def claim(name: str, statement: str, render: Callable[[list[dict]], tuple[str, str]]):
@@ -380,6 +381,53 @@ def measure_alone(args) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------------ 5. forgetting and its mitigations
+
+FORGETTING_ARMS = ("none", "replay", "ewc", "olora")
+
+
+def _render_forgetting(records):
+    runs: dict[tuple[str, int], dict] = {}
+    for r in _read("continual"):
+        if r.get("arm") in FORGETTING_ARMS + ("ewc-1e3", "ewc-1e4", "replay+olora") and "forgetting" in r:
+            runs[(r["arm"], r["seed"])] = r  # the latest of each arm and seed
+    if not runs:
+        return "not measured yet", plot("forgetting", {}, "", "", "")
+    lines = ["| mitigation | seed | average acc A_T | forgetting F_T | BWT |", "|---|---|---|---|---|"]
+    order = [a for a in FORGETTING_ARMS + ("ewc-1e3", "ewc-1e4", "replay+olora")]
+    for (arm, seed), r in sorted(runs.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        lines.append(f"| {arm} | {seed} | {r['average']:.3f} | {r['forgetting']:.3f} | {r['bwt']:.3f} |")
+    verdicts = []
+    seeds = sorted({seed for arm, seed in runs if arm == "none"})
+    for arm in order[1:]:
+        pairs = [(runs[("none", sd)]["forgetting"], runs[(arm, sd)]["forgetting"]) for sd in seeds if (arm, sd) in runs]
+        if not pairs:
+            continue
+        less = sum(m < n - 0.05 for n, m in pairs)
+        verdicts.append(f"{arm}: " + ("reduces forgetting" if less == len(pairs) else "does NOT reduce forgetting"
+                                      if less == 0 else "reduces forgetting in some seeds only") +
+                        f" ({less} of {len(pairs)} seeds by more than 0.05; F_T "
+                        + ", ".join(f"{m:.3f} against {n:.3f}" for n, m in pairs) + " without a mitigation)")
+    curves = {arm: [(seed, r["forgetting"]) for (a, seed), r in sorted(runs.items()) if a == arm] for arm in order}
+    png = plot("forgetting", curves, "seed", "forgetting F_T (lower is better)",
+               "bbc-continual: 3 class-incremental stages, MiniLM + LoRA")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts), png
+
+
+@claim("forgetting", "A federation that learns in stages forgets the earlier stages, and each mitigation (replay, "
+                     "EWC, O-LoRA) reduces that forgetting (bbc-continual, benchmarks/continual.py).",
+       _render_forgetting)
+def measure_forgetting(args) -> list[dict]:
+    import os
+    import subprocess
+
+    arms = [a for a in FORGETTING_ARMS if not args.only or a in args.only]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'benchmarks'}"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "continual.py"), "--only", ",".join(arms),
+                    "--seeds", "0", "--rounds", "3"], env=env, check=True)
+    return []
+
+
 # ------------------------------------------------------------ 6. communication and ownership against LoRA
 
 def _read(name: str) -> list[dict]:
@@ -458,6 +506,8 @@ def render() -> None:
     for c in CLAIMS.values():
         mine = [r for r in records if r.get("claim") == c.name]
         parts.append(f"## `{c.name}`\n\n*{c.statement}*\n")
+        if not mine and c.name in FROM_TABLES:
+            mine = [{"claim": c.name, "arm": "from tables"}]
         if not mine:
             parts.append("Not measured yet.\n")
             continue
