@@ -75,6 +75,11 @@ PURPOSES: dict[str, Purpose] = {
     "synthetic_rows": Purpose(41, what="which of data.synthetic's pool rows a client gets, per client and class"),
     "transfer_public": Purpose(38, what="transfer.public_fraction's public set, carved before partitioning"),
     "transfer_distill": Purpose(39, style="derive", what="which public rows a distillation step of fedmd takes"),
+    "continual_replay": Purpose(45, what="the order a client offers a stage's rows to its replay buffer, and the "
+                                "reservoir's draws"),
+    "continual_fisher": Purpose(46, what="the own examples a client estimates EWC's Fisher on, per stage"),
+    "olora_init": Purpose(47, style="derive", what="O-LoRA's new LoRA A at the start of each stage"),
+    "continual_eval": Purpose(48, what="the held-out examples of each stage scored after every stage"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),
