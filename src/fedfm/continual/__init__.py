@@ -92,7 +92,8 @@ def _values(cfg, data) -> tuple[Optional[np.ndarray], list[str], Optional[np.nda
 def _check_known(values: list[str], known: list[str], where: str, what: str) -> None:
     unknown = [v for v in values if v not in known]
     if unknown:
-        raise ConfigError(f"{where}: {unknown[0]!r} is not a {what} of the data; its {what}s are: "
+        plural = {"class": "classes"}.get(what, f"{what}s")
+        raise ConfigError(f"{where}: {unknown[0]!r} is not a {what} of the data; its {plural} are: "
                           f"{', '.join(map(repr, known[:20]))}{' …' if len(known) > 20 else ''}")
 
 
