@@ -310,3 +310,17 @@ def test_bad_continual_config_is_refused_naming_the_key(continual_config, extra,
 
 def test_stages_set_the_rounds_of_the_run(continual_config):
     assert continual_config(**{"federation.rounds": 50}).federation.rounds == 4
+
+
+@pytest.mark.parametrize("name, kind", [("bbc-continual", "classes"), ("chatterbot-continual", "domains")])
+def test_the_built_in_continual_configs_plan_three_stages(name, kind):
+    cfg = load_config(name)
+    prepared = prepare_continual(cfg)
+    plan, ex = prepared.plan, prepared.data.examples
+    assert len(plan.names) == 3 and cfg.federation.rounds == sum(plan.rounds)
+    if kind == "classes":
+        labels = np.asarray(ex.label_names)[ex.labels]
+        for s, st in enumerate(cfg.continual.stages):
+            assert set(labels[np.concatenate(list(plan.train[s].values()))]) == set(st.classes)
+            assert set(labels[plan.held_out[s]]) == set(st.classes)
+    assert all(len(h) for h in plan.held_out)
