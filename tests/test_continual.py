@@ -324,3 +324,10 @@ def test_the_built_in_continual_configs_plan_three_stages(name, kind):
             assert set(labels[np.concatenate(list(plan.train[s].values()))]) == set(st.classes)
             assert set(labels[plan.held_out[s]]) == set(st.classes)
     assert all(len(h) for h in plan.held_out)
+
+
+def test_a_deployment_refuses_stages(continual_config):
+    from fedfm.deploy import check_config
+
+    with pytest.raises(ConfigError, match=r"deployment: continual\.stages: a lifelong federation runs in a simulation"):
+        check_config(continual_config())
