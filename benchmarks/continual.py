@@ -5,7 +5,7 @@ query/value and the classifier head; BBC News with its five topics arriving in t
 politics+sports, then entertainment; 10 IID clients, 5 a round, 1 local epoch, 3 rounds a stage), the same seed and
 the same rounds. Arms: ``none`` (no mitigation), ``replay`` (each client's reservoir buffer of 32 of its own rows),
 ``ewc`` (λ = ``continual.ewc.lam``, Fisher on 32 own examples per stage), ``olora`` (a new LoRA per stage,
-λ1 = 0.5).
+λ1 = 0.5); and ``ewc-1e3``, ``ewc-1e4`` (EWC with λ = 1000, 10000), ``replay+olora`` (both).
 
 Per arm and seed, one process each (``--arm``): the accuracy matrix R (after each stage, on the server's held-out
 articles of every stage), and after the last stage the average accuracy, forgetting (Chaudhry et al. 2018), backward
@@ -34,7 +34,12 @@ DOC = ROOT / "docs" / "continual.md"
 THREADS = 1
 ARM_TIMEOUT_S = 3600
 ARMS = {"none": [], "replay": ["continual.mitigations=[replay]"], "ewc": ["continual.mitigations=[ewc]"],
-        "olora": ["continual.mitigations=[olora]"]}
+        "olora": ["continual.mitigations=[olora]"],
+        # EWC's λ: the config's 100, and two stronger anchors (class-incremental EWC is known to be weak: van de Ven
+        # et al. 2019), to tell a weak method from a mistuned one
+        "ewc-1e3": ["continual.mitigations=[ewc]", "continual.ewc.lam=1000"],
+        "ewc-1e4": ["continual.mitigations=[ewc]", "continual.ewc.lam=10000"],
+        "replay+olora": ["continual.mitigations=[replay,olora]"]}
 
 
 def run_arm(name: str, seed: int, rounds: int) -> dict:
