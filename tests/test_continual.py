@@ -290,6 +290,9 @@ def test_an_unknown_class_names_the_stage_key_and_the_value(continual_config, mo
     stages = [TWO_STAGES[0], {**TWO_STAGES[1], "join": [7]}]
     with pytest.raises(ConfigError, match=r"continual\.stages\[1\]\.join: client 7 does not exist"):
         prepare_continual(continual_config(stages))
+    stages = [TWO_STAGES[0], {**TWO_STAGES[1], "join": [3]}]
+    with pytest.raises(ConfigError, match=r"continual\.stages\[0\]: privacy\.mode client: 3 of the 4 clients"):
+        prepare_continual(continual_config(stages, **{"privacy.mode": "client", "privacy.noise_multiplier": 1.0}))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -331,3 +334,24 @@ def test_a_deployment_refuses_stages(continual_config):
 
     with pytest.raises(ConfigError, match=r"deployment: continual\.stages: a lifelong federation runs in a simulation"):
         check_config(continual_config())
+
+
+def test_mitigations_compose_with_the_algorithms_own_gradient_hook(continual_config):
+    """FedProx's (or SCAFFOLD's) hook still runs, and each mitigation's term is added after it."""
+    from fedfm.client.continual import EWC
+
+    cfg = continual_config(mitigations=["replay", "ewc"], **{"client.algorithm": "fedprox"})
+    sim = ContinualSimulation(prepare_continual(cfg))
+    sim._load_global()
+    sim.ctx.continual.end_stage(0, sim.local[0], 0)
+    calls = []
+    own, hook = sim.ctx.continual.prepare(0, sim.local[0], lambda params: calls.append(len(params)))
+    assert len(own.train) == len(sim.local[0].train) + len(sim.ctx.continual.mitigations[0].buffer(0)["labels"])
+    params = list(sim.spec.params.values())
+    (F, theta), = sim.ctx.continual.get(EWC).anchors(0)
+    sim.spec.load_flat(theta + 1.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    hook(params)
+    assert calls == [len(params)]
+    assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in params]), cfg.continual.ewc.lam * F, atol=1e-5)

@@ -142,6 +142,10 @@ def plan_stages(cfg, data) -> StagePlan:
         if len(with_rows) < max(cfg.federation.min_clients, 1):
             raise ConfigError(f"{where}: {len(with_rows)} of its {len(ids)} clients have training rows of it, fewer "
                               f"than federation.min_clients ({cfg.federation.min_clients})")
+        if cfg.privacy.mode == "client" and len(with_rows) < n:
+            raise ConfigError(f"{where}: privacy.mode client: {len(with_rows)} of the {n} clients can be sampled in "
+                              f"this stage (the others have not joined or hold no row of it), so clients are sampled "
+                              f"at a higher rate than the accountant assumes (of all {n})")
         held = own(data.test)
         if not len(held):
             raise ConfigError(f"{where}: the held-out set has no example of it (data.test_fraction "
