@@ -283,6 +283,6 @@ class ContinualSimulation(Simulation):
         super()._after_rounds(rows)
 
     def run(self, initial: Optional[bool] = None) -> list[dict[str, Any]]:
-        """The stages' rounds (``initial``: as ``fedfm run`` asks a driver; the round-0 evaluation follows
-        ``eval.initial`` as in a simulation)."""
+        """The stages' rounds. ``initial`` is what ``fedfm run`` passes a driver; the round-0 evaluation follows
+        ``eval.initial``, as in any simulation."""
         return super().run()

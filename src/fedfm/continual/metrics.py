@@ -62,9 +62,10 @@ def plot_matrix(R: Sequence[Sequence[float]], names: list[str], metric: str, pat
                 colour = "white" if dark else "black"
                 ax.text(j, i, f"{R[i, j]:.3f}", ha="center", va="center", fontsize=8, color=colour)
         ax.set_xticks(range(R.shape[1]), [names[j] for j in range(R.shape[1])], rotation=30, ha="right")
-        ax.set_yticks(range(R.shape[0]), [f"after {names[i]}" for i in range(R.shape[0])])
-        ax.set_xlabel(f"held-out examples of stage (held-out {metric})")
-        ax.set_title(f"{metric} matrix R[i, j]")
+        ax.set_yticks(range(R.shape[0]), [names[i] for i in range(R.shape[0])])
+        ax.set_xlabel("held-out examples of stage j")
+        ax.set_ylabel("after training stage i")
+        ax.set_title(f"held-out {metric} R[i, j]")
         fig.colorbar(im, ax=ax, shrink=0.8)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
