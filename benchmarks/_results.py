@@ -47,3 +47,15 @@ def arms_main(script: str, arms: list[str], run_arm, render, results: Path, time
         for arm in [a for a in args.only.split(",") if a] or arms:
             subprocess.run([sys.executable, script, "--arm", arm, "--seed", str(seed), "--rounds", str(args.rounds)],
                            env=env, check=True, timeout=timeout_s)
+
+
+def seed_means(latest: dict, arms, keys) -> dict:
+    """``{arm: {key: mean over its seeds}}`` for each arm measured on more than one seed (``latest``: the latest
+    record of each (arm, seed))."""
+    out = {}
+    for arm in arms:
+        runs = [r for (a, _), r in latest.items() if a == arm]
+        if len(runs) > 1:
+            out[arm] = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
+            out[arm]["seeds"] = len(runs)
+    return out

@@ -26,7 +26,7 @@ import platform
 import time
 from pathlib import Path
 
-from _results import arms_main
+from _results import arms_main, seed_means
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "continual.jsonl"
@@ -84,12 +84,9 @@ def render() -> None:
         lines.append(f"| {arm} | {seed} | {r['rounds_per_stage']} | {' / '.join(f'{v:.3f}' for v in r['R'][-1])} | "
                      f"{r['average']:.3f} | {r['forgetting']:.3f} | {r['bwt']:.3f} | {r['fwt']:.3f} | "
                      f"{r['wall_s']:.0f} |")
-    for arm in order:
-        runs = [r for (a, _), r in latest.items() if a == arm]
-        if len(runs) > 1:
-            mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("average", "forgetting", "bwt")}
-            lines.append(f"| {arm} | mean of {len(runs)} | | | {mean['average']:.3f} | {mean['forgetting']:.3f} | "
-                         f"{mean['bwt']:.3f} | | |")
+    for arm, mean in seed_means(latest, order, ("average", "forgetting", "bwt")).items():
+        lines.append(f"| {arm} | mean of {mean['seeds']} | | | {mean['average']:.3f} | {mean['forgetting']:.3f} | "
+                     f"{mean['bwt']:.3f} | | |")
     begin, end = "<!-- continual-table -->", "<!-- /continual-table -->"
     text = DOC.read_text()
     head, rest = text.split(begin)

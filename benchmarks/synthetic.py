@@ -29,7 +29,7 @@ import platform
 import time
 from pathlib import Path
 
-from _results import arms_main
+from _results import arms_main, seed_means
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "synthetic.jsonl"
@@ -98,13 +98,10 @@ def render() -> None:
         lines.append(f"| {arm} | {seed} | {r['rounds']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
                      f"{r['client_acc_mean']:.4f} | {r['client_acc_worst10']:.4f} | {syn} | {gen} | "
                      f"{r['wall_s']:.0f} |")
-    for arm in ARMS:
-        runs = [r for (a, _), r in latest.items() if a == arm]
-        if len(runs) > 1:
-            mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("final_accuracy", "best_accuracy",
-                                                                      "client_acc_mean", "client_acc_worst10")}
-            lines.append(f"| {arm} | mean of {len(runs)} | | {mean['final_accuracy']:.4f} | {mean['best_accuracy']:.4f} "
-                         f"| {mean['client_acc_mean']:.4f} | {mean['client_acc_worst10']:.4f} | | | |")
+    for arm, mean in seed_means(latest, ARMS, ("final_accuracy", "best_accuracy", "client_acc_mean",
+                                                "client_acc_worst10")).items():
+        lines.append(f"| {arm} | mean of {mean['seeds']} | | {mean['final_accuracy']:.4f} | {mean['best_accuracy']:.4f} "
+                     f"| {mean['client_acc_mean']:.4f} | {mean['client_acc_worst10']:.4f} | | | |")
     sample = next((r["sample"] for (a, _), r in sorted(latest.items()) if a == "synthetic"), [])
     if sample:
         lines += ["", f"A sample of the generated rows ({SAMPLE_PER_CLASS} per topic, verbatim, seed "
