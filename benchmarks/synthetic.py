@@ -22,17 +22,14 @@ latest line of each (arm, seed) and a sample of the generated rows into docs/own
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _results import emit
+from _results import arms_main, seed_means
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "synthetic.jsonl"
@@ -101,13 +98,10 @@ def render() -> None:
         lines.append(f"| {arm} | {seed} | {r['rounds']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
                      f"{r['client_acc_mean']:.4f} | {r['client_acc_worst10']:.4f} | {syn} | {gen} | "
                      f"{r['wall_s']:.0f} |")
-    for arm in ARMS:
-        runs = [r for (a, _), r in latest.items() if a == arm]
-        if len(runs) > 1:
-            mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("final_accuracy", "best_accuracy",
-                                                                      "client_acc_mean", "client_acc_worst10")}
-            lines.append(f"| {arm} | mean of {len(runs)} | | {mean['final_accuracy']:.4f} | {mean['best_accuracy']:.4f} "
-                         f"| {mean['client_acc_mean']:.4f} | {mean['client_acc_worst10']:.4f} | | | |")
+    for arm, mean in seed_means(latest, ARMS, ("final_accuracy", "best_accuracy", "client_acc_mean",
+                                                "client_acc_worst10")).items():
+        lines.append(f"| {arm} | mean of {mean['seeds']} | | {mean['final_accuracy']:.4f} | {mean['best_accuracy']:.4f} "
+                     f"| {mean['client_acc_mean']:.4f} | {mean['client_acc_worst10']:.4f} | | | |")
     sample = next((r["sample"] for (a, _), r in sorted(latest.items()) if a == "synthetic"), [])
     if sample:
         lines += ["", f"A sample of the generated rows ({SAMPLE_PER_CLASS} per topic, verbatim, seed "
@@ -123,27 +117,7 @@ def render() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--only", default="")
-    ap.add_argument("--arm")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--render", action="store_true")
-    args = ap.parse_args()
-    if args.render:
-        render()
-        return
-    if args.arm:
-        emit(run_arm(args.arm, args.seed, args.rounds), RESULTS)
-        return
-    arms = [a for a in args.only.split(",") if a] or list(ARMS)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'benchmarks'}"}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for arm in arms:  # one process per arm: neither arm's allocations or caches help the other
-            subprocess.run([sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--rounds", str(args.rounds)],
-                           env=env, check=True, timeout=ARM_TIMEOUT_S)
-
+    arms_main(__file__, list(ARMS), run_arm, render, RESULTS, ARM_TIMEOUT_S, default_rounds=10)
 
 if __name__ == "__main__":
     main()

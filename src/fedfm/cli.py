@@ -238,9 +238,9 @@ def _run_driver(cfg, driver, run_dir, resume: bool, overwrite: bool, warn, t0: f
 
     try:
         if resume:
-            raise FedfmError(f"--resume: client.algorithm {cfg.client.algorithm!r} runs in {driver.__module__}."
-                             f"{driver.__name__}, which keeps no checkpoints; start a new run (another output.dir "
-                             f"or --overwrite)")
+            chosen_by = "continual.stages" if cfg.continual.stages else f"client.algorithm {cfg.client.algorithm!r}"
+            raise FedfmError(f"--resume: {chosen_by} runs in {driver.__module__}.{driver.__name__}, which does not "
+                             f"resume from checkpoints; start a new run (another output.dir or --overwrite)")
         open_run_dir(run_dir, False, overwrite, warn)  # touches nothing
         prepared = driver.prepare(cfg)  # data + config checks, before any model loads
         desc = prepared.data.describe()

@@ -420,6 +420,94 @@ class TransferGroup(Section):
     clients: int | list[int]  # how many (the next client ids, in the order of the groups) or which ids
 
 
+class ContinualDrift(Section):
+    """One drift of a stage: these clients' own data change to the rows of other classes or domains."""
+
+    clients: list[int] = Field(min_length=1)  # client ids
+    classes: Optional[list[str]] = Field(None, min_length=1)  # label names the drifting clients' rows now have
+    domains: Optional[list[str]] = Field(None, min_length=1)  # or values of continual.domain_column
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ContinualDrift":
+        if (self.classes is None) == (self.domains is None):
+            raise ValueError("a drift gives the clients' new data as classes or as domains (exactly one of them)")
+        return self
+
+
+class ContinualStage(Section):
+    """One stage of a lifelong federation: its rounds, and what arrives (docs/continual.md)."""
+
+    name: Optional[str] = None  # default: stage<i>
+    rounds: int = Field(ge=1)
+    classes: Optional[list[str]] = Field(None, min_length=1)  # class-incremental: the label names of this stage
+    domains: Optional[list[str]] = Field(None, min_length=1)  # domain-incremental: values of continual.domain_column
+    join: list[int] = []  # clients that join at this stage (before it they are never sampled)
+    drift: list[ContinualDrift] = []  # clients whose data differ from the stage's at this stage
+
+    @model_validator(mode="after")
+    def _what_arrives(self) -> "ContinualStage":
+        if self.classes is not None and self.domains is not None:
+            raise ValueError("a stage gives its data as classes or as domains, not both")
+        return self
+
+
+class ReplayConfig(Section):
+    """continual.mitigations replay: each client's bounded buffer of its own earlier rows (reservoir sampling)."""
+
+    size: int = Field(32, ge=1)  # rows a client keeps at most
+
+
+class EWCConfig(Section):
+    """continual.mitigations ewc (Kirkpatrick et al. 2017): the local loss adds λ/2 Σ_s Σ_i F_s,i (θ_i − θ*_s,i)²."""
+
+    lam: float = Field(100.0, ge=0)  # λ
+    fisher_examples: int = Field(32, ge=1)  # a client's own examples its diagonal Fisher is estimated on, per stage
+
+
+class OLoRAConfig(Section):
+    """continual.mitigations olora (O-LoRA, Wang et al. 2023): a new LoRA per stage, orthogonal to the earlier ones."""
+
+    lam: float = Field(0.5, ge=0)  # λ1 of the orthogonality loss λ1 Σ_{s<t} ‖A_s A_tᵀ‖²
+
+
+class ContinualConfig(Section):
+    """A lifelong federation (docs/continual.md): the data arrive in stages and the federation trains across them."""
+
+    stages: list[ContinualStage] = []  # none: an ordinary run
+    mitigations: list[str] = []  # composable: replay, ewc, olora (client.continual.MITIGATIONS)
+    domain_column: Optional[str] = None  # the column the stages' domains are values of
+    eval_examples: Optional[int] = Field(None, ge=1)  # held-out examples per stage scored after each stage (None: all)
+    replay: ReplayConfig = ReplayConfig()
+    ewc: EWCConfig = EWCConfig()
+    olora: OLoRAConfig = OLoRAConfig()
+
+    @model_validator(mode="after")
+    def _stages(self) -> "ContinualConfig":
+        if self.mitigations and not self.stages:
+            raise ValueError("continual.mitigations: there are no continual.stages to mitigate forgetting across")
+        for m in self.mitigations:
+            if self.mitigations.count(m) > 1:
+                raise ValueError(f"continual.mitigations: {m!r} is listed twice")
+        names = [s.name or f"stage{i}" for i, s in enumerate(self.stages)]
+        for i, s in enumerate(self.stages):
+            if names.count(names[i]) > 1:
+                raise ValueError(f"continual.stages[{i}].name: {names[i]!r} names two stages")
+            if i > 0 and s.classes is None and s.domains is None and not s.join and not s.drift:
+                raise ValueError(f"continual.stages[{i}]: nothing arrives (give classes, domains, join or drift)")
+            if s.name is None:
+                s.name = names[i]
+        joined = [c for s in self.stages for c in s.join]
+        twice = sorted({c for c in joined if joined.count(c) > 1})
+        if twice:
+            raise ValueError(f"continual.stages[].join: client(s) {twice} join more than once")
+        if self.stages and self.stages[0].join:
+            raise ValueError("continual.stages[0].join: every client not joining later is there from the first stage")
+        kinds = {k for s in self.stages for k in ("classes", "domains") if getattr(s, k) is not None}
+        if len(kinds) > 1:
+            raise ValueError("continual.stages: some stages give classes and others domains; use one kind per run")
+        return self
+
+
 class TransferConfig(Section):
     """client.algorithm fedmd (FedMD, Li & Wang 2019; FedDF, Lin et al. 2020): clients running different models
     exchange only their logits on a public set; the server distils their consensus into its foundation model and
@@ -459,6 +547,7 @@ class RunConfig(Section):
     blackbox: BlackBoxConfig = BlackBoxConfig()
     offsite: OffsiteConfig = OffsiteConfig()
     transfer: TransferConfig = TransferConfig()
+    continual: ContinualConfig = ContinualConfig()
 
     def _codec_checks(self, sends_state: bool) -> None:
         """What a codec can carry (docs/communication.md): a sparse codec sends a change, not a state, and its kept
@@ -484,6 +573,29 @@ class RunConfig(Section):
         if sparse and sends_state:
             raise ValueError(f"codec.name {c.name!r} with client.algorithm {self.client.algorithm!r}: its state besides "
                              f"the update would be sparsified without error feedback; use a dense codec")
+
+    def _continual_checks(self) -> None:
+        """continual.stages: the run's rounds are the stages' rounds; what a lifelong federation runs with."""
+        c = self.continual
+        self.federation.rounds = sum(s.rounds for s in c.stages)
+        if self.runtime.name != "local":
+            raise ValueError(f"continual.stages: each client's data change between stages in this process; runtime.name "
+                             f"{self.runtime.name!r} is not covered: use runtime.name local")
+        if self.federation.schedule != "sync":
+            raise ValueError("continual.stages: a stage is a run of synchronous rounds; use federation.schedule: sync")
+        if self.privacy.mode == "sample":
+            raise ValueError("continual.stages with privacy.mode 'sample': DP-SGD's sampling rates are set from the "
+                             "whole partition, not from each stage's rows; use privacy.mode none or client")
+        if any(s.domains is not None or any(d.domains for d in s.drift) for s in c.stages) and \
+                not (c.domain_column or self.data.client_column):
+            raise ValueError("continual.stages[].domains: give continual.domain_column (the column whose values the "
+                             "domains are)")
+        if any(s.classes is not None or any(d.classes for d in s.drift) for s in c.stages) and \
+                not self.data.label_column:
+            raise ValueError("continual.stages[].classes: the data need a data.label_column")
+        if "ewc" in c.mitigations and "olora" in c.mitigations:
+            raise ValueError("continual.mitigations: ewc anchors the LoRA that olora restarts at every stage; use one "
+                             "of them (each composes with replay)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -575,6 +687,8 @@ class RunConfig(Section):
         if self.federation.schedule == "fedbuff" and self.federation.buffer_size < fed.min_clients:
             raise ValueError(f"federation.buffer_size ({self.federation.buffer_size}) is less than "
                              f"federation.min_clients ({fed.min_clients}): no server step could ever happen")
+        if self.continual.stages:
+            self._continual_checks()
         _check_registered(self)
         return self
 

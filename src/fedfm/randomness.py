@@ -77,6 +77,11 @@ PURPOSES: dict[str, Purpose] = {
     "transfer_distill": Purpose(39, style="derive", what="which public rows a distillation step of fedmd takes"),
     "conversion_check": Purpose(42, what="the fixed input an ONNX model and its conversion are compared on"),
     "coop_context": Purpose(44, what="CoOp's initial context vectors, N(0, 0.02), when adapter.context_init gives none"),
+    "continual_replay": Purpose(45, what="the order a client offers a stage's rows to its replay buffer, and the "
+                                "reservoir's draws"),
+    "continual_fisher": Purpose(46, what="the own examples a client estimates EWC's Fisher on, per stage"),
+    "olora_init": Purpose(47, style="derive", what="O-LoRA's new LoRA A at the start of each stage"),
+    "continual_eval": Purpose(48, what="the held-out examples of each stage scored after every stage"),
     "partition": Purpose(0, style="plain", what="the partition of the data into clients"),
     "subsample": Purpose(0, style="plain", what="data.max_examples' subsample of the source"),
     "model_init": Purpose(0, style="plain", what="the initial weights of a model built from a config"),

@@ -9,6 +9,7 @@ def fields_of(cfg):
     from .attacks import ATTACKS
     from .aggregation.server_opt import SERVER_OPTIMIZERS
     from .client import CLIENT_ALGORITHMS
+    from .client.continual import MITIGATIONS
     from .compression import CODECS
     from .data.partition import PARTITIONERS
     from .data.synthetic import SYNTHESIZERS
@@ -32,6 +33,7 @@ def fields_of(cfg):
         ("federation.schedule", SCHEDULES, cfg.federation.schedule),
         ("attack.kind", ATTACKS, cfg.attack.kind),
         *([("data.synthetic.strategy", SYNTHESIZERS, cfg.data.synthetic.strategy)] if cfg.data.synthetic else []),
+        *((f"continual.mitigations[{i}]", MITIGATIONS, m) for i, m in enumerate(cfg.continual.mitigations)),
     ]
 
 

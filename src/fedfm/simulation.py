@@ -170,13 +170,18 @@ def worker_clients(cfg: RunConfig):
     return make_client(ctx)
 
 
+CONTINUAL_DRIVER = "fedfm.continual.ContinualSimulation"  # continual.stages: a lifelong federation
+
+
 def driver_of(cfg):
-    """The driver of a client algorithm whose clients do not share one model (fedmd: ``hetero.HeteroSimulation``), or
-    None for a ``Simulation``. The algorithm names its driver by dotted path (the driver imports the simulation, so
-    the simulation does not import it)."""
+    """The driver of a client algorithm whose clients do not share one model (fedmd: ``hetero.HeteroSimulation``), of
+    a lifelong federation (``continual.stages``: ``continual.ContinualSimulation``), or None for a ``Simulation``.
+    Drivers are named by dotted path (a driver imports the simulation, so the simulation does not import it)."""
     import importlib
 
     path = getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "driver", None)
+    if path is None and cfg.continual.stages:
+        path = CONTINUAL_DRIVER
     if path is None:
         return None
     module, _, name = path.rpartition(".")

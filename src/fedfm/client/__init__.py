@@ -66,6 +66,7 @@ class ClientContext:
     sample_dp: Any = None  # privacy.mode sample: the per-example mechanism (privacy/dpsgd.SampleLevelDP)
     peer: Any = None  # the client algorithm's server half, for one that talks to it while it trains (split learning)
     downlink: Any = None  # what the server broadcasts (codec.downlink); None: the same codec as ``codec``
+    continual: Any = None  # continual.mitigations on this client side (client.continual.ContinualClient), or None
 
     @property
     def down(self):
@@ -289,14 +290,17 @@ class LocalTraining:
         torch.manual_seed(task.seed)  # dropout and any other torch randomness
         gen = torch.Generator().manual_seed(task.seed)
         hook = self.grad_hook(task, global_state)
+        trained_on = own
+        if ctx.continual is not None:  # a lifelong federation: replayed rows mixed in, penalties' gradients added
+            trained_on, hook = ctx.continual.prepare(task.client_id, own, hook)
         dp_metrics: dict[str, Any] = {}
         if ctx.sample_dp is not None:  # privacy.mode sample: DP-SGD, accounted by the client itself
             refused = self._dp_budget_left(task.client_id)
             if refused:
                 return ClientResult(client_id=task.client_id, error=refused)
-            loss, steps, dp_metrics = self._train_dp_sgd(task, own, gen, hook)
+            loss, steps, dp_metrics = self._train_dp_sgd(task, trained_on, gen, hook)
         else:
-            loss, steps = local_sgd(ctx, own, own.train, gen, grad_hook=hook)
+            loss, steps = local_sgd(ctx, trained_on, trained_on.train, gen, grad_hook=hook)
         local = ctx.spec.get()
         delta = view.restrict({n: local[n] - global_state[n] for n in ctx.spec.names})
         update = ctx.encode_update(task, delta, view)

@@ -44,6 +44,8 @@ def check_config(cfg: RunConfig) -> None:
                                             "synchronous rounds (fedbuff here simulates time)"),
         (cfg.attack.kind != "none", f"attack.kind {cfg.attack.kind!r}: simulated attacks are for simulations"),
         (cfg.model.train_tokenizer is not None, "model.train_tokenizer: the server side has no text to train it on"),
+        (bool(cfg.continual.stages), "continual.stages: a lifelong federation runs in a simulation "
+                                     "(fedfm.continual); no message tells a SuperNode that a stage began or ended"),
         (getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), "not_deployable", None),
          f"client.algorithm {cfg.client.algorithm!r}: "
          f"{getattr(CLIENT_ALGORITHMS.get(cfg.client.algorithm), 'not_deployable', '')}"),
