@@ -59,3 +59,12 @@ def seed_means(latest: dict, arms, keys) -> dict:
             out[arm] = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
             out[arm]["seeds"] = len(runs)
     return out
+
+
+def write_block(doc: Path, name: str, lines: list[str]) -> None:
+    """Replace what lies between ``<!-- name -->`` and ``<!-- /name -->`` in ``doc`` with ``lines``; print them."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = doc.read_text()
+    head, rest = text.split(begin)
+    doc.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+    print("\n".join(lines))

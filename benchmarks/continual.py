@@ -26,7 +26,7 @@ import platform
 import time
 from pathlib import Path
 
-from _results import arms_main, seed_means
+from _results import arms_main, seed_means, write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "continual.jsonl"
@@ -87,11 +87,7 @@ def render() -> None:
     for arm, mean in seed_means(latest, order, ("average", "forgetting", "bwt")).items():
         lines.append(f"| {arm} | mean of {mean['seeds']} | | | {mean['average']:.3f} | {mean['forgetting']:.3f} | "
                      f"{mean['bwt']:.3f} | | |")
-    begin, end = "<!-- continual-table -->", "<!-- /continual-table -->"
-    text = DOC.read_text()
-    head, rest = text.split(begin)
-    DOC.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
-    print("\n".join(lines))
+    write_block(DOC, "continual-table", lines)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import emit
+from _results import emit, write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "vision.jsonl"
@@ -118,11 +118,7 @@ def render() -> None:
         x = runs[a]
         lines.append(f"| {a} | {x['final_accuracy']:.4f} | {x['best_accuracy']:.4f} | {x['trainable']:,} / "
                      f"{x['total']:,} | {x['setup_s']:.0f} | {x['wall_s']:.0f} | {x['cpu_s']:.0f} | {x['threads']} |")
-    begin, end = "<!-- vision-results -->", "<!-- /vision-results -->"
-    text = DOC.read_text()
-    head, rest = text.split(begin)
-    DOC.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
-    print("\n".join(lines))
+    write_block(DOC, "vision-results", lines)
 
 
 def main() -> None:
