@@ -360,7 +360,8 @@ def _render_alone(records):
     png = plot("alone", curves, "client", "accuracy on its own test split", "federated vs each client alone")
     why = ("Under Dirichlet(0.1) a client's own test split is as skewed as its training data (most clients hold one "
            "or two of the five topics), so a model that knows only its own topics scores well there, while the "
-           "federated model must serve every topic.")
+           "federated model must serve every topic. With 40 small clients (about 45 articles each, 10 sampled a round) "
+           "a client trains in about 2.5 of the 10 rounds, alone or federated alike: the same local steps either way.")
     return "\n\n".join(tables) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n\n" + why, png
 
 
