@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,8 @@ def reachable(graph, nodes: set) -> set:
             reach.add(u)
             todo += [v for v in graph[u] if v in nodes]
     return reach
+
+
+# tests that read Debian's Fashion-MNIST (data.source fashion-mnist): .ci/run installs dataset-fashion-mnist
+needs_fashion = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                                   reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")

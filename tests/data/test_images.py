@@ -15,9 +15,8 @@ from fedfm.data import build_federated_data
 from fedfm.data.images import FASHION_MNIST_DIR, read_idx
 from fedfm.data.sources import concat_examples, load_examples
 from fedfm.errors import DataError
+from tests.conftest import needs_fashion
 
-needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
-                                   reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
 
 
 def _load(source, **data):

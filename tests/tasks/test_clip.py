@@ -4,7 +4,6 @@ before any weights load. A tiny CLIP built from a config; the MiniLM WordPiece t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from fedfm.data.sources import Examples
 from fedfm.errors import ConfigError, DataError
 from fedfm.models import build_model
 from fedfm.simulation import Simulation, prepare
+from tests.conftest import needs_fashion
 
 # MiniLM's WordPiece: [CLS] = 101 starts a prompt, [SEP] = 102 ends it (CLIP pools there), [PAD] = 0
 TINY_CLIP = {"model_type": "clip", "projection_dim": 16,
@@ -208,8 +208,7 @@ def test_context_init_must_fill_the_context(tmp_path):
     assert torch.equal(b.model.context, again.model.context)  # drawn by purpose coop_context from the run's seed
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@needs_fashion
 def test_the_built_in_clip_fashion_config_on_fashion_mnist(tmp_path):
     """The shipped config with the tiny CLIP in place of ViT-B/32: the ten Fashion-MNIST class names are the prompts,
     one round runs from zero-shot (round 0)."""
