@@ -52,6 +52,14 @@ def test_training_improves_and_logs_bytes(tiny_config, tmp_path):
     assert min(last["client_acc"].values()) == pytest.approx(last["client_acc_worst10"])
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [0, 1, 2, 3, 4]
+    # each client's part of the round's bytes and examples (the dashboard's client table)
+    stats = last["client_stats"]
+    assert sorted(s["id"] for s in stats) == sorted(last["clients"])
+    assert sum(s["bytes_up"] for s in stats) == last["bytes_up"]
+    assert sum(s["bytes_down"] for s in stats) == last["bytes_down"]
+    sizes = server.client_sizes
+    assert all(s["examples"] == int(sizes[s["id"]]) for s in stats)
+    assert all(s["seconds"] > 0 and s["epsilon"] is None for s in stats)
 
 
 def test_fp16_codec_halves_bytes(tiny_config):

@@ -35,6 +35,12 @@ class Schedule(Stateful):
         self.sim_time = float(state.get("sim_time", 0.0))
 
 
+def _received(row: dict[str, Any], sent: dict[int, int]) -> None:
+    """Each returning client's downloaded bytes, into the row's ``client_stats``."""
+    for stat in row.get("client_stats", ()):
+        stat["bytes_down"] = int(sent.get(stat["id"], 0))
+
+
 def _dropped(cid: int, why: str) -> ClientResult:
     return ClientResult(client_id=int(cid), error=why)
 
@@ -53,7 +59,7 @@ class Sync(Schedule):
         self.sim_time = s.wait_for_clients(self.sim_time)
         # from the OS under client-level DP with secret randomness: amplification by sampling assumes nobody knows it
         ids = s.sample(s.random.rng("client_sample", rnd), s.num_sampled(), self.sim_time)
-        tasks, skipped, durations, sent = [], {}, {}, 0
+        tasks, skipped, durations, sent = [], {}, {}, {}
         for c in ids:
             c = int(c)
             if not clock.online(c, self.sim_time):
@@ -67,7 +73,7 @@ class Sync(Schedule):
                 skipped[c] = _dropped(c, f"straggler: needs {durations[c]:.1f}s > clock.deadline_s={deadline}")
                 continue
             payload, extras = s.broadcast(rnd, c)
-            sent += len(payload) + sum(len(b) for b in extras.values())
+            sent[c] = len(payload) + sum(len(b) for b in extras.values())
             tasks.append(ClientTask(client_id=c, round=rnd, payload=payload, extras=extras,
                                     seed=s.random.seed("client_task", rnd, c), evaluate=s.server.federated_due(rnd)))
         s.display.round_start(rnd, cfg.federation.rounds, len(ids))
@@ -82,7 +88,9 @@ class Sync(Schedule):
             row["malicious"] = [int(c) for c in ids if int(c) in s.attack.malicious]
         # what travelled down: the broadcasts, plus under secagg the protocol's server-to-client messages and under
         # split learning the activations' gradients
-        row.update({"bytes_down": int(sent) + int(row.get("secagg_bytes_down", 0)) + int(row.get("split_bytes_down", 0)),
+        _received(row, sent)
+        row.update({"bytes_down": sum(sent.values()) + int(row.get("secagg_bytes_down", 0))
+                    + int(row.get("split_bytes_down", 0)),
                     "clients": [int(c) for c in ids], "sim_time_s": self.sim_time,
                     "wall_s": time.perf_counter() - t0})
         return row
@@ -101,6 +109,7 @@ class FedBuff(Schedule):
         self.jobs = 0  # dispatches so far (seeds client work and drop-outs)
         self.in_flight: list[tuple[float, int, int, int, ClientResult]] = []  # (finish, job, client, version, result)
         self.bytes_down = 0  # sent during the current server step
+        self.sent_to: dict[int, int] = {}  # by client, since its result was last buffered
 
     def state_dict(self) -> dict[str, Any]:
         # results as plain dicts, so that a checkpoint holds only tensors and builtins (loaded with weights_only=True)
@@ -135,7 +144,9 @@ class FedBuff(Schedule):
             task = ClientTask(client_id=c, round=rnd, payload=payload, extras=extras, seed=s.random.seed("async_task", job, c),
                               evaluate=s.server.federated_due(rnd))
             res = tamper_results(s, s.runtime.run([task], on_result=s.display.client_done), job)[0]
-            self.bytes_down += len(payload) + sum(len(b) for b in extras.values())
+            got = len(payload) + sum(len(b) for b in extras.values())
+            self.bytes_down += got
+            self.sent_to[c] = self.sent_to.get(c, 0) + got
         heapq.heappush(self.in_flight, (finish, job, c, self.version, res))
         return True
 
@@ -165,6 +176,9 @@ class FedBuff(Schedule):
         weights = [self.staleness_weight(t) for t in stale] + [0.0] * len(failed)
         # the chain divides by K, the buffer size, as in the paper: an update that fails validation counts as zero
         row = s.aggregate_results(rnd, buffer + failed, weights=weights)
+        _received(row, self.sent_to)
+        for r in buffer:
+            self.sent_to.pop(r.client_id, None)
         if row["aggregated"]:  # the model version (what staleness counts) moves only when the server steps
             self.version += 1
         row.update({"bytes_down": int(self.bytes_down) + int(row.get("split_bytes_down", 0)), "clients": [r.client_id for r in buffer],

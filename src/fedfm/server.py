@@ -287,6 +287,11 @@ class Server:
         row["bytes_up"] = int(row.pop("secagg_bytes_up", None) or sum(r.nbytes for r in results))
         row["bytes_up"] += int(row.get("split_bytes_up", 0))  # split learning: the activations (and labels) sent
         row["dropped"] = dropped
+        # each returning client's part (the dashboard's client table): what it trained on and sent, its own ε under
+        # sample-level DP; a schedule adds what it received (``bytes_down``)
+        row["client_stats"] = [{"id": int(r.client_id), "examples": int(r.num_examples), "bytes_up": int(r.nbytes),
+                                "seconds": r.metrics.get("seconds"), "epsilon": r.metrics.get("dp_epsilon")}
+                               for r in results if r.error is None]
         self._all_crashed = bool(results) and all(r.crashed for r in results)
         return row
 
