@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import DiskFull, FedfmError
+from .display import Display
+from .errors import FedfmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="fedfm: federated fine-tuning of foundation models.")
 console = Console(highlight=False)
@@ -30,23 +31,27 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-class RichDisplay:
-    """Progress bars (rounds, and clients inside a round), one line per round, tables at start and end."""
+class RichDisplay(Display):
+    """The run's header and partition table, progress bars (rounds, and clients inside a round) once rounds start, one
+    line per round."""
 
-    def __init__(self, total_rounds: int):
+    def __init__(self, cfg):
+        self.name, self.path = cfg.name, cfg.output_dir()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=console, transient=False)
-        self.rounds = self.progress.add_task("rounds ", total=total_rounds)
+        self.rounds = self.progress.add_task("rounds ", total=cfg.federation.rounds)
         self.clients = self.progress.add_task("clients", total=1, visible=False)
+        self.started = False
 
     def __enter__(self):
-        self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.started:
+            self.progress.stop()
 
     def partition(self, desc: dict) -> None:
+        console.print(f"[bold]fedfm[/bold] run [cyan]{escape(self.name)}[/cyan] → {escape(str(self.path))}")
         names = desc.get("label_names")
         t = Table(title=f"partition: {desc['method']}, {desc['num_clients']} clients, test set {desc.get('test_size')}")
         t.add_column("client")
@@ -54,9 +59,9 @@ class RichDisplay:
         t.add_column("test", justify="right")
         if names:
             for n in names:
-                t.add_column(str(n)[:12], justify="right")
+                t.add_column(escape(str(n)[:12]), justify="right")
         for c in desc["clients"][:50]:
-            cells = [c["name"], str(c["n_train"]), str(c["n_test"])]
+            cells = [escape(str(c["name"])), str(c["n_train"]), str(c["n_test"])]
             if names and c.get("label_counts"):
                 cells += [str(x) for x in c["label_counts"]]
             t.add_row(*cells)
@@ -70,6 +75,10 @@ class RichDisplay:
                       f"({100 * info['trainable'] / max(info['total'], 1):.2f}%)")
 
     def round_start(self, rnd: int, total: int, n_clients: int) -> None:
+        if not self.started:  # the bars appear once training starts (a resumed run's first round is not 1)
+            self.progress.start()
+            self.started = True
+        self.progress.update(self.rounds, completed=rnd - 1)
         self.progress.reset(self.clients, total=n_clients, visible=True, description=f"round {rnd} clients")
 
     def client_done(self, result) -> None:
@@ -91,11 +100,11 @@ class RichDisplay:
             parts.append(f"[yellow]dropped {len(row['dropped'])}[/yellow]")
         self.progress.console.print(" | ".join(parts))
         if row["round"] > 0:
-            self.progress.advance(self.rounds)
+            self.progress.update(self.rounds, completed=row["round"])
         self.progress.update(self.clients, visible=False)
 
     def message(self, text: str) -> None:
-        self.progress.console.print(f"[yellow]{text}[/yellow]")
+        self.progress.console.print(f"[yellow]{escape(text)}[/yellow]", soft_wrap=True)
 
 
 def _summary_table(rows: list[dict[str, Any]], total_s: float) -> Table:
@@ -129,136 +138,38 @@ def run_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run directory"),
 ) -> None:
     """Run a federated fine-tuning job (default: the built-in `bbc-lora`)."""
-    from .config import load_config
-
-    from .tracking import RunDir
+    from . import api
 
     overrides = list(overrides or [])
     try:
         if resume is not None:
             if config != "bbc-lora" and "=" in config:
                 overrides.insert(0, config)
-            RunDir(resume).check_resumable()
-            cfg_path = str(resume / "config.yaml")
-            cfg = load_config(cfg_path, overrides + [f"output.dir={resume}"])
-            _check_unchanged(load_config(cfg_path, [f"output.dir={resume}"]), cfg, resume)
+            cfg = api.resume_config(resume, overrides)
         else:
             if "=" in config and not Path(config).exists():  # `fedfm run key=value` means the default config
                 overrides.insert(0, config)
                 config = "bbc-lora"
-            cfg = load_config(config, overrides)
+            cfg = api.load_config(config, overrides)
     except FedfmError as e:
         _fail(e)
         return
     if print_config:
         console.print(cfg.to_yaml(), end="", markup=False)
         return
-    _run(cfg, resume=resume is not None, overwrite=overwrite)
-
-
-# What a run's trained parameters are made from: resuming with any of these changed is refused, naming the key. Only
-# where and how they are computed may change.
-_RESUME_SAME = ("model", "adapter", "task.name")
-_RESUME_MAY_CHANGE = ("model.device", "model.autocast", "model.gradient_checkpointing")
-
-
-def _flat(obj: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        return {k: v for key, sub in obj.items() for k, v in _flat(sub, f"{prefix}.{key}").items()} or {prefix: {}}
-    return {prefix: obj}
-
-
-def _check_unchanged(saved, cfg, run: Path) -> None:
-    """``--resume`` with a key of ``_RESUME_SAME`` changed from the run's own config.yaml: refused before anything
-    loads, naming the key (the checkpoint's parameters would not fit the model the config builds)."""
-    old, new = saved.model_dump(mode="json"), cfg.model_dump(mode="json")
-    for section in _RESUME_SAME:
-        first, _, rest = section.partition(".")
-        was, now = _flat(old[first], first), _flat(new[first], first)
-        for key in dict.fromkeys([*was, *now]):
-            if key.startswith(section) and not key.startswith(_RESUME_MAY_CHANGE) and was.get(key) != now.get(key):
-                raise FedfmError(f"--resume: {key} is {now.get(key)!r} here but {was.get(key)!r} in {run}/config.yaml, "
-                                 f"which the run's checkpoints were trained with; resume without changing {key}, or "
-                                 f"start a new run (another output.dir)")
-
-
-def _run(cfg, resume: bool, overwrite: bool) -> None:
-    from .tracking import RunDir
-
     t0 = time.perf_counter()
-    run_dir = RunDir(cfg.output_dir())
-
-    def warn(text: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
-
     try:
-        from .federation import begin, open_run_dir
-        from .simulation import Simulation, driver_of, prepare
-
-        driver = driver_of(cfg)
-        if driver is not None:  # clients that run different models (fedmd): the driver the algorithm names
-            _run_driver(cfg, driver, run_dir, resume, overwrite, warn, t0)
-            return
-        ck = open_run_dir(run_dir, resume, overwrite, warn)  # touches nothing; a checkpoint read before the model
-        prepared = prepare(cfg)  # data + config checks, before any model loads
-        desc = prepared.data.describe()
-        display = RichDisplay(cfg.federation.rounds)
-        console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
-        display.partition(desc)
-        server = Simulation(prepared, run_dir, display)  # builds the model; writes nothing into the run directory
-        begin(server, run_dir, ck, resume, overwrite, warn, say=console.print)
-        run_dir.write_json("partition.json", desc)
-        if prepared.synthetic is not None:  # data.synthetic: the generated rows, and which clients got each
-            run_dir.write_text("synthetic.jsonl", prepared.synthetic.jsonl())
-        with display, run_dir.writing():  # a full disk anywhere else in the run: one line, too
-            display.progress.update(display.rounds, completed=server.start_round - 1)
-            server.run()
-        rows = run_dir.read_metrics()
+        with RichDisplay(cfg) as display:
+            if resume is not None:
+                result = api.resume(resume, overrides, display=display)
+            else:
+                result = api.run(cfg, display=display, overwrite=overwrite)
     except FedfmError as e:
         _fail(e)
         return
-    console.print(_summary_table(rows, time.perf_counter() - t0))
-    try:
-        from .tracking.report import make_report
-
-        make_report(run_dir.path)
-    except DiskFull as e:
-        _fail(e)
-        return
-    except Exception as e:  # a plot failing must not hide a finished run
-        console.print(f"[yellow]report not drawn: {e}[/yellow]")
-    console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")
-
-
-def _run_driver(cfg, driver, run_dir, resume: bool, overwrite: bool, warn, t0: float) -> None:
-    """``fedfm run`` for an algorithm whose clients run different models (fedmd, ``hetero.HeteroSimulation``): the
-    same checks before any model loads and the same run directory (config.yaml, partition.json, metrics.jsonl, one
-    row a round); it keeps no checkpoints, so ``--resume`` is refused."""
-    from .federation import open_run_dir
-
-    try:
-        if resume:
-            chosen_by = "continual.stages" if cfg.continual.stages else f"client.algorithm {cfg.client.algorithm!r}"
-            raise FedfmError(f"--resume: {chosen_by} runs in {driver.__module__}.{driver.__name__}, which does not "
-                             f"resume from checkpoints; start a new run (another output.dir or --overwrite)")
-        open_run_dir(run_dir, False, overwrite, warn)  # touches nothing
-        prepared = driver.prepare(cfg)  # data + config checks, before any model loads
-        desc = prepared.data.describe()
-        display = RichDisplay(cfg.federation.rounds)
-        console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
-        display.partition(desc)
-        fed = driver(prepared, display=display, run_dir=run_dir)  # builds the models; writes nothing yet
-        run_dir.create(overwrite=overwrite)
-        run_dir.write_config(cfg.to_yaml())
-        run_dir.write_json("partition.json", desc)
-        with run_dir.writing():
-            fed.run(initial=cfg.eval.initial)
-        rows = run_dir.read_metrics()
-    except FedfmError as e:
-        _fail(e)
-        return
-    console.print(_summary_table(rows, time.perf_counter() - t0))
-    console.print(f"run directory: [bold]{run_dir.path}[/bold]")
+    console.print(_summary_table(result.rows, time.perf_counter() - t0))
+    plots = f"  (plots: fedfm report {result.run_dir})" if (result.run_dir / "report").is_dir() else ""
+    console.print(f"run directory: [bold]{escape(str(result.run_dir))}[/bold]{escape(plots)}")
 
 
 @app.command("privacy")
@@ -267,10 +178,8 @@ def privacy_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
 ) -> None:
     """The privacy a config would give, without training: ε at δ, the sampling, z and the accountant."""
-    from .config import load_config
-
     try:
-        cfg = load_config(config, list(overrides or []))
+        cfg = _config(config, overrides)
         if cfg.privacy.mode == "none":
             raise FedfmError("privacy.mode is 'none': this config gives no differential-privacy guarantee (set "
                              "privacy.mode=client or sample, with privacy.noise_multiplier or privacy.target_epsilon)")
@@ -326,10 +235,11 @@ def configs_cmd() -> None:
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """Draw PNG plots of a run into RUN_DIR/report/."""
-    from .tracking.report import generation_changes, make_report
+    from . import api
+    from .tracking.report import generation_changes
 
     try:
-        paths = make_report(run_dir)
+        paths = api.report(run_dir)
     except FedfmError as e:
         _fail(e)
         return
@@ -352,10 +262,10 @@ def export_cmd(
     merge: bool = typer.Option(False, "--merge", help="merge the adapter into the base and write a plain model"),
 ) -> None:
     """Write the run's adapter, or (--merge) a merged model that plain transformers loads."""
-    from .export import export_run
+    from . import api
 
     try:
-        path = export_run(run_dir, out, merge=merge)
+        path = api.export(run_dir, out, merge=merge)
     except FedfmError as e:
         _fail(e)
         return
@@ -369,10 +279,10 @@ def generate_cmd(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="the most tokens to generate"),
 ) -> None:
     """Answer QUESTION with the run's federated model (chat template applied; greedy decoding)."""
-    from .export import answer
+    from . import api
 
     try:
-        text = answer(run_dir, question, max_new_tokens)
+        text = api.generate(run_dir, question, max_new_tokens)
     except FedfmError as e:
         _fail(e)
         return
@@ -385,9 +295,9 @@ app.add_typer(deploy_app, name="deploy")
 
 
 def _config(config: str, overrides: Optional[list[str]]):
-    from .config import load_config
+    from . import api
 
-    return load_config(config, list(overrides or []))
+    return api.load_config(config, list(overrides or []))
 
 
 @deploy_app.command("app")
