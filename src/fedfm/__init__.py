@@ -1,13 +1,13 @@
 """fedfm: federated fine-tuning of foundation models on data that never leaves its owner.
 
-``import fedfm`` gives the Python API (``fedfm.api``): ``load_config``, ``run``, ``resume``, ``report``, ``export``,
-``generate``; docs/python-api.md shows them in use. Importing fedfm loads no model and no torch.
+``import fedfm`` gives the Python API (``fedfm.api``): ``configs``, ``load_config``, ``run``, ``resume``, ``report``,
+``export``, ``generate``, ``privacy``; docs/python-api.md shows them in use. Importing fedfm loads no model and no torch.
 """
 
 __version__ = "0.1.0"
 
-from .api import RunResult, export, generate, load_config, report, resume, run  # noqa: E402
+from .api import RunResult, configs, export, generate, load_config, privacy, report, resume, run  # noqa: E402
 from .errors import ConfigError, DataError, FedfmError  # noqa: E402
 
-__all__ = ["ConfigError", "DataError", "FedfmError", "RunResult", "export", "generate", "load_config", "report",
-           "resume", "run", "__version__"]
+__all__ = ["ConfigError", "DataError", "FedfmError", "RunResult", "configs", "export", "generate", "load_config",
+           "privacy", "report", "resume", "run", "__version__"]

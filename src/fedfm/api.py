@@ -220,6 +220,52 @@ def _draw_report(path: Path, display: Display) -> None:
         display.message(f"report not drawn: {e}")
 
 
+def configs() -> dict[str, str]:
+    """The built-in configs (``fedfm.load_config(name)``), each with the first line of its description."""
+    from .config import builtin_configs
+
+    out = {}
+    for name, path in sorted(builtin_configs().items()):
+        lines = path.read_text().splitlines()
+        out[name] = lines[0].lstrip("# ").strip() if lines else ""
+    return out
+
+
+def privacy(config: ConfigLike = "bbc-lora", overrides: Overrides = None) -> list[tuple[str, str]]:
+    """The privacy a config would give, without training: (quantity, value) pairs — what it protects, ε at δ, the
+    sampling, the noise multiplier z, the clip and the accountant. Reads and partitions the data (the accountant
+    needs N and n_k); loads no model."""
+    from .simulation import prepare
+
+    cfg = load_config(config, overrides)
+    if cfg.privacy.mode == "none":
+        raise FedfmError("privacy.mode is 'none': this config gives no differential-privacy guarantee (set "
+                         "privacy.mode=client or sample, with privacy.noise_multiplier or privacy.target_epsilon)")
+    prepared = prepare(cfg)  # reads and partitions the data (the accountant needs N and n_k); loads no model
+    p, R = cfg.privacy, cfg.federation.rounds
+    derived = "" if p.noise_multiplier is not None else " (derived from privacy.target_epsilon)"
+    if cfg.privacy.mode == "client":
+        m = prepared.mechanism
+        rows = [("protects", "one client's whole data"), ("epsilon", f"{m.epsilon(R, p.delta):.4g}"),
+                ("delta", f"{p.delta:g}"), ("rounds", str(R)),
+                ("client sampling", f"{m.sampling}: q = {m.q:.4g} ({m.per_round} of {m.num_clients})"),
+                ("noise multiplier z", f"{m.noise_multiplier:.4g}{derived}"),
+                ("clip C", f"{p.clip:g}" + (" (adaptive)" if p.target_quantile is not None else "")),
+                ("accountant", f"dp-accounting {m.accountant.upper()}")]
+    else:
+        sd = prepared.sample_dp
+        qs = [sd.rate(k) for k in range(len(sd.sizes))]
+        rows = [("protects", "one training example of a client"),
+                ("epsilon (worst client)", f"{sd.worst_epsilon(R, p.delta):.4g} if sampled in every round"),
+                ("delta", f"{p.delta:g}"), ("rounds", str(R)),
+                ("example sampling", f"poisson per step: q_k = {min(qs):.4g} … {max(qs):.4g} "
+                                     f"(B = {cfg.client.batch_size}, n_k = {int(sd.sizes.min())} … {int(sd.sizes.max())})"),
+                ("steps per round", f"{int(sd.steps.min())} … {int(sd.steps.max())}"),
+                ("noise multiplier z", f"{sd.noise_multiplier:.4g}{derived}"),
+                ("per-example clip C", f"{p.clip:g}"), ("accountant", f"dp-accounting {p.accountant.upper()}")]
+    return rows
+
+
 def report(run_dir: str | Path) -> list[Path]:
     """Draw the run's plots and ``summary.md`` into ``run_dir/report/``; the PNGs' paths."""
     from .tracking.report import make_report
