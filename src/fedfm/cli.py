@@ -183,80 +183,106 @@ def _check_unchanged(saved, cfg, run: Path) -> None:
 
 
 def _run(cfg, resume: bool, overwrite: bool) -> None:
+    from .display import Displays
     from .tracking import RunDir
+    from .tracking.sinks import Sinks, open_sinks
 
     t0 = time.perf_counter()
     run_dir = RunDir(cfg.output_dir())
+    sinks, error = Sinks(), None  # tracking.sinks: ended however the run ends (an MLflow run FINISHED or FAILED)
 
     def warn(text: str) -> None:
         console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
     try:
-        from .federation import begin, open_run_dir
-        from .simulation import Simulation, driver_of, prepare
+        try:
+            from .federation import begin, open_run_dir
+            from .simulation import Simulation, driver_of, prepare
 
-        driver = driver_of(cfg)
-        if driver is not None:  # clients that run different models (fedmd): the driver the algorithm names
-            _run_driver(cfg, driver, run_dir, resume, overwrite, warn, t0)
+            driver = driver_of(cfg)
+            if driver is not None:  # clients that run different models (fedmd): the driver the algorithm names
+                _run_driver(cfg, driver, run_dir, resume, overwrite, warn, t0)
+                return
+            ck = open_run_dir(run_dir, resume, overwrite, warn)  # touches nothing; a checkpoint read before the model
+            prepared = prepare(cfg)  # data + config checks, before any model loads
+            desc = prepared.data.describe()
+            rich = RichDisplay(cfg.federation.rounds)
+            sinks = open_sinks(cfg, run_dir, resume)  # a tracking store that cannot be used: refused here
+            display = Displays(rich, sinks)
+            console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
+            display.partition(desc)
+            server = Simulation(prepared, run_dir, display)  # builds the model; writes nothing into the run directory
+            begin(server, run_dir, ck, resume, overwrite, warn, say=console.print)
+            run_dir.write_json("partition.json", desc)
+            if prepared.synthetic is not None:  # data.synthetic: the generated rows, and which clients got each
+                run_dir.write_text("synthetic.jsonl", prepared.synthetic.jsonl())
+            with rich, run_dir.writing():  # a full disk anywhere else in the run: one line, too
+                rich.progress.update(rich.rounds, completed=server.start_round - 1)
+                server.run()
+            rows = run_dir.read_metrics()
+        except FedfmError as e:
+            _fail(e)
             return
-        ck = open_run_dir(run_dir, resume, overwrite, warn)  # touches nothing; a checkpoint read before the model
-        prepared = prepare(cfg)  # data + config checks, before any model loads
-        desc = prepared.data.describe()
-        display = RichDisplay(cfg.federation.rounds)
-        console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
-        display.partition(desc)
-        server = Simulation(prepared, run_dir, display)  # builds the model; writes nothing into the run directory
-        begin(server, run_dir, ck, resume, overwrite, warn, say=console.print)
-        run_dir.write_json("partition.json", desc)
-        if prepared.synthetic is not None:  # data.synthetic: the generated rows, and which clients got each
-            run_dir.write_text("synthetic.jsonl", prepared.synthetic.jsonl())
-        with display, run_dir.writing():  # a full disk anywhere else in the run: one line, too
-            display.progress.update(display.rounds, completed=server.start_round - 1)
-            server.run()
-        rows = run_dir.read_metrics()
-    except FedfmError as e:
-        _fail(e)
-        return
-    console.print(_summary_table(rows, time.perf_counter() - t0))
-    try:
-        from .tracking.report import make_report
+        console.print(_summary_table(rows, time.perf_counter() - t0))
+        try:
+            from .tracking.report import make_report
 
-        make_report(run_dir.path)
-    except DiskFull as e:
-        _fail(e)
-        return
-    except Exception as e:  # a plot failing must not hide a finished run
-        console.print(f"[yellow]report not drawn: {e}[/yellow]")
-    console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")
+            make_report(run_dir.path)
+        except DiskFull as e:
+            _fail(e)
+            return
+        except Exception as e:  # a plot failing must not hide a finished run
+            console.print(f"[yellow]report not drawn: {e}[/yellow]")
+        try:
+            sinks.finish(run_dir)  # the adapter, the report, the config as the trackers' artifacts
+        except FedfmError as e:
+            _fail(e)
+        console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        sinks.close(error)
 
 
 def _run_driver(cfg, driver, run_dir, resume: bool, overwrite: bool, warn, t0: float) -> None:
     """``fedfm run`` for an algorithm whose clients run different models (fedmd, ``hetero.HeteroSimulation``): the
     same checks before any model loads and the same run directory (config.yaml, partition.json, metrics.jsonl, one
     row a round); it keeps no checkpoints, so ``--resume`` is refused."""
+    from .display import Displays
     from .federation import open_run_dir
+    from .tracking.sinks import Sinks, open_sinks
 
+    sinks, error = Sinks(), None
     try:
-        if resume:
-            chosen_by = "continual.stages" if cfg.continual.stages else f"client.algorithm {cfg.client.algorithm!r}"
-            raise FedfmError(f"--resume: {chosen_by} runs in {driver.__module__}.{driver.__name__}, which does not "
-                             f"resume from checkpoints; start a new run (another output.dir or --overwrite)")
-        open_run_dir(run_dir, False, overwrite, warn)  # touches nothing
-        prepared = driver.prepare(cfg)  # data + config checks, before any model loads
-        desc = prepared.data.describe()
-        display = RichDisplay(cfg.federation.rounds)
-        console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
-        display.partition(desc)
-        fed = driver(prepared, display=display, run_dir=run_dir)  # builds the models; writes nothing yet
-        run_dir.create(overwrite=overwrite)
-        run_dir.write_config(cfg.to_yaml())
-        run_dir.write_json("partition.json", desc)
-        with run_dir.writing():
-            fed.run(initial=cfg.eval.initial)
-        rows = run_dir.read_metrics()
-    except FedfmError as e:
-        _fail(e)
-        return
+        try:
+            if resume:
+                chosen_by = "continual.stages" if cfg.continual.stages else f"client.algorithm {cfg.client.algorithm!r}"
+                raise FedfmError(f"--resume: {chosen_by} runs in {driver.__module__}.{driver.__name__}, which does "
+                                 f"not resume from checkpoints; start a new run (another output.dir or --overwrite)")
+            open_run_dir(run_dir, False, overwrite, warn)  # touches nothing
+            prepared = driver.prepare(cfg)  # data + config checks, before any model loads
+            desc = prepared.data.describe()
+            sinks = open_sinks(cfg, run_dir, False)
+            display = Displays(RichDisplay(cfg.federation.rounds), sinks)
+            console.print(f"[bold]fedfm[/bold] run [cyan]{cfg.name}[/cyan] → {run_dir.path}")
+            display.partition(desc)
+            fed = driver(prepared, display=display, run_dir=run_dir)  # builds the models; writes nothing yet
+            run_dir.create(overwrite=overwrite)
+            run_dir.write_config(cfg.to_yaml())
+            run_dir.write_json("partition.json", desc)
+            with run_dir.writing():
+                fed.run(initial=cfg.eval.initial)
+            rows = run_dir.read_metrics()
+            sinks.finish(run_dir)  # the rows this driver logs (metrics.jsonl), the config, as the trackers'
+        except FedfmError as e:
+            _fail(e)
+            return
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        sinks.close(error)
     console.print(_summary_table(rows, time.perf_counter() - t0))
     console.print(f"run directory: [bold]{run_dir.path}[/bold]")
 
