@@ -113,13 +113,27 @@ def test_a_run_logs_every_round_to_tensorboard_and_mlflow(tiny_csv, tmp_path, in
     assert [f for f in files if not owned(f)] == []
 
 
-def test_resume_continues_the_same_mlflow_run_without_a_step_twice(tiny_csv, tmp_path, in_store):
+def test_resume_continues_the_same_mlflow_run_without_a_step_twice(tiny_csv, tmp_path, in_store, monkeypatch):
+    from fedfm.errors import DiskFull
+    from fedfm.tracking import RunDir
+
+    save = RunDir.save_checkpoint
+
+    def full_at_round_2(self, rnd, state, keep):  # round 2's row is logged, its checkpoint cannot be written
+        if rnd == 2:
+            raise DiskFull("disk full: could not write round_0002.pt")
+        return save(self, rnd, state, keep)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", full_at_round_2)
     first = run(tiny_csv, tmp_path, **{"tracking.mlflow_experiment": "resumed"})
-    assert first.exit_code == 0, first.output
+    assert first.exit_code != 0 and "disk full" in first.output, first.output
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
     run_dir = tmp_path / "run"
+    assert [r["round"] for r in metrics(run_dir)] == [1, 2]
     run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
-    # as if killed after logging round 2 but before its checkpoint: round 2 runs again, then a third round
-    (run_dir / "checkpoints" / "round_0002.pt").unlink()
+    assert in_store.get_run(run_id).info.status == "FAILED"
+    assert [m.step for m in in_store.get_metric_history(run_id, "eval_accuracy")] == [1]  # round 2: not checkpointed
+
     res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "federation.rounds=3"])
     assert res.exit_code == 0, res.output
     rows = metrics(run_dir)

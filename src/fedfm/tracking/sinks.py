@@ -198,9 +198,11 @@ class MlflowSink(Sink):
     """An MLflow run (``MlflowClient``; mlflow-skinny suffices) in experiment ``tracking.mlflow_experiment`` at
     ``tracking.mlflow_uri``: the resolved config as its parameters, each number of a round's row as a metric at
     step = round, and at the end the adapter (or model), the report, config.yaml and metrics.jsonl as artifacts.
-    Resumed, it continues the run recorded in tracking.json (a round it logged is not logged again)."""
+    Resumed, it continues the run recorded in tracking.json: a round is logged once it is checkpointed, so one that
+    an interrupted run does again is logged once, with the values metrics.jsonl keeps."""
 
     name, package = "mlflow", "mlflow"
+    FINISHED = "FINISHED"
     MAX_PARAM = 6000  # MLflow's limit on a parameter's value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
     MAX_BATCH = 1000  # metrics per log_batch (MAX_METRICS_PER_BATCH)
 
@@ -219,6 +221,39 @@ class MlflowSink(Sink):
             self.run_id = self._new_run(t.mlflow_experiment or cfg.name)
             self.logged_through = -1
         self.entry.update(uri=self.uri, run_id=self.run_id)
+        self.pending: list[dict[str, Any]] = []
+
+    # MLflow cannot take a metric's value back, so a round is logged once it is checkpointed (a moment after its
+    # row, before the next round starts): a round an interrupted run must do again was never logged.
+    def _take(self, row: dict) -> bool:
+        last = int(self.pending[-1]["round"]) if self.pending else self.logged_through
+        if int(row.get("round", last + 1)) > last:
+            self.pending.append(row)
+        return self._flush(self._checkpointed())
+
+    def _checkpointed(self) -> int:
+        """The last round a resumed run would not do again (round 0 is never checkpointed: safe once round 1 is)."""
+        cks = self.run_dir.list_checkpoints()
+        last = int(cks[-1].stem.split("_")[1]) if cks else -1
+        return last if last >= 1 else -1
+
+    def _flush(self, through: Optional[int]) -> bool:
+        """Log the held rows up to round ``through`` (None: all, the run being over)."""
+        logged = False
+        while self.pending and (through is None or int(self.pending[0].get("round", 0)) <= through):
+            logged = super()._take(self.pending.pop(0)) or logged
+        return logged
+
+    def round_start(self, rnd: int, total: int, n_clients: int) -> None:
+        self.start()
+        if self._flush(self._checkpointed()):
+            self.record.save()
+
+    def finish(self, run_dir) -> None:
+        self.start()
+        if self._flush(None):
+            self.record.save()
+        super().finish(run_dir)
 
     def _call(self, what: str, fn, *args, **kwargs):
         """A call to the tracking store; its failure is one line naming ``tracking.mlflow_uri`` and the store."""
@@ -283,6 +318,8 @@ class MlflowSink(Sink):
                 self._call("cannot take artifacts", self.client.log_artifact, self.run_id, str(run_dir.path / name))
 
     def _close(self, status: str) -> None:
+        if self.started and self._flush(None if status == self.FINISHED else self._checkpointed()):
+            self.record.save()
         self._call("cannot be written", self.client.set_terminated, self.run_id, status=status)
 
 
