@@ -151,11 +151,12 @@ class TensorBoardSink(Sink):
 
     def __init__(self, cfg, run_dir: RunDir, resume: bool, record: Record):
         super().__init__(cfg, run_dir, resume, record)
-        from ..config import check_writable_dir
-
         t = cfg.tracking
         self.dir = Path(t.tensorboard_dir).absolute() if t.tensorboard_dir else run_dir.path.absolute() / "tensorboard"
-        check_writable_dir(self.dir, "tracking.tensorboard_dir")
+        existing = next(p for p in (self.dir, *self.dir.parents) if p.exists())  # checked, nothing made yet
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"tracking.tensorboard_dir: {self.dir} cannot be written ({existing} is not a writable "
+                              f"directory)")
         self.writer = None
 
     def _start(self, rows: list[dict[str, Any]]) -> None:
