@@ -189,3 +189,39 @@ def test_no_sinks_is_a_display_that_does_nothing(tiny_config, tmp_path):
     sinks.finish(tmp_path / "run")
     sinks.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_deployments_server_side_logs_the_same(tmp_path, in_store, monkeypatch):
+    """deploy.flower.serve with the sinks: its rounds (clients answered by fedfm's ClientApp, in process) reach MLflow
+    and TensorBoard as metrics.jsonl has them."""
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedfm.config import load_config
+    from fedfm.deploy.flower import serve
+    from tests.conftest import make_rows, write_csv
+    from tests.deploy.test_secagg import InProcessGrid
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as Flower sets in a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, value)
+    rows = make_rows(n=120, seed=3, sites=2)
+    nodes = {}
+    for i in range(2):
+        org = tmp_path / f"org{i}"
+        org.mkdir()
+        nodes[10 + i] = {"data": str(write_csv(org / "train.csv", [r for r in rows if r["site"] == f"site{i}"])),
+                         "client-id": i, "state-dir": str(org / "state")}
+    cfg = load_config("bbc-lora", tiny_overrides(tmp_path / "no-data.csv", tmp_path, **{
+        "partition.num_clients": 2, "federation.clients_per_round": 2, "federation.rounds": 2,
+        "tracking.sinks": ["mlflow", "tensorboard"], "tracking.mlflow_experiment": "deployed"}))
+    serve(InProcessGrid(nodes), {"fedfm-config": cfg.to_yaml()})
+
+    run_dir = tmp_path / "run"
+    want = expected(metrics(run_dir))
+    assert "train_loss" in want and [s for s, _ in want["train_loss"]] == [1, 2]
+    run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert in_store.get_run(run_id).info.status == "FINISHED"
+    assert mlflow_history(in_store, run_id, want) == want
+    assert "adapter" in {a.path for a in in_store.list_artifacts(run_id)}
+    tb = tensorboard_scalars(run_dir / "tensorboard")
+    assert {k: [s for s, _ in v] for k, v in tb.items()} == {k: [s for s, _ in v] for k, v in want.items()}
