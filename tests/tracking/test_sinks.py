@@ -154,9 +154,10 @@ def test_resume_continues_the_same_mlflow_run_without_a_step_twice(tiny_csv, tmp
         assert tb[k] == [(s, float(np.float32(v))) for s, v in points], k
 
 
-def test_an_unusable_mlflow_store_stops_the_run_before_it_starts(tiny_csv, tmp_path, in_store):
+@pytest.mark.parametrize("where", ["under a file", "a server that is not there"])
+def test_an_unusable_mlflow_store_stops_the_run_before_it_starts(tiny_csv, tmp_path, in_store, where):
     (tmp_path / "afile").write_text("not a directory")
-    uri = f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}" if where == "under a file" else "http://127.0.0.1:9"
     res = run(tiny_csv, tmp_path, **{"tracking.mlflow_uri": uri})
     assert res.exit_code != 0
     text = " ".join(res.output.split())

@@ -167,8 +167,9 @@ class TensorBoardSink(Sink):
         if self.resume and self.logged_through > kept:  # steps past the checkpoint: hidden, and logged again
             purge, self.logged_through = kept + 1, kept
         self.writer = SummaryWriter(str(self.dir), purge_step=purge)
+        first = "dir" not in self.entry  # this run's first events here (a resumed run may add the sink)
         self.entry["dir"] = str(self.dir)
-        if not self.resume:
+        if first:
             text = "\n".join("    " + line for line in self.cfg.to_yaml().splitlines())  # markdown: a code block
             self.writer.add_text("config", text, global_step=0)
 
@@ -213,6 +214,7 @@ class MlflowSink(Sink):
 
         t, was = cfg.tracking, self.entry if resume else {}
         self.uri = t.mlflow_uri or was.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
+        self._answers()
         self.client = self._call("cannot be opened", MlflowClient, tracking_uri=self.uri)
         if was.get("run_id"):
             self.run_id = was["run_id"]
@@ -255,6 +257,22 @@ class MlflowSink(Sink):
         if self._flush(None):
             self.record.save()
         super().finish(run_dir)
+
+    def _answers(self, timeout_s: float = 10.0) -> None:
+        """A tracking server that does not answer is refused at once (MLflow's own client retries for minutes)."""
+        from urllib.error import HTTPError, URLError
+        from urllib.parse import urlparse
+        from urllib.request import urlopen
+
+        if urlparse(self.uri).scheme not in ("http", "https"):
+            return
+        try:
+            urlopen(f"{self.uri.rstrip('/')}/health", timeout=timeout_s).close()
+        except HTTPError:  # it answered (a proxy's 401 or 404 too): MLflow's calls say the rest
+            pass
+        except (URLError, OSError) as e:
+            raise FedfmError(f"tracking.mlflow_uri: the MLflow tracking server {self.uri} does not answer within "
+                             f"{timeout_s:g} s ({getattr(e, 'reason', e)})") from None
 
     def _call(self, what: str, fn, *args, **kwargs):
         """A call to the tracking store; its failure is one line naming ``tracking.mlflow_uri`` and the store."""
