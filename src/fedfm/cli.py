@@ -235,6 +235,7 @@ def _run(cfg, resume: bool, overwrite: bool) -> None:
             console.print(f"[yellow]report not drawn: {e}[/yellow]")
         try:
             sinks.finish(run_dir)  # the adapter, the report, the config as the trackers' artifacts
+            sinks.close()
         except FedfmError as e:
             _fail(e)
         console.print(f"run directory: [bold]{run_dir.path}[/bold]  (plots: fedfm report {run_dir.path})")
@@ -275,6 +276,7 @@ def _run_driver(cfg, driver, run_dir, resume: bool, overwrite: bool, warn, t0: f
                 fed.run(initial=cfg.eval.initial)
             rows = run_dir.read_metrics()
             sinks.finish(run_dir)  # the rows this driver logs (metrics.jsonl), the config, as the trackers'
+            sinks.close()
         except FedfmError as e:
             _fail(e)
             return

@@ -526,6 +526,7 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
         except Exception as e:  # a plot failing must not hide a finished run
             display.message(f"report not drawn: {e}")
         sinks.finish(run_dir)
+        sinks.close()
     except BaseException as e:
         error = e
         raise

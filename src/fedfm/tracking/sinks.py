@@ -349,16 +349,21 @@ class Sinks(Displays):
         for sink in self.displays:
             sink.finish(run_dir)
 
+    closed = False
+
     def close(self, error: Optional[BaseException] = None) -> None:
-        """End every sink (an MLflow run as FINISHED, or FAILED/KILLED with ``error``); the first failure is raised
-        after all were tried."""
+        """End every sink once (an MLflow run as FINISHED, or FAILED/KILLED with the run's ``error``). A sink that
+        fails to close is raised after all were tried, unless the run already failed (its error is the one to see)."""
+        if self.closed:
+            return
+        self.closed = True
         first = None
         for sink in self.displays:
             try:
                 sink.close(error)
             except Exception as e:
                 first = first or e
-        if first is not None:
+        if first is not None and error is None:
             raise first
 
 
@@ -377,9 +382,6 @@ def open_sinks(cfg, run_dir, resume: bool) -> Sinks:
             except ImportError as e:
                 raise ConfigError(f"tracking.sinks: {name!r} needs the {kind.package} package ({e}): {INSTALL}") from None
     except BaseException as e:
-        try:
-            Sinks(*opened).close(e)
-        except Exception:  # the error that stopped the opening is the one to report
-            pass
+        Sinks(*opened).close(e)
         raise
     return Sinks(*opened)
