@@ -76,6 +76,13 @@ def test_scalars_of_a_row():
                             "client_acc/0": 0.25, "client_acc/2": 1.0, "client_stats": 2.0}
 
 
+def test_mlflow_metric_names_keep_what_mlflow_allows():
+    from fedfm.tracking.sinks import MlflowSink
+
+    assert MlflowSink.metric_name("client_acc/site 1:a.b-c") == "client_acc/site 1:a.b-c"
+    assert MlflowSink.metric_name("client_acc/x(y)") == "client_acc/x_y_"
+
+
 def test_a_run_logs_every_round_to_tensorboard_and_mlflow(tiny_csv, tmp_path, in_store, store):
     res = run(tiny_csv, tmp_path, **{"eval.initial": True, "tracking.mlflow_experiment": "every-round"})
     assert res.exit_code == 0, res.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -280,6 +281,8 @@ class MlflowSink(Sink):
             return fn(*args, **kwargs)
         except Exception as e:  # the store's own errors: MlflowException, requests', sqlalchemy's, OSError
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            if isinstance(e, ImportError):  # a database store without sqlalchemy or alembic
+                reason += f" ({INSTALL})"
             raise FedfmError(f"tracking.mlflow_uri: the MLflow tracking store {self.uri} {what}: {reason}") from None
 
     def _new_run(self, experiment: str) -> str:
@@ -323,9 +326,14 @@ class MlflowSink(Sink):
         from mlflow.entities import Metric
 
         ms = int(time.time() * 1000)
-        metrics = [Metric(k, v, ms, step) for k, v in values.items()]
+        metrics = [Metric(self.metric_name(k), v, ms, step) for k, v in values.items()]
         for i in range(0, len(metrics), self.MAX_BATCH):
             self._call("cannot be written", self.client.log_batch, self.run_id, metrics=metrics[i:i + self.MAX_BATCH])
+
+    @staticmethod
+    def metric_name(key: str) -> str:
+        """``key`` with each character MLflow refuses in a metric's name (e.g. from a client's name) as ``_``."""
+        return re.sub(r"[^\w\-. :/]", "_", key)
 
     def _artifacts(self, run_dir: RunDir) -> None:
         for sub in ("adapter", "model", "report"):
