@@ -76,6 +76,13 @@ def test_scalars_of_a_row():
                             "client_acc/0": 0.25, "client_acc/2": 1.0, "client_stats": 2.0}
 
 
+def test_the_sinks_files_in_a_run_directory_are_fedfms():
+    from fedfm.tracking import owned
+
+    assert owned("tracking.json") and owned("tensorboard/events.out.tfevents.1764500000.host-1.4242.0")
+    assert not owned("tensorboard/notes.txt") and not owned("tensorboard/sub/events.out.tfevents.1.h.2.0")
+
+
 def test_mlflow_metric_names_keep_what_mlflow_allows():
     from fedfm.tracking.sinks import MlflowSink
 
