@@ -66,7 +66,8 @@ def arm(sinks_named: list[str], rounds: int, base: Path) -> dict:
     sinks.close()
     finish_s = time.perf_counter() - t
     per_round.sort()
-    return {"sinks": sinks_named, "open_s": round(open_s, 4), "round_median_ms": round(1000 * per_round[len(per_round) // 2], 3),
+    return {"sinks": sinks_named, "open_s": round(open_s, 4),
+            "round_median_ms": round(1000 * per_round[len(per_round) // 2], 3),
             "round_max_ms": round(1000 * per_round[-1], 3), "finish_s": round(finish_s, 4)}
 
 

@@ -214,18 +214,12 @@ def test_a_deployments_server_side_logs_the_same(tmp_path, in_store, monkeypatch
 
     from fedfm.config import load_config
     from fedfm.deploy.flower import serve
-    from tests.conftest import make_rows, write_csv
-    from tests.deploy.test_secagg import InProcessGrid
+    from tests.conftest import make_rows
+    from tests.deploy.test_secagg import InProcessGrid, site_nodes
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as Flower sets in a ServerApp
         monkeypatch.setattr(TaskIdentity, name, value)
-    rows = make_rows(n=120, seed=3, sites=2)
-    nodes = {}
-    for i in range(2):
-        org = tmp_path / f"org{i}"
-        org.mkdir()
-        nodes[10 + i] = {"data": str(write_csv(org / "train.csv", [r for r in rows if r["site"] == f"site{i}"])),
-                         "client-id": i, "state-dir": str(org / "state")}
+    nodes = site_nodes(tmp_path, make_rows(n=120, seed=3, sites=2), 2, first_node=10)
     cfg = load_config("bbc-lora", tiny_overrides(tmp_path / "no-data.csv", tmp_path, **{
         "partition.num_clients": 2, "federation.clients_per_round": 2, "federation.rounds": 2,
         "tracking.sinks": ["mlflow", "tensorboard"], "tracking.mlflow_experiment": "deployed"}))

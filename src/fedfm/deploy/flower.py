@@ -514,7 +514,7 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
             for stage in _stages(fed.server.chain):
                 if isinstance(stage, SecureSum):
                     stage.parties = lambda st, rnd, u: FlowerParties(runtime, st, rnd, u)
-        if fed.server.sample_dp is not None:  # the z every client's DP-SGD uses (derived from the target ε if not given)
+        if fed.server.sample_dp is not None:  # the z every client's DP-SGD uses (derived from the target ε if unset)
             runtime.extra["dp_noise_multiplier"] = float(fed.server.sample_dp.noise_multiplier)
         run_dir.write_json("partition.json", fed.describe())
         with run_dir.writing():

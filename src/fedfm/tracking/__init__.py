@@ -1,5 +1,5 @@
-"""The run directory: ``config.yaml``, ``partition.json``, ``metrics.jsonl``, ``checkpoints/``, ``adapter/``, ``report/``
-(and, with ``tracking.sinks``, ``tracking.json`` and ``tensorboard/``: ``fedfm.tracking.sinks``).
+"""The run directory: ``config.yaml``, ``partition.json``, ``metrics.jsonl``, ``checkpoints/``, ``adapter/``,
+``report/`` (and, with ``tracking.sinks``, ``tracking.json`` and ``tensorboard/``: ``fedfm.tracking.sinks``).
 
 fedfm marks a directory it made with ``.fedfm-run``; only such a directory is resumed or replaced (``--overwrite``),
 and only the files fedfm writes in it (``owned``) are ever removed: anything else a user keeps there stays.

@@ -388,7 +388,8 @@ def open_sinks(cfg, run_dir, resume: bool) -> Sinks:
             try:
                 opened.append(kind(cfg, run_dir, resume, record))
             except ImportError as e:
-                raise ConfigError(f"tracking.sinks: {name!r} needs the {kind.package} package ({e}): {INSTALL}") from None
+                raise ConfigError(f"tracking.sinks: {name!r} needs the {kind.package} package ({e}): "
+                                  f"{INSTALL}") from None
     except BaseException as e:
         Sinks(*opened).close(e)
         raise
