@@ -164,15 +164,30 @@ def resume(run_dir: str | Path, overrides: Overrides = None, *,
 
 def _execute(cfg: RunConfig, *, resume: bool, overwrite: bool, on_round, display: Optional[Display],
              report: bool) -> RunResult:
+    opened: list = []  # tracking.sinks, opened once the data is checked: an MLflow run ends FINISHED, FAILED or KILLED
+    try:
+        result = _execute_with(cfg, resume, overwrite, on_round, display, report, opened)
+    except BaseException as e:
+        for sinks in opened:
+            sinks.close(e)
+        raise
+    for sinks in opened:
+        sinks.close()
+    return result
+
+
+def _execute_with(cfg: RunConfig, resume: bool, overwrite: bool, on_round, display: Optional[Display], report: bool,
+                  opened: list) -> RunResult:
     from .federation import begin, open_run_dir
     from .simulation import Simulation, driver_of, prepare
     from .tracking import RunDir
+    from .tracking.sinks import open_sinks
 
     run_dir = RunDir(cfg.output_dir())
-    shown = Displays(display, OnRound(on_round) if on_round is not None else None)
+    callback = OnRound(on_round) if on_round is not None else None
 
     def warn(text: str) -> None:
-        shown.message(f"warning: {text}")
+        Displays(display, callback).message(f"warning: {text}")
 
     driver = driver_of(cfg)
     if driver is not None:  # clients that run different models (fedmd, continual stages): the algorithm's driver
@@ -183,6 +198,9 @@ def _execute(cfg: RunConfig, *, resume: bool, overwrite: bool, on_round, display
         open_run_dir(run_dir, False, overwrite, warn)  # touches nothing
         prepared = driver.prepare(cfg)  # data + config checks, before any model loads
         desc = prepared.data.describe()
+        sinks = open_sinks(cfg, run_dir, False)  # a tracking store that cannot be used: refused here
+        opened.append(sinks)
+        shown = Displays(display, sinks, callback)
         shown.partition(desc)
         fed = driver(prepared, display=shown, run_dir=run_dir)  # builds the models; writes nothing yet
         run_dir.create(overwrite=overwrite)
@@ -190,11 +208,15 @@ def _execute(cfg: RunConfig, *, resume: bool, overwrite: bool, on_round, display
         run_dir.write_json("partition.json", desc)
         with run_dir.writing():
             fed.run(initial=cfg.eval.initial)
+        sinks.finish(run_dir)  # the rows this driver logs (metrics.jsonl), the config, as the trackers' artifacts
         return RunResult(cfg, run_dir.path, run_dir.read_metrics())
 
     ck = open_run_dir(run_dir, resume, overwrite, warn)  # touches nothing; a checkpoint read before the model
     prepared = prepare(cfg)  # data + config checks, before any model loads
     desc = prepared.data.describe()
+    sinks = open_sinks(cfg, run_dir, resume)  # a tracking store that cannot be used: refused here
+    opened.append(sinks)
+    shown = Displays(display, sinks, callback)
     shown.partition(desc)
     server = Simulation(prepared, run_dir, shown)  # builds the model; writes nothing into the run directory
     begin(server, run_dir, ck, resume, overwrite, warn, say=shown.message)
@@ -205,6 +227,7 @@ def _execute(cfg: RunConfig, *, resume: bool, overwrite: bool, on_round, display
         server.run()
     if report:
         _draw_report(run_dir.path, shown)
+    sinks.finish(run_dir)  # the adapter, the report, the config as the trackers' artifacts
     return RunResult(cfg, run_dir.path, run_dir.read_metrics())
 
 

@@ -325,6 +325,22 @@ class OutputConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+class TrackingConfig(Section):
+    """Where a run's metrics go besides metrics.jsonl (docs/tracking.md): any of the registered sinks."""
+    sinks: list[str] = []  # any of fedfm.tracking.sinks.SINKS: tensorboard, mlflow
+    tensorboard_dir: Optional[str] = None  # default <output.dir>/tensorboard
+    mlflow_uri: Optional[str] = None  # default $MLFLOW_TRACKING_URI, else sqlite:///<working directory>/mlflow.db
+    mlflow_experiment: Optional[str] = None  # default the config's name
+
+    @field_validator("sinks")
+    @classmethod
+    def _once_each(cls, sinks: list[str]) -> list[str]:
+        twice = sorted({s for s in sinks if sinks.count(s) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} given more than once; name each sink once")
+        return sinks
+
+
 class PrivacyConfig(Section):
     # client: DP-FedAvg (McMahan et al. 2018); sample: DP-SGD in each client (Abadi et al. 2016); dp-accounting accountant
     mode: Literal["none", "client", "sample"] = "none"
@@ -539,6 +555,7 @@ class RunConfig(Section):
     clock: ClockConfig = ClockConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     attack: AttackConfig = AttackConfig()
     secagg: SecureAggregationConfig = SecureAggregationConfig()

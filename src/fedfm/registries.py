@@ -18,6 +18,7 @@ def fields_of(cfg):
     from .sampling import SAMPLERS
     from .schedules import SCHEDULES
     from .tasks import TASKS
+    from .tracking.sinks import SINKS
 
     return [
         ("adapter.method", METHODS, cfg.adapter.method),
@@ -34,6 +35,7 @@ def fields_of(cfg):
         ("attack.kind", ATTACKS, cfg.attack.kind),
         *([("data.synthetic.strategy", SYNTHESIZERS, cfg.data.synthetic.strategy)] if cfg.data.synthetic else []),
         *((f"continual.mitigations[{i}]", MITIGATIONS, m) for i, m in enumerate(cfg.continual.mitigations)),
+        *((f"tracking.sinks[{i}]", SINKS, s) for i, s in enumerate(cfg.tracking.sinks)),
     ]
 
 

@@ -49,6 +49,19 @@ class InProcessGrid:
         return out
 
 
+def site_nodes(tmp_path, rows: list[dict], count: int, first_node: int) -> dict[int, dict]:
+    """Node configs of ``count`` organisations, each with its own site's rows in its own folder (org<i>/train.csv)
+    and its own state folder: node ``first_node + i`` is client i."""
+    nodes = {}
+    for i in range(count):
+        org = tmp_path / f"org{i}"
+        org.mkdir()
+        mine = [r for r in rows if r["site"] == f"site{i}"]
+        nodes[first_node + i] = {"data": str(write_csv(org / "train.csv", mine)), "client-id": i,
+                                 "state-dir": str(org / "state")}
+    return nodes
+
+
 @pytest.mark.parametrize("privacy", ["none", "client"])
 def test_what_the_server_side_receives_from_each_client_is_masked(tmp_path, monkeypatch, privacy):
     rows = make_rows(n=180, seed=7, sites=3)
@@ -111,13 +124,7 @@ def _is_masked_input(reply) -> bool:
 def test_a_client_that_fails_after_sharing_its_keys_drops_out_and_the_others_are_summed(tmp_path):
     """A client that advertised and shared its keys but could not train (its file is gone) sends no masked input;
     the round unmasks the sum of the other clients' (its neighbours reveal its pairwise masks), as SecAgg+ allows."""
-    rows = make_rows(n=200, seed=8, sites=5)
-    nodes = {}
-    for i in range(5):
-        org = tmp_path / f"org{i}"
-        org.mkdir()
-        nodes[7 + i] = {"data": str(write_csv(org / "train.csv", [r for r in rows if r["site"] == f"site{i}"])),
-                        "client-id": i, "state-dir": str(org / "state")}
+    nodes = site_nodes(tmp_path, make_rows(n=200, seed=8, sites=5), 5, first_node=7)
     cfg = load_config("bbc-lora", tiny_overrides(tmp_path / "no-data.csv", tmp_path, **{
         "partition.num_clients": 5, "federation.clients_per_round": 5, "federation.min_clients": 2,
         "federation.rounds": 1, "secagg.enabled": True}))

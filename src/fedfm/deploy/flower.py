@@ -482,6 +482,9 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
     from ..federation import begin, open_run_dir
     from ..tracking import RunDir
 
+    from ..display import Displays
+    from ..tracking.sinks import open_sinks
+
     display = display or PrintDisplay()
     text = str(run_config.get("fedfm-config") or "")
     if not text.strip():
@@ -492,33 +495,43 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
     check_config(cfg)
     run_dir = RunDir(cfg.output_dir())
     ck = open_run_dir(run_dir, resume, overwrite, display.message)
-    runtime = FlowerRuntime(grid, cfg)
-    nodes = runtime.discover(display.message)
-    cfg = deployment_config(cfg, nodes)
-    runtime.set_config(cfg)
-    display.message(f"run {cfg.name} -> {run_dir.path.resolve()}; clients: " +
-                    ", ".join(f"{n.client_id}=node {n.node_id} ({n.train_examples} examples)" for n in
-                              sorted(nodes, key=lambda n: n.client_id)))
-    fed = Deployment(cfg, nodes, runtime, run_dir, display)
-    begin(fed, run_dir, ck, resume, overwrite, display.message, say=display.message)
-    runtime.run_token = run_id(run_dir, resume)
-    if cfg.secagg.enabled:  # the sum by SecAgg+ between the clients' own parties, over Flower messages
-        from ..privacy.secure import SecureSum
-
-        for stage in _stages(fed.server.chain):
-            if isinstance(stage, SecureSum):
-                stage.parties = lambda st, rnd, u: FlowerParties(runtime, st, rnd, u)
-    if fed.server.sample_dp is not None:  # the z every client's DP-SGD uses (derived from the target ε if not given)
-        runtime.extra["dp_noise_multiplier"] = float(fed.server.sample_dp.noise_multiplier)
-    run_dir.write_json("partition.json", fed.describe())
-    with run_dir.writing():
-        rows = fed.run()
+    sinks = open_sinks(cfg, run_dir, resume)  # tracking.sinks: the same as `fedfm run` logs; refused here if unusable
+    error = None
     try:
-        from ..tracking.report import make_report
+        runtime = FlowerRuntime(grid, cfg)
+        nodes = runtime.discover(display.message)
+        cfg = deployment_config(cfg, nodes)
+        runtime.set_config(cfg)
+        display.message(f"run {cfg.name} -> {run_dir.path.resolve()}; clients: " +
+                        ", ".join(f"{n.client_id}=node {n.node_id} ({n.train_examples} examples)" for n in
+                                  sorted(nodes, key=lambda n: n.client_id)))
+        fed = Deployment(cfg, nodes, runtime, run_dir, Displays(display, sinks))
+        begin(fed, run_dir, ck, resume, overwrite, display.message, say=display.message)
+        runtime.run_token = run_id(run_dir, resume)
+        if cfg.secagg.enabled:  # the sum by SecAgg+ between the clients' own parties, over Flower messages
+            from ..privacy.secure import SecureSum
 
-        make_report(run_dir.path)
-    except Exception as e:  # a plot failing must not hide a finished run
-        display.message(f"report not drawn: {e}")
+            for stage in _stages(fed.server.chain):
+                if isinstance(stage, SecureSum):
+                    stage.parties = lambda st, rnd, u: FlowerParties(runtime, st, rnd, u)
+        if fed.server.sample_dp is not None:  # the z every client's DP-SGD uses (derived from the target ε if unset)
+            runtime.extra["dp_noise_multiplier"] = float(fed.server.sample_dp.noise_multiplier)
+        run_dir.write_json("partition.json", fed.describe())
+        with run_dir.writing():
+            rows = fed.run()
+        try:
+            from ..tracking.report import make_report
+
+            make_report(run_dir.path)
+        except Exception as e:  # a plot failing must not hide a finished run
+            display.message(f"report not drawn: {e}")
+        sinks.finish(run_dir)
+        sinks.close()
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        sinks.close(error)
     display.message(f"done: run directory {run_dir.path.resolve()}")
     return rows
 

@@ -1,4 +1,5 @@
-"""The run directory: ``config.yaml``, ``partition.json``, ``metrics.jsonl``, ``checkpoints/``, ``adapter/``, ``report/``.
+"""The run directory: ``config.yaml``, ``partition.json``, ``metrics.jsonl``, ``checkpoints/``, ``adapter/``,
+``report/`` (and, with ``tracking.sinks``, ``tracking.json`` and ``tensorboard/``: ``fedfm.tracking.sinks``).
 
 fedfm marks a directory it made with ``.fedfm-run``; only such a directory is resumed or replaced (``--overwrite``),
 and only the files fedfm writes in it (``owned``) are ever removed: anything else a user keeps there stays.
@@ -29,13 +30,14 @@ MARKER = ".fedfm-run"
 # into place when complete. tests/test_cli.py checks that a run writes nothing else.
 _OWNED = re.compile(r"""
     \.fedfm-run | config\.yaml | partition\.json | synthetic\.jsonl | metrics\.jsonl(\.partial)? | privacy_audit\.json
+  | tracking\.json | tensorboard/events\.out\.tfevents\.[^/]+
   | checkpoints/round_\d{4,}\.pt
   | client_state/client_\d+\.v\d+\.safetensors
   | report/((accuracy|loss|bytes|client_accuracy|partition)\.png | summary\.md | generations_round_\d+\.jsonl)
   | (adapter|model)/.+
   | ((checkpoints|client_state|report)/)? \.[^/]+\.tmp(/.+)?
 """, re.X)
-_OWNED_DIRS = re.compile(r"(checkpoints|client_state|report|adapter|model|\.[^/]+\.tmp)(/.+)?")
+_OWNED_DIRS = re.compile(r"(checkpoints|client_state|report|adapter|model|tensorboard|\.[^/]+\.tmp)(/.+)?")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
