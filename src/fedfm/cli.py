@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -127,6 +128,10 @@ def run_cmd(
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this run directory"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run directory"),
+    dashboard: bool = typer.Option(False, "--dashboard", help="serve a live page of the run while it runs "
+                                                               "(pip install \"fedfm[dashboard]\")"),
+    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="the address the page is served on"),
+    dashboard_port: int = typer.Option(8765, "--dashboard-port", min=0, max=65535, help="its port (0: any free one)"),
 ) -> None:
     """Run a federated fine-tuning job (default: the built-in `bbc-lora`)."""
     from .config import load_config
@@ -153,7 +158,59 @@ def run_cmd(
     if print_config:
         console.print(cfg.to_yaml(), end="", markup=False)
         return
-    _run(cfg, resume=resume is not None, overwrite=overwrite)
+    if not dashboard:
+        _run(cfg, resume=resume is not None, overwrite=overwrite)
+        return
+    with _dashboard(cfg.output_dir(), dashboard_host, dashboard_port):
+        _run(cfg, resume=resume is not None, overwrite=overwrite)
+
+
+@contextmanager
+def _dashboard(run_dir: Path, host: str, port: int) -> Iterator[None]:
+    """``fedfm run --dashboard``: the page of ``run_dir`` served while the run runs, stopped when it ends."""
+    from .dashboard import Dashboard
+
+    try:
+        board = Dashboard(run_dir, host, port).start()
+    except FedfmError as e:
+        _fail(e)
+        return
+    console.print(f"dashboard: [bold]{board.url}[/bold]", soft_wrap=True)
+    try:
+        yield
+    finally:
+        board.stop()
+        console.print(f"dashboard stopped; reopen it with: fedfm dashboard {run_dir}", soft_wrap=True)
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory (of fedfm run, or a deployment's server side)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="the address to serve on (keep 127.0.0.1; docs/dashboard.md)"),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="the port (0: any free one)"),
+    wait: bool = typer.Option(False, "--wait", help="RUN_DIR need not exist yet: wait for the run to write it"),
+) -> None:
+    """Serve a live page of a run (rounds, accuracy and loss, clients, label mix, privacy budget) until Ctrl-C."""
+    from .dashboard import Dashboard, is_run_dir
+
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FedfmError(f"fedfm dashboard: {run_dir} is a file, not a run directory")
+        if not run_dir.exists() and not wait:
+            raise FedfmError(f"fedfm dashboard: run directory {run_dir} does not exist (pass --wait to serve the page "
+                             f"before the run starts)")
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+            raise FedfmError(f"fedfm dashboard: {run_dir} is not a run directory (no .fedfm-run, config.yaml or "
+                             f"metrics.jsonl in it)")
+        board = Dashboard(run_dir, host, port).start()
+    except FedfmError as e:
+        _fail(e)
+        return
+    console.print(f"dashboard of {run_dir}: [bold]{board.url}[/bold]  (Ctrl-C stops it)", soft_wrap=True)
+    try:
+        board.wait()
+    finally:
+        board.stop()
 
 
 # What a run's trained parameters are made from: resuming with any of these changed is refused, naming the key. Only

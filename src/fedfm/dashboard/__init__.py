@@ -1,0 +1,124 @@
+"""A live dashboard of a run, served from its run directory alone (``fedfm dashboard RUN_DIR``, ``fedfm run
+--dashboard``; docs/dashboard.md): the same page follows a simulation and the server side of a deployment.
+
+``Dashboard(run_dir, host, port)`` serves it from a background thread (uvicorn) for as long as its ``with`` block
+runs; it needs the ``dashboard`` extra (starlette, uvicorn, plotly).
+"""
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import FedfmError
+from .state import RunState, is_run_dir
+
+__all__ = ["Dashboard", "MissingExtra", "RunState", "is_run_dir", "require_extra"]
+
+EXTRA = ("starlette", "uvicorn", "plotly")
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
+
+
+class MissingExtra(FedfmError):
+    """The dashboard's packages are not installed."""
+
+
+def require_extra() -> None:
+    """Refuse, naming the extra, when starlette, uvicorn or plotly is missing."""
+    missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"the dashboard needs {', '.join(missing)}: pip install \"fedfm[dashboard]\"")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free one), or a FedfmError naming host:port."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise FedfmError(f"dashboard: cannot serve on host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT; never one in use
+        sock.bind(addr)
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise FedfmError(f"dashboard: cannot listen on {host}:{port} ({e.strerror}); is another program using it? "
+                         f"choose another port, or port 0 for any free one") from None
+    return sock
+
+
+class Dashboard:
+    """The dashboard of ``run_dir`` on http://host:port/ while the ``with`` block runs (uvicorn in a daemon thread,
+    stopped and joined on exit)::
+
+        with Dashboard("runs/bbc-lora") as d:
+            print(d.url)
+            ...  # run, or wait
+    """
+
+    def __init__(self, run_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+        self.run_dir, self.host, self.port = Path(run_dir), host, port
+        self._server = self._thread = self._sock = None
+        self._error: Optional[BaseException] = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> "Dashboard":
+        require_extra()
+        import uvicorn
+
+        from .app import make_app
+
+        app = make_app(self.run_dir)
+        self._sock = _listen(self.host, self.port)
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name="fedfm-dashboard", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise FedfmError(f"dashboard: the server on {self.host}:{self.port} did not start"
+                                 + (f" ({self._error})" if self._error else ""))
+            time.sleep(0.02)
+        return self
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        except BaseException as e:  # uvicorn exits (SystemExit) when it cannot start: start() reports it
+            self._error = e
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._sock is not None:
+            self._sock.close()
+        self._server = self._thread = self._sock = None
+
+    def wait(self) -> None:
+        """Serve until interrupted (Ctrl-C) or the server stops."""
+        try:
+            while self._thread is not None and self._thread.is_alive():
+                self._thread.join(timeout=0.5)
+        except KeyboardInterrupt:
+            pass
+
+    def __enter__(self) -> "Dashboard":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
