@@ -19,7 +19,7 @@ console = Console(highlight=False)
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)  # a message's [...] is text
     raise typer.Exit(code=getattr(err, "exit_code", 2))
 
 
@@ -180,7 +180,7 @@ def _dashboard(run_dir: Path, host: str, port: int) -> Iterator[None]:
         yield
     finally:
         board.stop()
-        console.print(f"dashboard stopped; reopen it with: fedfm dashboard {run_dir}", soft_wrap=True)
+        console.print(f"dashboard stopped; reopen it with: fedfm dashboard {escape(str(run_dir))}", soft_wrap=True)
 
 
 @app.command("dashboard")
@@ -206,7 +206,7 @@ def dashboard_cmd(
     except FedfmError as e:
         _fail(e)
         return
-    console.print(f"dashboard of {run_dir}: [bold]{board.url}[/bold]  (Ctrl-C stops it)", soft_wrap=True)
+    console.print(f"dashboard of {escape(str(run_dir))}: [bold]{board.url}[/bold]  (Ctrl-C stops it)", soft_wrap=True)
     try:
         board.wait()
     finally:

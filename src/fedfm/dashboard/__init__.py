@@ -80,7 +80,7 @@ class Dashboard:
         app = make_app(self.run_dir)
         self._sock = _listen(self.host, self.port)
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none",
                                 timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="fedfm-dashboard", daemon=True)
