@@ -85,16 +85,19 @@ def test_a_missing_extra_names_it(tmp_path, monkeypatch):
     assert res.exit_code == 2 and 'pip install "fedfm[dashboard]"' in res.output and "uvicorn" in res.output
 
 
-def test_fedfm_dashboard_serves_until_interrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("written", [True, False], ids=["a-run", "wait-for-one"])
+def test_fedfm_dashboard_serves_until_interrupted(tmp_path, monkeypatch, written):
     seen = {}
 
     def wait(self):  # in place of waiting for Ctrl-C: read the page once, then return as Ctrl-C makes it
         seen["state"] = json.loads(get(self.url + "api/state")[1])
 
     monkeypatch.setattr(Dashboard, "wait", wait)
-    res = invoke("dashboard", write_run(tmp_path / "run"), "--port", 0)
+    path = write_run(tmp_path / "run") if written else tmp_path / "later"
+    res = invoke("dashboard", path, "--port", 0, *([] if written else ["--wait"]))
     assert res.exit_code == 0, res.output
-    assert "http://127.0.0.1:" in res.output and seen["state"]["name"] == "tiny"
+    assert "http://127.0.0.1:" in res.output
+    assert seen["state"]["status"] == ("running" if written else "waiting")
     assert serving_threads() == []
 
 
