@@ -161,13 +161,14 @@ def run_cmd(
     if not dashboard:
         _run(cfg, resume=resume is not None, overwrite=overwrite)
         return
-    with _dashboard(cfg.output_dir(), dashboard_host, dashboard_port):
+    with _dashboard(cfg.output_dir(), dashboard_host, dashboard_port,
+                    then=f"; reopen it with: fedfm dashboard {escape(str(cfg.output_dir()))}"):
         _run(cfg, resume=resume is not None, overwrite=overwrite)
 
 
 @contextmanager
-def _dashboard(run_dir: Path, host: str, port: int) -> Iterator[None]:
-    """``fedfm run --dashboard``: the page of ``run_dir`` served while the run runs, stopped when it ends."""
+def _dashboard(run_dir: Path, host: str, port: int, then: str) -> Iterator[Any]:
+    """The page of ``run_dir`` served while the block runs (``fedfm run --dashboard``, ``fedfm dashboard``)."""
     from .dashboard import Dashboard
 
     try:
@@ -175,12 +176,12 @@ def _dashboard(run_dir: Path, host: str, port: int) -> Iterator[None]:
     except FedfmError as e:
         _fail(e)
         return
-    console.print(f"dashboard: [bold]{board.url}[/bold]", soft_wrap=True)
+    console.print(f"dashboard of {escape(str(run_dir))}: [bold]{board.url}[/bold]", soft_wrap=True)
     try:
-        yield
+        yield board
     finally:
         board.stop()
-        console.print(f"dashboard stopped; reopen it with: fedfm dashboard {escape(str(run_dir))}", soft_wrap=True)
+        console.print(f"dashboard stopped{then}", soft_wrap=True)
 
 
 @app.command("dashboard")
@@ -191,26 +192,16 @@ def dashboard_cmd(
     wait: bool = typer.Option(False, "--wait", help="RUN_DIR need not exist yet: wait for the run to write it"),
 ) -> None:
     """Serve a live page of a run (rounds, accuracy and loss, clients, label mix, privacy budget) until Ctrl-C."""
-    from .dashboard import Dashboard, is_run_dir
+    from .dashboard import check_run_dir
 
     try:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise FedfmError(f"fedfm dashboard: {run_dir} is a file, not a run directory")
-        if not run_dir.exists() and not wait:
-            raise FedfmError(f"fedfm dashboard: run directory {run_dir} does not exist (pass --wait to serve the page "
-                             f"before the run starts)")
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
-            raise FedfmError(f"fedfm dashboard: {run_dir} is not a run directory (no .fedfm-run, config.yaml or "
-                             f"metrics.jsonl in it)")
-        board = Dashboard(run_dir, host, port).start()
+        check_run_dir(run_dir, wait)
     except FedfmError as e:
         _fail(e)
         return
-    console.print(f"dashboard of {escape(str(run_dir))}: [bold]{board.url}[/bold]  (Ctrl-C stops it)", soft_wrap=True)
-    try:
+    with _dashboard(run_dir, host, port, then="") as board:
+        console.print("Ctrl-C stops it")
         board.wait()
-    finally:
-        board.stop()
 
 
 # What a run's trained parameters are made from: resuming with any of these changed is refused, naming the key. Only

@@ -117,6 +117,6 @@ def test_fedfm_run_dashboard_serves_during_the_run_then_stops(tiny_csv, tmp_path
     monkeypatch.setattr(cli, "_run", fake_run)
     res = invoke("run", "bbc-lora", *tiny_overrides(tiny_csv, tmp_path), "--dashboard", "--dashboard-port", 0)
     assert res.exit_code == 3, res.output
-    assert f"dashboard: {boards[0].url}" in res.output
+    assert f"{tmp_path / 'run'}: {boards[0].url}" in res.output
     assert seen and seen[0]["status"] == "waiting" and seen[0]["run_dir"] == str((tmp_path / "run").resolve())
     assert "dashboard stopped" in res.output and serving_threads() == []

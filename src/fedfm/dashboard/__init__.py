@@ -16,7 +16,7 @@ from typing import Optional
 from ..errors import FedfmError
 from .state import RunState, is_run_dir
 
-__all__ = ["Dashboard", "MissingExtra", "RunState", "is_run_dir", "require_extra"]
+__all__ = ["Dashboard", "MissingExtra", "RunState", "check_run_dir", "is_run_dir", "require_extra"]
 
 EXTRA = ("starlette", "uvicorn", "plotly")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
@@ -31,6 +31,20 @@ def require_extra() -> None:
     missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtra(f"the dashboard needs {', '.join(missing)}: pip install \"fedfm[dashboard]\"")
+
+
+def check_run_dir(path: Path, wait: bool = False) -> None:
+    """Refuse, naming it, a path that is not a run directory: a file, a directory with files but none of a run's, or
+    (unless ``wait``: the run has not started yet) nothing at all."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FedfmError(f"fedfm dashboard: {path} is a file, not a run directory")
+    if not path.exists() and not wait:
+        raise FedfmError(f"fedfm dashboard: run directory {path} does not exist (pass --wait to serve the page before "
+                         f"the run starts)")
+    if path.is_dir() and any(path.iterdir()) and not is_run_dir(path):
+        raise FedfmError(f"fedfm dashboard: {path} is not a run directory (no .fedfm-run, config.yaml or "
+                         f"metrics.jsonl in it)")
 
 
 def _listen(host: str, port: int) -> socket.socket:
