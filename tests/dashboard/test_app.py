@@ -128,3 +128,25 @@ def test_the_page_has_no_inline_script_and_its_script_writes_no_html():
 
 def test_state_is_strict_json(client):
     json.loads(client.get("/api/state").text, parse_constant=lambda c: pytest.fail(f"{c} in /api/state"))
+
+
+@pytest.mark.parametrize("host, ok", [("127.0.0.1:8765", True), ("localhost:8765", True), ("[::1]:8765", True),
+                                      ("LOCALHOST", True), ("evil.example:8765", False), ("", False),
+                                      ("127.0.0.1.evil.example", False)])
+def test_a_host_header_of_another_name_is_refused(run, host, ok):
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 must not read the run."""
+    from fedfm.dashboard import allowed_hosts
+
+    client = TestClient(make_app(run, hosts=allowed_hosts("127.0.0.1")))
+    for path in ("/", "/api/state", "/files/report/summary.md"):
+        r = client.get(path, headers={"host": host})
+        assert r.status_code == (200 if ok else 421), (path, host)
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_hosts_by_binding():
+    from fedfm.dashboard import allowed_hosts
+
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("::") is None  # every interface: any name
+    assert set(allowed_hosts("::1")) == {"127.0.0.1", "localhost", "::1"}
+    assert allowed_hosts("10.0.0.5") == ("10.0.0.5",)

@@ -151,3 +151,20 @@ def test_metrics_tail_reads_only_what_was_appended(tmp_path):
         f.write('{"round": 2}\n')
     assert [r["round"] for r in tail.read()] == [1, 2]
     assert [r["round"] for r in tail.read()] == [1, 2]  # nothing new: nothing added twice
+
+
+def test_small_files_are_parsed_again_only_when_they_change(tmp_path):
+    run = write_run(tmp_path / "run")
+    state = RunState(run)
+    assert state.read()["partition"]["method"] == "dirichlet"
+    calls = []
+    parse = state.partition.parse
+    state.partition.parse = lambda b: calls.append(1) or parse(b)
+    state.read()
+    assert calls == []  # unchanged: not read again
+    desc = json.loads((run / "partition.json").read_text())
+    (run / ".partition.json.tmp").write_text(json.dumps({**desc, "method": "iid"}))
+    (run / ".partition.json.tmp").replace(run / "partition.json")  # as the run writes it: a new file renamed over
+    assert state.read()["partition"]["method"] == "iid" and calls == [1]
+    (run / "partition.json").write_text("{ half")
+    assert state.read()["partition"] is None  # being written: shown when whole

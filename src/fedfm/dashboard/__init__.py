@@ -47,6 +47,18 @@ def check_run_dir(path: Path, wait: bool = False) -> None:
                          f"metrics.jsonl in it)")
 
 
+WILDCARDS = ("0.0.0.0", "::", "")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(host: str) -> Optional[tuple[str, ...]]:
+    """The Host header names the dashboard answers: the address it is bound to and, bound to the loopback, the
+    loopback's names (an SSH tunnel arrives as 127.0.0.1 or localhost); any, bound to every interface."""
+    if host in WILDCARDS:
+        return None
+    return (host, *LOOPBACK) if host in LOOPBACK or host.startswith("127.") else (host,)
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (port 0: any free one), or a FedfmError naming host:port."""
     try:
@@ -91,7 +103,7 @@ class Dashboard:
 
         from .app import make_app
 
-        app = make_app(self.run_dir)
+        app = make_app(self.run_dir, hosts=allowed_hosts(self.host))
         self._sock = _listen(self.host, self.port)
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", ws="none",

@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 from importlib import resources
 from pathlib import Path
+from typing import Iterable, Optional
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -42,15 +44,29 @@ def plotly_js() -> Path:
     return Path(str(resources.files("plotly").joinpath("package_data", "plotly.min.js")))
 
 
-class ReadOnly:
-    """ASGI middleware: GET and HEAD pass, any other method is answered 405; every response gets ``HEADERS``."""
+def hostname(host_header: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8765`` → ``::1``, ``localhost:8765`` → ``localhost``."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
-    def __init__(self, app):
-        self.app = app
+
+class ReadOnly:
+    """ASGI middleware: GET and HEAD pass, any other method is answered 405; a Host header not among ``hosts`` (when
+    given) is answered 421, so a page elsewhere that rebinds its DNS name to 127.0.0.1 cannot read the dashboard;
+    every response gets ``HEADERS``."""
+
+    def __init__(self, app, hosts: Optional[frozenset[str]] = None):
+        self.app, self.hosts = app, hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.hosts is not None and hostname(Headers(scope=scope).get("host", "")) not in self.hosts:
+            response = PlainTextResponse("unknown Host: open the dashboard by the address it printed\n",
+                                         status_code=421)
+            return await response(scope, receive, self._secured(send))
         if scope["method"] not in READ_METHODS:
             response = PlainTextResponse("read-only: GET and HEAD only\n", status_code=405,
                                          headers={"Allow": ", ".join(READ_METHODS)})
@@ -83,8 +99,9 @@ def run_file(run_dir: Path, relative: str) -> Path | None:
     return path
 
 
-def make_app(run_dir: str | Path) -> Starlette:
-    """The dashboard of one run directory (which need not exist yet: the page then says it waits for the run)."""
+def make_app(run_dir: str | Path, hosts: Optional[Iterable[str]] = None) -> Starlette:
+    """The dashboard of one run directory (which need not exist yet: the page then says it waits for the run).
+    ``hosts``: the names a request's Host header may give (None: any)."""
     run_dir = Path(run_dir)
     state, lock = RunState(run_dir), threading.Lock()
     plotly = plotly_js()
@@ -125,5 +142,5 @@ def make_app(run_dir: str | Path) -> Starlette:
               Route("/files/{path:path}", files, methods=list(READ_METHODS)),
               Route("/favicon.ico", favicon, methods=list(READ_METHODS))]
     app = Starlette(routes=routes)
-    app.add_middleware(ReadOnly)
+    app.add_middleware(ReadOnly, hosts=None if hosts is None else frozenset(h.lower() for h in hosts))
     return app

@@ -12,7 +12,7 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -45,9 +45,11 @@ class MetricsTail:
         self._offset = 0
         self._inode: Optional[tuple[int, int]] = None
         self.mtime: Optional[float] = None
+        self.generation = 0  # counts the times the file was read again from the start
 
     def _reset(self) -> None:
         self.rows, self.skipped, self._offset = [], 0, 0
+        self.generation += 1
 
     def read(self) -> list[dict[str, Any]]:
         try:
@@ -84,19 +86,29 @@ class MetricsTail:
         return self.rows
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # not there yet, or being replaced: the next read sees it whole (the run writes it atomically)
+class WholeFile:
+    """A small file the run writes whole (atomically), parsed again only when it changed (its inode, size or
+    mtime); ``None`` while it is not there or does not parse."""
 
+    def __init__(self, path: Path, parse: Callable[[bytes], Any]):
+        self.path, self.parse = path, parse
+        self._seen: Optional[tuple] = None
+        self.value: Any = None
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
+    def read(self) -> Any:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._seen = self.value = None
+            return None
+        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if seen != self._seen:
+            try:
+                self.value = self.parse(self.path.read_bytes())
+            except (OSError, ValueError, yaml.YAMLError):
+                self.value = None  # being replaced: the next read sees it whole
+            self._seen = seen
+        return self.value
 
 
 def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -176,15 +188,27 @@ class RunState:
     """The dashboard's view of one run directory; ``read()`` returns it as a JSON-ready dict (``/api/state``)."""
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.metrics = MetricsTail(self.run_dir / "metrics.jsonl")
+        self.run_dir = d = Path(run_dir)
+        self.metrics = MetricsTail(d / "metrics.jsonl")
+        self.marker = WholeFile(d / MARKER, json.loads)
+        self.config = WholeFile(d / "config.yaml", yaml.safe_load)
+        self.partition = WholeFile(d / "partition.json", lambda b: _partition(json.loads(b)))
+        self._clients: tuple[tuple[int, int], list[dict[str, Any]]] = ((-1, -1), [])
+
+    def clients(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``clients_table(rows)``, computed again only when rows were added or the file read again."""
+        key = (self.metrics.generation, len(rows))
+        if key != self._clients[0]:
+            self._clients = (key, clients_table(rows))
+        return self._clients[1]
 
     def read(self, now: Optional[float] = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         d = self.run_dir
-        marker = _read_json(d / MARKER)
+        marker = self.marker.read()
         rows = self.metrics.read()
-        cfg = _read_config(d / "config.yaml")
+        cfg = self.config.read()
+        cfg = cfg if isinstance(cfg, dict) else {}
         federation, privacy = _section(cfg, "federation"), _section(cfg, "privacy")
         total = federation.get("rounds") if isinstance(federation.get("rounds"), int) else None
         last = rows[-1]["round"] if rows else None
@@ -211,9 +235,9 @@ class RunState:
             "rounds": total,
             "series": {"round": [r["round"] for r in rows],
                        **{k: [_number(r.get(k)) for r in rows] for k in SERIES}},
-            "clients": (clients := clients_table(rows))[:MAX_CLIENT_ROWS],
+            "clients": (clients := self.clients(rows))[:MAX_CLIENT_ROWS],
             "clients_total": len(clients),
-            "partition": _partition(_read_json(d / "partition.json")),
+            "partition": self.partition.read(),
             "privacy": {"mode": mode if isinstance(mode, str) else "none",
                         "target_epsilon": _number(privacy.get("target_epsilon")),
                         "delta": _number(privacy.get("delta")),
