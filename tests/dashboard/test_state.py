@@ -50,6 +50,15 @@ def test_clients_accumulate_over_rounds():
     assert (c2["last_round"], c2["dropped"], c2["last_error"], c2["epsilon"]) == (1, 0, None, 1.5)
 
 
+def test_a_client_only_evaluated_has_no_last_round():
+    """eval.per_client scores every client each round: that is not taking part in the round."""
+    rows = [{"round": 1, "clients": [0], "client_acc": {"0": 0.5, "7": 0.25}},
+            {"round": 2, "clients": [1], "client_acc": {"0": 0.75, "7": 0.5}}]
+    table = {c["id"]: c for c in clients_table(rows)}
+    assert (table["0"]["last_round"], table["0"]["accuracy"]) == (1, 0.75)
+    assert (table["7"]["last_round"], table["7"]["accuracy"]) == (None, 0.5)
+
+
 def test_client_ids_sort_as_numbers_then_names():
     rows = [{"round": 1, "clients": [10, 2, "site-b", "site-a"]}]
     assert [c["id"] for c in clients_table(rows)] == ["2", "10", "site-a", "site-b"]
@@ -168,3 +177,14 @@ def test_small_files_are_parsed_again_only_when_they_change(tmp_path):
     assert state.read()["partition"]["method"] == "iid" and calls == [1]
     (run / "partition.json").write_text("{ half")
     assert state.read()["partition"] is None  # being written: shown when whole
+
+
+def test_reading_on_gives_what_reading_from_scratch_gives(tmp_path):
+    run = write_run(tmp_path / "run", rows=ROWS[:1])
+    state = RunState(run)
+    for row in ROWS[1:]:
+        state.read(now=T0)
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    assert state.read(now=T0) == RunState(run).read(now=T0)
+    assert state.read(now=T0)["clients"] == clients_table(ROWS)

@@ -123,52 +123,65 @@ def _created(marker: Any) -> Optional[float]:
         return None
 
 
-def _key(cid: Any) -> str:
-    return str(cid)
+class ClientTable:
+    """One entry per client seen in any row, accumulated over the rounds as rows arrive: the last round it took part
+    in (sampled, returned or dropped), its examples, total bytes up and down, its last round's seconds, how often it
+    dropped and the last reason, its own ε (sample-level DP) and its last accuracy on its own test split (a client
+    only evaluated, never sampled, has no last round)."""
 
+    def __init__(self):
+        self.table: dict[str, dict[str, Any]] = {}
+        self.rows = 0  # how many rows were added
 
-def clients_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per client seen in any row (sampled, returned or dropped), accumulated over the rounds: the last
-    round it was seen, its examples, total bytes up and down, its last round's seconds, how often it dropped and the
-    last reason, its own ε (sample-level DP) and its last accuracy on its own test split."""
-    table: dict[str, dict[str, Any]] = {}
-
-    def entry(cid: Any, rnd: int) -> dict[str, Any]:
-        e = table.setdefault(_key(cid), {"id": _key(cid), "last_round": rnd, "examples": None, "bytes_up": 0,
-                                         "bytes_down": 0, "seconds": None, "dropped": 0, "last_error": None,
-                                         "epsilon": None, "accuracy": None})
-        e["last_round"] = max(e["last_round"], rnd)
+    def _entry(self, cid: Any, rnd: Optional[int]) -> dict[str, Any]:
+        key = str(cid)
+        e = self.table.get(key)
+        if e is None:
+            e = self.table[key] = {"id": key, "last_round": None, "examples": None, "bytes_up": 0, "bytes_down": 0,
+                                   "seconds": None, "dropped": 0, "last_error": None, "epsilon": None,
+                                   "accuracy": None}
+        if rnd is not None and (e["last_round"] is None or rnd > e["last_round"]):
+            e["last_round"] = rnd
         return e
 
-    for row in rows:
+    def add(self, row: dict[str, Any]) -> None:
         rnd = row["round"]
         for cid in row.get("clients") or ():
-            entry(cid, rnd)
+            self._entry(cid, rnd)
         for stat in row.get("client_stats") or ():
-            if not isinstance(stat, dict) or "id" not in stat:
-                continue
-            e = entry(stat["id"], rnd)
-            for k in ("examples", "seconds", "epsilon"):
-                if k in stat:
-                    e[k] = _number(stat[k])
-            for k in ("bytes_up", "bytes_down"):
-                e[k] += _number(stat.get(k)) or 0
+            if isinstance(stat, dict) and "id" in stat:
+                e = self._entry(stat["id"], rnd)
+                for k in ("examples", "seconds", "epsilon"):
+                    if k in stat:
+                        e[k] = _number(stat[k])
+                for k in ("bytes_up", "bytes_down"):
+                    e[k] += _number(stat.get(k)) or 0
         for drop in row.get("dropped") or ():
-            if not isinstance(drop, dict) or "id" not in drop:
-                continue
-            e = entry(drop["id"], rnd)
-            e["dropped"] += 1
-            e["last_error"] = str(drop.get("error", ""))
+            if isinstance(drop, dict) and "id" in drop:
+                e = self._entry(drop["id"], rnd)
+                e["dropped"] += 1
+                e["last_error"] = str(drop.get("error", ""))
         acc = row.get("client_acc")
         if isinstance(acc, dict):
             for cid, v in acc.items():
                 if _number(v) is not None:
-                    entry(cid, rnd)["accuracy"] = _number(v)
+                    self._entry(cid, None)["accuracy"] = _number(v)
+        self.rows += 1
 
-    def order(cid: str) -> tuple:
-        return (0, int(cid), "") if cid.lstrip("-").isdigit() else (1, 0, cid)
+    def entries(self) -> list[dict[str, Any]]:
+        """The entries, numeric ids in order, then named ones."""
+        def order(cid: str) -> tuple:
+            return (0, int(cid), "") if cid.lstrip("-").isdigit() else (1, 0, cid)
 
-    return [table[k] for k in sorted(table, key=order)]
+        return [self.table[k] for k in sorted(self.table, key=order)]
+
+
+def clients_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``ClientTable`` of these rows."""
+    table = ClientTable()
+    for row in rows:
+        table.add(row)
+    return table.entries()
 
 
 def _files(run_dir: Path, folder: str) -> list[dict[str, Any]]:
@@ -193,14 +206,16 @@ class RunState:
         self.marker = WholeFile(d / MARKER, json.loads)
         self.config = WholeFile(d / "config.yaml", yaml.safe_load)
         self.partition = WholeFile(d / "partition.json", lambda b: _partition(json.loads(b)))
-        self._clients: tuple[tuple[int, int], list[dict[str, Any]]] = ((-1, -1), [])
+        self._table, self._generation = ClientTable(), self.metrics.generation
 
     def clients(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``clients_table(rows)``, computed again only when rows were added or the file read again."""
-        key = (self.metrics.generation, len(rows))
-        if key != self._clients[0]:
-            self._clients = (key, clients_table(rows))
-        return self._clients[1]
+        """The client table of ``rows``: only the rows added since the last read are added to it (all of them again
+        when the file was read again from the start)."""
+        if self._generation != self.metrics.generation:
+            self._table, self._generation = ClientTable(), self.metrics.generation
+        for row in rows[self._table.rows:]:
+            self._table.add(row)
+        return self._table.entries()
 
     def read(self, now: Optional[float] = None) -> dict[str, Any]:
         now = time.time() if now is None else now

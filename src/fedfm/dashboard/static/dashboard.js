@@ -126,7 +126,7 @@ function drawClients(state) {
     const tr = document.createElement("tr");
     if (c.dropped) tr.className = "dropped";
     cell(tr, c.id);
-    cell(tr, c.last_round);
+    cell(tr, c.last_round === null ? "–" : String(c.last_round));
     cell(tr, c.examples === null ? "–" : String(c.examples));
     cell(tr, fmtBytes(c.bytes_up));
     cell(tr, fmtBytes(c.bytes_down));
