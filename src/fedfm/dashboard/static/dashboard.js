@@ -63,8 +63,12 @@ function setList(ul, items, empty) {
   }
 }
 
+function maxOf(values, start) {  // Math.max(...values) overflows the call stack on a long run
+  return values.reduce((m, v) => (v > m ? v : m), start);
+}
+
 function roundAxis(state) {  // whole rounds only
-  const last = Math.max(1, state.rounds || 0, ...state.series.round);
+  const last = maxOf(state.series.round, Math.max(1, state.rounds || 0));
   return { title: { text: "round" }, rangemode: "tozero", dtick: Math.max(1, Math.ceil(last / 10)) };
 }
 
@@ -105,7 +109,7 @@ function drawPrivacy(state) {
   eps.forEach((v, i) => { if (v !== null) { x.push(rounds[i]); y.push(v); } });
   const traces = [{ x, y, name: "ε spent", mode: "lines+markers", type: "scatter" }];
   if (p.target_epsilon !== null) {
-    const end = Math.max(state.rounds || 0, ...(x.length ? x : [1]));
+    const end = maxOf(x, Math.max(1, state.rounds || 0));
     traces.push({ x: [0, end], y: [p.target_epsilon, p.target_epsilon], name: "target ε", mode: "lines",
                   line: { dash: "dash" }, type: "scatter" });
   }
