@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 from datetime import datetime
 from pathlib import Path
@@ -65,9 +66,12 @@ class MetricsTail:
         self.mtime = st.st_mtime
         if st.st_size == self._offset:
             return self.rows
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read(st.st_size - self._offset)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read(st.st_size - self._offset)
+        except OSError:  # replaced or removed since the stat (--overwrite): the next read starts again
+            return self.rows
         end = chunk.rfind(b"\n")
         if end < 0:
             return self.rows  # only part of a line so far
@@ -192,8 +196,14 @@ def _files(run_dir: Path, folder: str) -> list[dict[str, Any]]:
     out = []
     for p in sorted(base.rglob("*")):
         rel = p.relative_to(run_dir).as_posix()
-        if p.is_file() and not p.is_symlink() and owned(rel) and not any(part.startswith(".") for part in rel.split("/")):
-            out.append({"name": p.relative_to(base).as_posix(), "href": f"files/{rel}", "bytes": p.stat().st_size})
+        if p.is_symlink() or not owned(rel) or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        try:
+            st = p.stat()
+        except OSError:  # removed since the listing (--overwrite)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out.append({"name": p.relative_to(base).as_posix(), "href": f"files/{rel}", "bytes": st.st_size})
     return out
 
 
