@@ -152,14 +152,14 @@ class ClientTable:
         rnd = row["round"]
         for cid in row.get("clients") or ():
             self._entry(cid, rnd)
-        for stat in row.get("client_stats") or ():
-            if isinstance(stat, dict) and "id" in stat:
-                e = self._entry(stat["id"], rnd)
+        for cs in row.get("client_stats") or ():
+            if isinstance(cs, dict) and "id" in cs:
+                e = self._entry(cs["id"], rnd)
                 for k in ("examples", "seconds", "epsilon"):
-                    if k in stat:
-                        e[k] = _number(stat[k])
+                    if k in cs:
+                        e[k] = _number(cs[k])
                 for k in ("bytes_up", "bytes_down"):
-                    e[k] += _number(stat.get(k)) or 0
+                    e[k] += _number(cs.get(k)) or 0
         for drop in row.get("dropped") or ():
             if isinstance(drop, dict) and "id" in drop:
                 e = self._entry(drop["id"], rnd)
