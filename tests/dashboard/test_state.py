@@ -59,6 +59,14 @@ def test_a_client_only_evaluated_has_no_last_round():
     assert (table["7"]["last_round"], table["7"]["accuracy"]) == (None, 0.5)
 
 
+def test_malformed_client_parts_are_passed_over():
+    rows = [{"round": 1, "clients": 3, "client_stats": [None, {"examples": 4}, {"id": 5, "bytes_up": "many"}],
+             "dropped": "all", "client_acc": [0.5]}]
+    assert clients_table(rows) == [{"id": "5", "last_round": 1, "examples": None, "bytes_up": 0, "bytes_down": 0,
+                                    "seconds": None, "dropped": 0, "last_error": None, "epsilon": None,
+                                    "accuracy": None}]
+
+
 def test_client_ids_sort_as_numbers_then_names():
     rows = [{"round": 1, "clients": [10, 2, "site-b", "site-a"]}]
     assert [c["id"] for c in clients_table(rows)] == ["2", "10", "site-a", "site-b"]

@@ -127,6 +127,12 @@ def _created(marker: Any) -> Optional[float]:
         return None
 
 
+def _items(row: dict[str, Any], key: str) -> list:
+    """``row[key]`` when it is a list, else nothing."""
+    v = row.get(key)
+    return v if isinstance(v, list) else []
+
+
 class ClientTable:
     """One entry per client seen in any row, accumulated over the rounds as rows arrive: the last round it took part
     in (sampled, returned or dropped), its examples, total bytes up and down, its last round's seconds, how often it
@@ -150,9 +156,9 @@ class ClientTable:
 
     def add(self, row: dict[str, Any]) -> None:
         rnd = row["round"]
-        for cid in row.get("clients") or ():
+        for cid in _items(row, "clients"):
             self._entry(cid, rnd)
-        for cs in row.get("client_stats") or ():
+        for cs in _items(row, "client_stats"):
             if isinstance(cs, dict) and "id" in cs:
                 e = self._entry(cs["id"], rnd)
                 for k in ("examples", "seconds", "epsilon"):
@@ -160,7 +166,7 @@ class ClientTable:
                         e[k] = _number(cs[k])
                 for k in ("bytes_up", "bytes_down"):
                     e[k] += _number(cs.get(k)) or 0
-        for drop in row.get("dropped") or ():
+        for drop in _items(row, "dropped"):
             if isinstance(drop, dict) and "id" in drop:
                 e = self._entry(drop["id"], rnd)
                 e["dropped"] += 1
