@@ -129,7 +129,7 @@ def run_cmd(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this run directory"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run directory"),
     dashboard: bool = typer.Option(False, "--dashboard", help="serve a live page of the run while it runs "
-                                                               "(pip install \"fedfm[dashboard]\")"),
+                                                               "(pip install \"fedfm\\[dashboard]\")"),  # \\[ : not rich markup
     dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="the address the page is served on"),
     dashboard_port: int = typer.Option(8765, "--dashboard-port", min=0, max=65535, help="its port (0: any free one)"),
 ) -> None:
