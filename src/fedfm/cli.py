@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -19,7 +20,7 @@ console = Console(highlight=False)
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)  # a message's [...] is text
     raise typer.Exit(code=getattr(err, "exit_code", 2))
 
 
@@ -136,6 +137,10 @@ def run_cmd(
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this run directory"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run directory"),
+    dashboard: bool = typer.Option(False, "--dashboard", help="serve a live page of the run while it runs "
+                                                               "(pip install \"fedfm\\[dashboard]\")"),  # \\[ : not rich markup
+    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="the address the page is served on"),
+    dashboard_port: int = typer.Option(8765, "--dashboard-port", min=0, max=65535, help="its port (0: any free one)"),
 ) -> None:
     """Run a federated fine-tuning job (default: the built-in `bbc-lora`)."""
     from . import api
@@ -157,6 +162,17 @@ def run_cmd(
     if print_config:
         console.print(cfg.to_yaml(), end="", markup=False)
         return
+    if not dashboard:
+        _run(cfg, resume, overrides, overwrite)
+        return
+    with _dashboard(cfg.output_dir(), dashboard_host, dashboard_port,
+                    then=f"; reopen it with: fedfm dashboard {escape(str(cfg.output_dir()))}"):
+        _run(cfg, resume, overrides, overwrite)
+
+
+def _run(cfg, resume: Optional[Path], overrides: list[str], overwrite: bool) -> None:
+    from . import api
+
     t0 = time.perf_counter()
     try:
         with RichDisplay(cfg) as display:
@@ -170,6 +186,44 @@ def run_cmd(
     console.print(_summary_table(result.rows, time.perf_counter() - t0))
     plots = f"  (plots: fedfm report {result.run_dir})" if (result.run_dir / "report").is_dir() else ""
     console.print(f"run directory: [bold]{escape(str(result.run_dir))}[/bold]{escape(plots)}")
+
+
+@contextmanager
+def _dashboard(run_dir: Path, host: str, port: int, then: str) -> Iterator[Any]:
+    """The page of ``run_dir`` served while the block runs (``fedfm run --dashboard``, ``fedfm dashboard``)."""
+    from .dashboard import Dashboard
+
+    try:
+        board = Dashboard(run_dir, host, port).start()
+    except FedfmError as e:
+        _fail(e)
+        return
+    console.print(f"dashboard of {escape(str(run_dir))}: [bold]{board.url}[/bold]", soft_wrap=True)
+    try:
+        yield board
+    finally:
+        board.stop()
+        console.print(f"dashboard stopped{then}", soft_wrap=True)
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory (of fedfm run, or a deployment's server side)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="the address to serve on (keep 127.0.0.1; docs/dashboard.md)"),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="the port (0: any free one)"),
+    wait: bool = typer.Option(False, "--wait", help="RUN_DIR need not exist yet: wait for the run to write it"),
+) -> None:
+    """Serve a live page of a run (rounds, accuracy and loss, clients, label mix, privacy budget) until Ctrl-C."""
+    from .dashboard import check_run_dir
+
+    try:
+        check_run_dir(run_dir, wait)
+    except FedfmError as e:
+        _fail(e)
+        return
+    with _dashboard(run_dir, host, port, then="") as board:
+        console.print("Ctrl-C stops it")
+        board.wait()
 
 
 @app.command("privacy")
