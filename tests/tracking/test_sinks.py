@@ -234,3 +234,11 @@ def test_a_deployments_server_side_logs_the_same(tmp_path, in_store, monkeypatch
     assert "adapter" in {a.path for a in in_store.list_artifacts(run_id)}
     tb = tensorboard_scalars(run_dir / "tensorboard")
     assert {k: [s for s, _ in v] for k, v in tb.items()} == {k: [s for s, _ in v] for k, v in want.items()}
+    # the dashboard reads a deployment's server-side run directory as it reads a simulation's
+    from fedfm.dashboard.state import RunState
+
+    page = RunState(run_dir).read()
+    assert page["status"] == "finished" and (page["round"], page["rounds"]) == (2, 2)
+    assert [c["id"] for c in page["clients"]] == ["0", "1"]
+    assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 and c["examples"] > 0 for c in page["clients"])
+    assert [x for x in page["series"]["train_loss"] if x is not None] == [v for _, v in want["train_loss"]]
