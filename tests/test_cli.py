@@ -409,9 +409,9 @@ def test_export_to_a_directory_that_cannot_be_written_exits_2(tiny_run, read_onl
 
 
 def test_generate_on_a_classification_run_exits_2_before_the_model_loads(tiny_run, monkeypatch):
-    import fedfm.export
+    import fedfm.trained
 
-    monkeypatch.setattr(fedfm.export, "load_trained", _model_loaded)
+    monkeypatch.setattr(fedfm.trained, "load_trained", _model_loaded)
     res = invoke("generate", str(tiny_run["run_dir"]), "hello")
     _assert_clean_failure(res, "generate", "task.name 'classification'", "does not generate text")
 

@@ -56,7 +56,7 @@ def test_smollm2_chat_trains_writes_generations_and_serves(smollm2_run, tmp_path
     assert res.exit_code == 0, res.output
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedfm.export import load_trained
+    from fedfm.trained import load_trained
 
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tok = AutoTokenizer.from_pretrained(str(out))

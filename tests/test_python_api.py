@@ -25,6 +25,20 @@ def test_import_fedfm_loads_no_torch():
     assert out == ["fedfm.api", "False", "False"]
 
 
+def test_the_api_names_stay_functions_after_every_module_is_imported():
+    """Importing a submodule binds its name on the package: no API name may be a module's (``fedfm.export`` was the
+    module ``fedfm/export.py`` once the CLI had exported a run)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(fedfm.__path__, "fedfm."):
+        if not info.name.startswith(("fedfm.__main__", "fedfm.deploy.flower", "fedfm.dashboard.app")):  # a script; extras
+            importlib.import_module(info.name)
+    for name in fedfm.__all__:
+        if name != "__version__":
+            assert callable(getattr(fedfm, name)) and getattr(fedfm, name).__module__ in ("fedfm.api", "fedfm.errors"), name
+
+
 def test_load_config_from_name_file_dict_and_runconfig(tmp_path):
     by_name = fedfm.load_config("bbc-lora", ["client.lr=0.01", "federation.rounds=3"])
     assert by_name.client.lr == 0.01 and by_name.federation.rounds == 3

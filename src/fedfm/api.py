@@ -254,7 +254,7 @@ def configs() -> dict[str, str]:
     return out
 
 
-def privacy(config: ConfigLike = "bbc-lora", overrides: Overrides = None) -> list[tuple[str, str]]:
+def privacy_guarantee(config: ConfigLike = "bbc-lora", overrides: Overrides = None) -> list[tuple[str, str]]:
     """The privacy a config would give, without training: (quantity, value) pairs — what it protects, ε at δ, the
     sampling, the noise multiplier z, the clip and the accountant. Reads and partitions the data (the accountant
     needs N and n_k); loads no model."""
@@ -298,13 +298,13 @@ def report(run_dir: str | Path) -> list[Path]:
 
 def export(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
     """Write the run's adapter to ``out``, or (``merge``) a model merged with it that plain transformers loads."""
-    from .export import export_run
+    from .trained import export_run
 
     return export_run(run_dir, out, merge=merge)
 
 
 def generate(run_dir: str | Path, question: str, max_new_tokens: int = 64) -> str:
     """The run's federated model answering ``question`` (instruction runs; lm runs continue the text), greedy."""
-    from .export import answer
+    from .trained import answer
 
     return answer(run_dir, question, max_new_tokens)

@@ -236,7 +236,7 @@ def privacy_cmd(
 
     try:
         cfg = _config(config, overrides)
-        rows = api.privacy(cfg)
+        rows = api.privacy_guarantee(cfg)
     except FedfmError as e:
         _fail(e)
         return

@@ -193,7 +193,7 @@ def test_the_runs_adapter_is_the_full_models(tiny_config, tmp_path):
     from typer.testing import CliRunner
 
     from fedfm.cli import app
-    from fedfm.export import load_trained
+    from fedfm.trained import load_trained
 
     cfg = _cfg(tiny_config)
     overrides = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in OFFSITE.items()]
