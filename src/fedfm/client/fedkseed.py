@@ -291,6 +291,7 @@ class FedKSeed(LocalTraining):
     (or ``client.epochs`` of) zeroth-order steps from the global model, sends the pairs and reloads the global."""
 
     server_side = FedKSeedServer
+    lr_schedule = False  # the server replays the pairs with client.lr: one rate for every round
     tensor_updates = False  # the update is (seed, scalar) pairs: nothing a codec, DP clip or attack on tensors reads
     # what a runtime must keep for it between tasks (ray workers and Flower ClientApps do not)
     process_state = "client.algorithm 'fedkseed' keeps the global model each client process rebuilt from the seeds"

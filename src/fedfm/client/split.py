@@ -309,6 +309,7 @@ class Split(LocalTraining):
     ∇_A ℓ received as bytes and backpropagated through W^C; sends ΔW^C."""
 
     server_side = SplitServer
+    lr_schedule = False  # both halves train at client.lr
     interactive = True  # talks to its server half while it trains (a deployment cannot carry that yet)
     check_config = staticmethod(check_config)
 
