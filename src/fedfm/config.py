@@ -606,10 +606,10 @@ class RunConfig(Section):
         synchronous = capability("federation.schedule", self.federation.schedule, "synchronous")
         sends_state = bool(capability("client.algorithm", self.client.algorithm, "extra_names", default=(),
                                       unknown=()))
-        if self.client.lr_decay != 1 and not capability("client.algorithm", self.client.algorithm, "lr_schedule",
-                                                        unknown=True):
-            raise ValueError(f"client.lr_decay: client.algorithm {self.client.algorithm!r} trains at one rate in "
-                             f"every round (client.lr); set client.lr_decay=1")
+        fixed_lr = capability("client.algorithm", self.client.algorithm, "fixed_lr", default=None, unknown=None)
+        if self.client.lr_decay != 1 and fixed_lr:
+            raise ValueError(f"client.lr_decay: client.algorithm {self.client.algorithm!r}: {fixed_lr}; set "
+                             f"client.lr_decay=1")
         if self.privacy.mode == "client":
             if not linear_sum:
                 raise ValueError(f"privacy.mode 'client': DP-FedAvg's noise is calibrated to the clipped sum, which "

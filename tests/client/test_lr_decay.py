@@ -1,4 +1,5 @@
-"""client.lr_decay: round t trains at η γ^(t−1) (Li et al. 2020), in local training and in SCAFFOLD's c_i⁺."""
+"""client.lr_decay: round t trains at η γ^(t−1) (Li et al. 2020), in local training and in SCAFFOLD's c_i⁺; FedKSeed,
+whose pairs are replayed at one rate, refuses it."""
 import pytest
 import torch
 
@@ -52,7 +53,10 @@ def test_scaffold_control_variate_divides_by_the_rounds_rate(tiny_config):
 
 
 def test_an_algorithm_with_one_rate_refuses_a_decay(tiny_config):
-    with pytest.raises(ConfigError, match="client.lr_decay: client.algorithm 'split'"):
-        tiny_config(**{"client.algorithm": "split", "client.lr_decay": 0.8})
+    fedkseed = {"client.algorithm": "fedkseed", "client.optimizer": "sgd", "client.lr": 1e-5}
+    with pytest.raises(ConfigError, match="client.lr_decay: client.algorithm 'fedkseed': the server and every client "
+                                          "replay the seed pairs at client.lr"):
+        tiny_config(**fedkseed, **{"client.lr_decay": 0.8})
+    assert tiny_config(**fedkseed).client.lr_decay == 1
     with pytest.raises(ConfigError, match="client.lr_decay"):
         tiny_config(**{"client.lr_decay": 0.0})

@@ -267,7 +267,6 @@ class LocalTraining:
 
     server_side = ServerSide
     extra_names: tuple[str, ...] = ()  # names of the extras a result carries (each decoded like a state)
-    lr_schedule = True  # trains with the round's rate round_lr (client.lr_decay)
 
     def __init__(self, ctx: ClientContext):
         self.ctx = ctx

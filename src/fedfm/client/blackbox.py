@@ -210,7 +210,6 @@ class FedBPT(LocalTraining):
     the service on the client's own mini-batch; sends Δz."""
 
     server_side = FedBPTServer
-    lr_schedule = False  # CMA-ES takes no learning rate
     check_config = staticmethod(check_config)
     check_peers = staticmethod(check_peers)
     holds_model = False  # its clients adapt no model (prepare checks no adapter target modules)
