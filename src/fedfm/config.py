@@ -243,7 +243,6 @@ class ClientConfig(Section):
     grad_clip: Optional[float] = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     mu: float = Field(0.01, ge=0)  # fedprox: weight of the proximal term μ/2 ‖w − w^t‖²
-    lr_decay: float = Field(1.0, gt=0, le=1)  # γ: round t trains at client.lr·γ^(t−1) (Li et al. 2020); 1: constant
 
 
 class ServerConfig(Section):
@@ -606,10 +605,6 @@ class RunConfig(Section):
         synchronous = capability("federation.schedule", self.federation.schedule, "synchronous")
         sends_state = bool(capability("client.algorithm", self.client.algorithm, "extra_names", default=(),
                                       unknown=()))
-        fixed_lr = capability("client.algorithm", self.client.algorithm, "fixed_lr", default=None, unknown=None)
-        if self.client.lr_decay != 1 and fixed_lr:
-            raise ValueError(f"client.lr_decay: client.algorithm {self.client.algorithm!r}: {fixed_lr}; set "
-                             f"client.lr_decay=1")
         if self.privacy.mode == "client":
             if not linear_sum:
                 raise ValueError(f"privacy.mode 'client': DP-FedAvg's noise is calibrated to the clipped sum, which "

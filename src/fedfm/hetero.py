@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .client import ClientContext, ClientTask, local_sgd, round_lr
+from .client import ClientContext, ClientTask, local_sgd
 from .client.data import local_data
 from .client.fedmd import FedMD, FedMDServer, Foundation, PublicSet
 from .client.wire import result_from_bytes, result_to_bytes, task_from_bytes, task_to_bytes
@@ -248,8 +248,7 @@ class HeteroSimulation:
             seed = self.random.seed("client_task", rnd, cid)
             torch.manual_seed(seed)
             own = ctx.local[cid]
-            loss, _ = local_sgd(ctx, own, own.train, torch.Generator().manual_seed(seed),
-                                lr=round_lr(ctx.cfg.client, rnd))
+            loss, _ = local_sgd(ctx, own, own.train, torch.Generator().manual_seed(seed))
             losses.append(loss)
             flat = ctx.spec.flat()
             if self.mode == "fedavg":

@@ -121,19 +121,10 @@ class ClientContext:
         self.store.put(client_id, stored)
 
 
-def round_lr(ccfg, rnd: int) -> float:
-    """The client learning rate of round ``rnd`` (1, 2, ...): η_t = η γ^(t−1), with η = ``client.lr`` and
-    γ = ``client.lr_decay`` (Li et al. 2020, "On the Convergence of FedAvg on Non-IID Data": with non-IID clients
-    FedAvg needs a decaying rate to converge)."""
-    return ccfg.lr * ccfg.lr_decay ** max(rnd - 1, 0)
-
-
-def make_optimizer(params, ccfg, lr: float | None = None) -> torch.optim.Optimizer:
-    """The client's optimizer; ``lr``: this round's rate (``round_lr``), default ``client.lr``."""
-    lr = ccfg.lr if lr is None else lr
+def make_optimizer(params, ccfg) -> torch.optim.Optimizer:
     if ccfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=ccfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=ccfg.momentum, weight_decay=ccfg.weight_decay)
+        return torch.optim.AdamW(params, lr=ccfg.lr, weight_decay=ccfg.weight_decay)
+    return torch.optim.SGD(params, lr=ccfg.lr, momentum=ccfg.momentum, weight_decay=ccfg.weight_decay)
 
 
 GradHook = Callable[[list[torch.nn.Parameter]], None]
@@ -158,18 +149,16 @@ def batch_stream(task, encoded, indices: np.ndarray, batch_size: int, generator:
 
 def local_sgd(ctx: ClientContext, data: LocalData, indices: np.ndarray, generator: torch.Generator,
               extra_loss: Callable[[], torch.Tensor] | None = None,
-              grad_hook: GradHook | None = None, num_steps: int | None = None,
-              lr: float | None = None) -> tuple[float, int]:
+              grad_hook: GradHook | None = None, num_steps: int | None = None) -> tuple[float, int]:
     """Local epochs (or steps) of mini-batch AdamW/SGD with gradient clipping and accumulation.
 
     ``grad_hook(params)`` may change the (accumulated) gradients before clipping and the optimizer step: that is
     where FedProx adds μ(w − w^t) and SCAFFOLD adds c − c_i. Returns the mean training loss and the number of
-    optimizer steps taken. ``num_steps`` overrides ``client.steps``/``client.epochs`` (evaluation fine-tuning);
-    ``lr`` the learning rate (the round's ``round_lr``; default ``client.lr``).
+    optimizer steps taken. ``num_steps`` overrides ``client.steps``/``client.epochs`` (evaluation fine-tuning).
     """
     ccfg = ctx.cfg.client
     params = ctx.train_params()
-    opt = make_optimizer(params, ccfg, lr)
+    opt = make_optimizer(params, ccfg)
     model, task = ctx.model, ctx.task
     model.train()
     total_loss, n_batches, steps, micro = 0.0, 0, 0, 0
@@ -311,8 +300,7 @@ class LocalTraining:
                 return ClientResult(client_id=task.client_id, error=refused)
             loss, steps, dp_metrics = self._train_dp_sgd(task, trained_on, gen, hook)
         else:
-            loss, steps = local_sgd(ctx, trained_on, trained_on.train, gen, grad_hook=hook,
-                                    lr=round_lr(ctx.cfg.client, task.round))
+            loss, steps = local_sgd(ctx, trained_on, trained_on.train, gen, grad_hook=hook)
         local = ctx.spec.get()
         delta = view.restrict({n: local[n] - global_state[n] for n in ctx.spec.names})
         update = ctx.encode_update(task, delta, view)
@@ -350,9 +338,8 @@ class LocalTraining:
         # Poisson batches and noise that no holder of the run seed can redraw (unless privacy.randomness: seeded)
         random = Randomness.from_config(ctx.cfg)
         gen, noise_seed = random.torch("dpsgd_batches", base=task.seed), random.seed("dpsgd_noise", base=task.seed)
-        lr = round_lr(ctx.cfg.client, task.round)
         loss, steps = dp_sgd(ctx, own, gen, noise_seed, int(mech.steps[cid]), mech.noise_multiplier, hook,
-                             lambda params, ccfg: make_optimizer(params, ccfg, lr))
+                             make_optimizer)
         total = self._dp_steps(cid) + steps
         stored = dict(ctx.store.get(cid) or {})
         stored[STEPS_KEY] = torch.tensor([total], dtype=torch.int64)
@@ -456,7 +443,7 @@ class Scaffold(LocalTraining):
         ctx = self.ctx
         names = ctx.spec.names
         c_i, c = self._pending.pop(task.client_id)
-        K_eta = max(steps, 1) * round_lr(ctx.cfg.client, task.round)
+        K_eta = max(steps, 1) * ctx.cfg.client.lr
         new_c_i = {n: c_i[n] - c[n] + (global_state[n] - local[n].detach().to(c_i[n].device)) / K_eta for n in names}
         delta_c = {n: new_c_i[n] - c_i[n] for n in names}
         stored = dict(ctx.store.get(task.client_id) or {})

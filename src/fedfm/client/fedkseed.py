@@ -291,8 +291,6 @@ class FedKSeed(LocalTraining):
     (or ``client.epochs`` of) zeroth-order steps from the global model, sends the pairs and reloads the global."""
 
     server_side = FedKSeedServer
-    # why client.lr_decay is refused: the server (and every client catching up) replays the pairs at one rate
-    fixed_lr = "the server and every client replay the seed pairs at client.lr, one rate for every round"
     tensor_updates = False  # the update is (seed, scalar) pairs: nothing a codec, DP clip or attack on tensors reads
     # what a runtime must keep for it between tasks (ray workers and Flower ClientApps do not)
     process_state = "client.algorithm 'fedkseed' keeps the global model each client process rebuilt from the seeds"

@@ -30,7 +30,7 @@ import torch
 from ..errors import ConfigError, UpdateRejected
 from ..ownership.transfer import DTYPES, consensus, distill, kd_loss, kl_to, pack, public_logits, unpack
 from ..randomness import Randomness
-from . import CLIENT_ALGORITHMS, ClientResult, ClientTask, ServerSide, local_sgd, round_lr
+from . import CLIENT_ALGORITHMS, ClientResult, ClientTask, ServerSide, local_sgd
 
 CASTS = tuple(DTYPES)  # the codecs logits travel in
 ADAPTERS = ("lora", "head")  # what a party may tune of its model
@@ -219,12 +219,11 @@ class FedMD:
             except UpdateRejected as e:
                 return ClientResult(client_id=cid, error=f"fedmd: the server's logits: {e}")
             gen = Randomness.from_config(cfg).torch("transfer_distill", 1, base=task.seed)
-            lr = round_lr(cfg.client, task.round)
             digest = distill(ctx.model, ctx.train_params(), ctx.task, self.public.encoded, self.public.rows, teacher,
-                             cfg.transfer.temperature, cfg.transfer.client_distill_steps, lr,
+                             cfg.transfer.temperature, cfg.transfer.client_distill_steps, cfg.client.lr,
                              cfg.client.batch_size, gen, cfg.client.grad_clip)
         gen = torch.Generator().manual_seed(task.seed)
-        loss, steps = local_sgd(ctx, own, own.train, gen, lr=round_lr(cfg.client, task.round))  # Revisit
+        loss, steps = local_sgd(ctx, own, own.train, gen)  # Revisit
         z = public_logits(ctx.model, ctx.task, self.public.encoded, self.public.rows, cfg.eval.batch_size)
         self.save(cid)
         return ClientResult(client_id=cid, update=pack(z, cfg.codec.name), num_examples=own.train_rows(ctx.task),

@@ -26,8 +26,7 @@ from ..errors import ConfigError, FedfmError, UpdateRejected
 from ..models.blocks import find_blocks as _find_blocks
 from ..privacy import disclose
 from ..randomness import Randomness
-from . import (CLIENT_ALGORITHMS, ClientResult, ClientTask, LocalTraining, ServerSide, batch_stream, make_optimizer,
-               round_lr)
+from . import CLIENT_ALGORITHMS, ClientResult, ClientTask, LocalTraining, ServerSide, batch_stream, make_optimizer
 
 CLIENT_INPUTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values")  # never sent
 
@@ -191,15 +190,14 @@ class SplitServer(ServerSide):
         return self.part
 
     # ---------------------------------------------------------------- one client's session
-    def begin(self, client_id: int, rnd: int = 1) -> None:
-        """W^S at the current global values; a fresh optimizer (as the client's, at round ``rnd``'s rate)."""
+    def begin(self, client_id: int) -> None:
+        """W^S at the current global values; a fresh optimizer (as the client's)."""
         state = self.layout.unflatten(self.global_state())
         start = {n: state[n].clone() for n in self.cut.server_names}
         _load_into(self.params, start)
         self.model.train()
         params = [self.params[n] for n in self.cut.server_names]
-        lr = round_lr(self.cfg.client, rnd)
-        self.sessions[client_id] = Session(start, make_optimizer(params, self.cfg.client, lr) if params else None)
+        self.sessions[client_id] = Session(start, make_optimizer(params, self.cfg.client) if params else None)
 
     def exchange(self, client_id: int, activations: bytes, targets: bytes) -> bytes:
         """One batch: A and the targets in, W^S's step, ∇_A ℓ (and ℓ) out, as bytes."""
@@ -333,11 +331,11 @@ class Split(LocalTraining):
         sigma = cfg.split.noise_std
         noise = Randomness.from_config(cfg).torch("split_noise", base=task.seed) if sigma > 0 else None
         params = [ctx.spec.params[n] for n in self.part.names]
-        opt = make_optimizer(params, cfg.client, round_lr(cfg.client, task.round)) if params else None
+        opt = make_optimizer(params, cfg.client) if params else None
         ctx.model.train()
         up = down = steps = 0
         total = 0.0
-        peer.begin(task.client_id, task.round)
+        peer.begin(task.client_id)
         for batch in batch_stream(ctx.task, own.encoded, own.train, cfg.client.batch_size, gen, cfg.client.steps,
                                   cfg.client.epochs):
             A = self.cut.client_forward(ctx.task, batch)

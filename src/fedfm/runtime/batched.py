@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..client import ClientResult, ClientTask, LocalTraining, batch_stream, make_optimizer, round_lr
+from ..client import ClientResult, ClientTask, LocalTraining, batch_stream, make_optimizer
 from ..privacy import disclose
 from . import RUNTIMES, Progress
 from .local import LocalRuntime
@@ -304,7 +304,7 @@ def train_together(algo: LocalTraining, tasks: list[ClientTask]) -> list[ClientR
         for n in names)
     for t, g in zip(tasks, globals_):
         hooks.append(algo.grad_hook(t, g))
-    opt = make_optimizer(list(stacked.values()), ccfg, round_lr(ccfg, tasks[0].round))  # a group is one round's
+    opt = make_optimizer(list(stacked.values()), ccfg)
     stackers, missing = find_stackers(model, names)
     assert not missing, missing
     seg = Segments()
