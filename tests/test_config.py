@@ -20,7 +20,7 @@ def test_builtin_bbc_lora_loads():
     assert cfg.partition.method == "dirichlet"
     assert cfg.partition.num_clients == 10
     assert cfg.federation.rounds == 10
-    assert cfg.federation.clients_per_round == 5
+    assert cfg.federation.clients_per_round == 10  # every client every round (docs/default_run.md)
 
 
 def test_overrides_are_typed():
@@ -75,7 +75,7 @@ def test_to_yaml_shows_overridden_values():
 
 def test_fraction_replaces_clients_per_round():
     base = load_config("bbc-lora")
-    assert base.federation.fraction is None and base.federation.clients_per_round == 5
+    assert base.federation.fraction is None and base.federation.clients_per_round == 10
     cfg = load_config("bbc-lora", ["federation.fraction=0.5"])
     assert cfg.federation.fraction == pytest.approx(0.5)
     assert cfg.federation.clients_per_round is None
