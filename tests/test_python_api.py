@@ -54,7 +54,7 @@ def test_load_config_from_name_file_dict_and_runconfig(tmp_path):
     assert data["federation"]["rounds"] == 3  # the caller's dict is not changed by overrides
     fedfm.load_config(data, {"federation.rounds": 5})
     assert data["federation"]["rounds"] == 3
-    assert fedfm.load_config(by_name, {"partition.num_clients": 6}).partition.num_clients == 6
+    assert fedfm.load_config(by_name, {"partition.num_clients": 12}).partition.num_clients == 12
     assert by_name.partition.num_clients == 10
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .config import RunConfig, apply_overrides, load_config as _load_file, validate_config
+from .config import RunConfig, apply_overrides, load_config as _load_file, set_key, validate_config
 from .display import Display, Displays
 from .errors import ConfigError, FedfmError
 
@@ -70,15 +70,7 @@ def _apply(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
             parts = str(key).split(".")
             if not all(parts):
                 raise ConfigError(f"override {key!r}: empty key part")
-            node = data
-            for p in parts[:-1]:
-                nxt = node.get(p)
-                if nxt is None:
-                    nxt = node[p] = {}
-                if not isinstance(nxt, dict):
-                    raise ConfigError(f"override {key}: {p!r} is not a section")
-                node = nxt
-            node[parts[-1]] = copy.deepcopy(value)
+            set_key(data, parts, copy.deepcopy(value))
         return data
     return apply_overrides(data, [str(o) for o in _override_items(overrides)])
 
@@ -243,12 +235,12 @@ def _draw_report(path: Path, display: Display) -> None:
         display.message(f"report not drawn: {e}")
 
 
-def configs() -> dict[str, str]:
+def builtin_configs() -> dict[str, str]:
     """The built-in configs (``fedfm.load_config(name)``), each with the first line of its description."""
-    from .config import builtin_configs
+    from .config import builtin_configs as files
 
     out = {}
-    for name, path in sorted(builtin_configs().items()):
+    for name, path in sorted(files().items()):
         lines = path.read_text().splitlines()
         out[name] = lines[0].lstrip("# ").strip() if lines else ""
     return out

@@ -256,7 +256,7 @@ def configs_cmd() -> None:
     t = Table(title="built-in configs")
     t.add_column("name")
     t.add_column("description")
-    for name, description in api.configs().items():
+    for name, description in api.builtin_configs().items():
         t.add_row(name, description)
     console.print(t)
 

@@ -862,17 +862,22 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
+def set_key(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """``data[parts[0]][parts[1]]… = value``, making the sections on the way."""
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for parts, value in parse_overrides(overrides):
-        node = data
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {'.'.join(parts)}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        set_key(data, parts, value)
     return data
 
 
