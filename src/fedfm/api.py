@@ -109,7 +109,7 @@ def _check_unchanged(saved: RunConfig, cfg: RunConfig, run: Path) -> None:
     loads, naming the key (the checkpoint's parameters would not fit the model the config builds)."""
     old, new = saved.model_dump(mode="json"), cfg.model_dump(mode="json")
     for section in _RESUME_SAME:
-        first, _, rest = section.partition(".")
+        first = section.partition(".")[0]
         was, now = _flat(old[first], first), _flat(new[first], first)
         for key in dict.fromkeys([*was, *now]):
             if key.startswith(section) and not key.startswith(_RESUME_MAY_CHANGE) and was.get(key) != now.get(key):
@@ -156,20 +156,6 @@ def resume(run_dir: str | Path, overrides: Overrides = None, *,
 
 def _execute(cfg: RunConfig, *, resume: bool, overwrite: bool, on_round, display: Optional[Display],
              report: bool) -> RunResult:
-    opened: list = []  # tracking.sinks, opened once the data is checked: an MLflow run ends FINISHED, FAILED or KILLED
-    try:
-        result = _execute_with(cfg, resume, overwrite, on_round, display, report, opened)
-    except BaseException as e:
-        for sinks in opened:
-            sinks.close(e)
-        raise
-    for sinks in opened:
-        sinks.close()
-    return result
-
-
-def _execute_with(cfg: RunConfig, resume: bool, overwrite: bool, on_round, display: Optional[Display], report: bool,
-                  opened: list) -> RunResult:
     from .federation import begin, open_run_dir
     from .simulation import Simulation, driver_of, prepare
     from .tracking import RunDir
@@ -190,36 +176,35 @@ def _execute_with(cfg: RunConfig, resume: bool, overwrite: bool, on_round, displ
         open_run_dir(run_dir, False, overwrite, warn)  # touches nothing
         prepared = driver.prepare(cfg)  # data + config checks, before any model loads
         desc = prepared.data.describe()
-        sinks = open_sinks(cfg, run_dir, False)  # a tracking store that cannot be used: refused here
-        opened.append(sinks)
-        shown = Displays(display, sinks, callback)
-        shown.partition(desc)
-        fed = driver(prepared, display=shown, run_dir=run_dir)  # builds the models; writes nothing yet
-        run_dir.create(overwrite=overwrite)
-        run_dir.write_config(cfg.to_yaml())
-        run_dir.write_json("partition.json", desc)
-        with run_dir.writing():
-            fed.run(initial=cfg.eval.initial)
-        sinks.finish(run_dir)  # the rows this driver logs (metrics.jsonl), the config, as the trackers' artifacts
+        # tracking.sinks: a store that cannot be used is refused here; the MLflow run ends FINISHED, FAILED or KILLED
+        with open_sinks(cfg, run_dir, False) as sinks:
+            shown = Displays(display, sinks, callback)
+            shown.partition(desc)
+            fed = driver(prepared, display=shown, run_dir=run_dir)  # builds the models; writes nothing yet
+            run_dir.create(overwrite=overwrite)
+            run_dir.write_config(cfg.to_yaml())
+            run_dir.write_json("partition.json", desc)
+            with run_dir.writing():
+                fed.run(initial=cfg.eval.initial)
+            sinks.finish(run_dir)  # the rows this driver logs (metrics.jsonl), the config, as the trackers' artifacts
         return RunResult(cfg, run_dir.path, run_dir.read_metrics())
 
     ck = open_run_dir(run_dir, resume, overwrite, warn)  # touches nothing; a checkpoint read before the model
     prepared = prepare(cfg)  # data + config checks, before any model loads
     desc = prepared.data.describe()
-    sinks = open_sinks(cfg, run_dir, resume)  # a tracking store that cannot be used: refused here
-    opened.append(sinks)
-    shown = Displays(display, sinks, callback)
-    shown.partition(desc)
-    server = Simulation(prepared, run_dir, shown)  # builds the model; writes nothing into the run directory
-    begin(server, run_dir, ck, resume, overwrite, warn, say=shown.message)
-    run_dir.write_json("partition.json", desc)
-    if prepared.synthetic is not None:  # data.synthetic: the generated rows, and which clients got each
-        run_dir.write_text("synthetic.jsonl", prepared.synthetic.jsonl())
-    with run_dir.writing():  # a full disk anywhere in the run: one line, too
-        server.run()
-    if report:
-        _draw_report(run_dir.path, shown)
-    sinks.finish(run_dir)  # the adapter, the report, the config as the trackers' artifacts
+    with open_sinks(cfg, run_dir, resume) as sinks:  # as above
+        shown = Displays(display, sinks, callback)
+        shown.partition(desc)
+        server = Simulation(prepared, run_dir, shown)  # builds the model; writes nothing into the run directory
+        begin(server, run_dir, ck, resume, overwrite, warn, say=shown.message)
+        run_dir.write_json("partition.json", desc)
+        if prepared.synthetic is not None:  # data.synthetic: the generated rows, and which clients got each
+            run_dir.write_text("synthetic.jsonl", prepared.synthetic.jsonl())
+        with run_dir.writing():  # a full disk anywhere in the run: one line, too
+            server.run()
+        if report:
+            _draw_report(run_dir.path, shown)
+        sinks.finish(run_dir)  # the adapter, the report, the config as the trackers' artifacts
     return RunResult(cfg, run_dir.path, run_dir.read_metrics())
 
 

@@ -495,9 +495,8 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
     check_config(cfg)
     run_dir = RunDir(cfg.output_dir())
     ck = open_run_dir(run_dir, resume, overwrite, display.message)
-    sinks = open_sinks(cfg, run_dir, resume)  # tracking.sinks: the same as `fedfm run` logs; refused here if unusable
-    error = None
-    try:
+    # tracking.sinks: the same as `fedfm run` logs; refused here if unusable; ended FINISHED, FAILED or KILLED
+    with open_sinks(cfg, run_dir, resume) as sinks:
         runtime = FlowerRuntime(grid, cfg)
         nodes = runtime.discover(display.message)
         cfg = deployment_config(cfg, nodes)
@@ -526,12 +525,6 @@ def serve(grid: Grid, run_config: dict[str, Any], display: Optional[Display] = N
         except Exception as e:  # a plot failing must not hide a finished run
             display.message(f"report not drawn: {e}")
         sinks.finish(run_dir)
-        sinks.close()
-    except BaseException as e:
-        error = e
-        raise
-    finally:
-        sinks.close(error)
     display.message(f"done: run directory {run_dir.path.resolve()}")
     return rows
 

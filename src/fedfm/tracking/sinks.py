@@ -359,6 +359,13 @@ class Sinks(Displays):
 
     closed = False
 
+    def __enter__(self) -> "Sinks":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Ended with the block: FINISHED, or FAILED/KILLED with the error that left it."""
+        self.close(error)
+
     def close(self, error: Optional[BaseException] = None) -> None:
         """End every sink once (an MLflow run as FINISHED, or FAILED/KILLED with the run's ``error``). A sink that
         fails to close is raised after all were tried, unless the run already failed (its error is the one to see)."""
