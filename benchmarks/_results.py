@@ -49,6 +49,16 @@ def arms_main(script: str, arms: list[str], run_arm, render, results: Path, time
                            env=env, check=True, timeout=timeout_s)
 
 
+def latest_records(results: Path, arms=None) -> dict:
+    """``{(arm, seed): record}``: the last line of ``results`` for each arm and seed (only ``arms``' when given)."""
+    latest: dict[tuple[str, int], dict] = {}
+    for line in results.read_text().splitlines():
+        rec = json.loads(line)
+        if arms is None or rec["arm"] in arms:
+            latest[(rec["arm"], rec["seed"])] = rec
+    return latest
+
+
 def seed_means(latest: dict, arms, keys) -> dict:
     """``{arm: {key: mean over its seeds}}`` for each arm measured on more than one seed (``latest``: the latest
     record of each (arm, seed))."""

@@ -20,13 +20,12 @@ latest line of each (arm, seed) into docs/continual.md (between markers).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
-from _results import arms_main, seed_means, write_block
+from _results import arms_main, latest_records, seed_means, write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "continual.jsonl"
@@ -71,11 +70,7 @@ def run_arm(name: str, seed: int, rounds: int) -> dict:
 
 
 def render() -> None:
-    latest: dict[tuple[str, int], dict] = {}
-    for line in RESULTS.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["arm"] in ARMS:  # (the chatterbot-continual run's line is quoted in the docs by hand)
-            latest[(rec["arm"], rec["seed"])] = rec
+    latest = latest_records(RESULTS, ARMS)  # (the chatterbot-continual run's line is quoted in the docs by hand)
     lines = ["| arm | seed | rounds/stage | R after the last stage (" + " / ".join(
         next(iter(latest.values()))["stages"]) + ") | average acc A_T | forgetting F_T | BWT | FWT | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -18,13 +18,12 @@ One JSON line per arm and seed is printed and appended to benchmarks/results/def
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
-from _results import arms_main, seed_means, write_block
+from _results import arms_main, latest_records, seed_means, write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "default_run.jsonl"
@@ -89,11 +88,7 @@ def run_arm(name: str, seed: int, rounds: int) -> dict:
 
 
 def render() -> None:
-    latest: dict[tuple[str, int], dict] = {}
-    for line in RESULTS.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["arm"] in ARMS:
-            latest[(rec["arm"], rec["seed"])] = rec
+    latest = latest_records(RESULTS, ARMS)
     order = list(ARMS)
     lines = ["| arm | seed | accuracy by round | worst-10% client by round | best (round) | final − best | "
              "last-3 mean | wall s |", "|---|---|---|---|---|---|---|---|"]

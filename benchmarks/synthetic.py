@@ -23,13 +23,12 @@ latest line of each (arm, seed) and a sample of the generated rows into docs/own
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
-from _results import arms_main, seed_means
+from _results import arms_main, latest_records, seed_means
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "synthetic.jsonl"
@@ -87,10 +86,7 @@ def run_arm(name: str, seed: int, rounds: int) -> dict:
 
 
 def render() -> None:
-    latest: dict[tuple[str, int], dict] = {}
-    for line in RESULTS.read_text().splitlines():
-        rec = json.loads(line)
-        latest[(rec["arm"], rec["seed"])] = rec
+    latest = latest_records(RESULTS)
     lines = ["| arm | seed | rounds | final acc | best acc | clients' mean acc | clients' worst-10% acc | synthetic "
              "rows (pool) | generation s | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (arm, seed), r in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0])):
