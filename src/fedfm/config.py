@@ -188,6 +188,9 @@ class PartitionConfig(Section):
     power: float = 1.5
     min_size: int = Field(2, ge=1)
     local_test_fraction: float = Field(0.2, ge=0, lt=1)
+    # each client keeps this fraction of its training examples out of training, to score settings on (fedfm sweep);
+    # the rows then carry val_<metric>: the global model on every client's validation split, pooled
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
 
 
 class FederationConfig(Section):
@@ -311,6 +314,7 @@ class RuntimeConfig(Section):
 class EvalConfig(Section):
     every: int = Field(1, ge=0)
     batch_size: int = Field(64, ge=1)
+    held_out: bool = True  # score the server's held-out (test) set; a sweep's tuning runs turn it off
     per_client: bool = True  # simulation: every client's local test set under the global model, at each evaluation
     federated: bool = False  # each sampled client scores the global model on its own test split and sends the metrics
     initial: bool = False

@@ -67,6 +67,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     examples = load_examples(cfg.data, needs_labels=task_cls.needs_labels, seed=cfg.federation.seed,
                              chat=task_cls.reads_chat, images=task_cls.reads_images)
     data = build_federated_data(cfg, examples)
+    if cfg.partition.validation_fraction and driver_of(cfg) is not None:
+        raise ConfigError("partition.validation_fraction: the validation splits are scored in a simulation of one "
+                          "shared model, not by this driver (continual.stages or a client algorithm of its own)")
     synthetic = _add_synthetic(cfg, data)  # each client's own choice of rows, before anything is tokenized
     n = len(data.clients)
     fed = cfg.federation
@@ -204,7 +207,7 @@ class Simulation(Federation):
         encoded = self._setup_model(self.cfg)
         self._setup_attack(self.cfg, prepared.attack)
         # each virtual client's own data, cut out of the one encoding; the server side gets its held-out split only
-        self.local = {c.id: local_data(self.task, encoded, c.train, c.test) for c in self.data.clients}
+        self.local = {c.id: local_data(self.task, encoded, c.train, c.test, c.val) for c in self.data.clients}
         self.encoded = encoded if self.cfg.eval.membership_audit else None  # the auditor sees both sides
         self._setup_server(self.cfg, prepared, encoded)
         self._setup_clients(self.cfg, prepared.sample_dp)
@@ -279,11 +282,14 @@ class Simulation(Federation):
             self.server.evaluations.append(self._backdoor)
         if cfg.eval.per_client:
             self.server.evaluations.append(self.evaluate_clients)
+        if any(len(c.val) for c in self.data.clients):
+            self.server.evaluations.append(self.evaluate_validation)
 
     def _server_model(self, encoded) -> ServerModel:
         """The server's model is the shared base, with the server's own held-out split of the data."""
         cfg, test = self.cfg, np.asarray(self.data.test)
-        if not len(test):  # data.test_fraction 0: no held-out set of its own (eval.federated still scores the model)
+        if not len(test) or not cfg.eval.held_out:  # data.test_fraction 0 or eval.held_out off: no held-out set
+            # of its own is scored (eval.federated, the validation splits still score the model)
             return ServerModel(cfg, self.bundle, None, test, np.zeros(0, dtype=np.int64))
         held_out = local_data(self.task, encoded, test, np.zeros(0, dtype=np.int64))
         position = {int(g): k for k, g in enumerate(test)}
@@ -350,6 +356,26 @@ class Simulation(Federation):
                 out[f"client_{short}{suffix}"] = vals
                 out[f"client_{short}{suffix}_mean"] = float(np.mean(list(vals.values())))
                 out[f"client_{short}{suffix}_worst10"] = worst_fraction_mean(list(vals.values()), 0.1, better_high)
+        return out
+
+    def evaluate_validation(self, rnd: int) -> dict[str, Any]:
+        """``val_<metric>``: the global model on every client's validation split (partition.validation_fraction), as
+        the clients would score it on their own and report; pooled, each client weighted by its validation examples
+        (``val_perplexity`` from the pooled loss). What a sweep scores its settings on: never the test split."""
+        self._load_global()
+        sums: dict[str, float] = {}
+        n = 0
+        for c in self.data.clients:
+            own = self.local[c.id]
+            if not len(own.val):
+                continue
+            for k, v in self.task.evaluate(self.model, own.encoded, own.val, self.cfg.eval.batch_size).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(own.val)
+            n += len(own.val)
+        out = {f"val_{k}": v / n for k, v in sums.items()}
+        if "val_perplexity" in out and "val_loss" in out:
+            out["val_perplexity"] = float(np.exp(min(out["val_loss"], 50.0)))
+        out["val_examples"] = n
         return out
 
     def _after_rounds(self, rows: list[dict[str, Any]]) -> None:

@@ -16,6 +16,7 @@ class ClientData:
     name: str
     train: np.ndarray  # global example indices
     test: np.ndarray
+    val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # partition.validation_fraction
     synthetic: dict = field(default_factory=dict)  # data.synthetic: label name -> synthetic rows among train
 
 
@@ -48,6 +49,7 @@ class FederatedData:
             "notes": list(self.notes),
             "clients": [
                 {"id": c.id, "name": c.name, "n_train": int(len(c.train)), "n_test": int(len(c.test)),
+                 **({"n_val": int(len(c.val))} if len(c.val) else {}),
                  "label_counts": counts[i] if counts else None, **({"synthetic": c.synthetic} if c.synthetic else {})}
                 for i, c in enumerate(self.clients)
             ],
@@ -136,6 +138,22 @@ def _held_out(cfg, examples: Examples, rng: np.random.Generator) -> tuple[np.nda
     return pool, test, [f"held-out set: {len(test)} of {n} examples (data.test_fraction={f:g}, {how})"]
 
 
+def validation_split(train: np.ndarray, fraction: float, examples: Examples, groups: np.ndarray | None,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation): ``fraction`` of one client's training examples kept out of training to score settings on,
+    stratified by label, or by prompt group for conversations (a prompt is never answered on both sides)."""
+    if not fraction or len(train) < 2:
+        return train, np.zeros(0, dtype=np.int64)
+    if groups is not None:
+        rest, held = grouped_split(groups[train], fraction, rng)
+    else:
+        rest, held = stratified_split(len(train), examples.labels[train] if examples.labels is not None else None,
+                                      fraction, rng)
+    if not len(rest):  # a client keeps something to train on
+        return train, np.zeros(0, dtype=np.int64)
+    return train[rest], train[held]
+
+
 def _public(cfg, pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(the pool left to partition, the public set): ``transfer.public_fraction`` of the n examples, drawn at random
     (not by label: its labels are never used) from the pool the held-out set left."""
@@ -161,6 +179,7 @@ def build_federated_data(cfg, examples: Examples) -> FederatedData:
     names = (sorted(set(groups.tolist())) if p.method in ("by_column", "by_file") and groups is not None
              else [str(i) for i in range(len(parts))])
     clients = []
+    prompts = prompt_groups(examples.messages) if p.validation_fraction and examples.messages is not None else None
     for cid, local in enumerate(parts):
         idx = pool[local]
         crng = Randomness(cfg.federation.seed).rng("local_split", cid)
@@ -168,7 +187,12 @@ def build_federated_data(cfg, examples: Examples) -> FederatedData:
         k = int(np.floor(p.local_test_fraction * len(idx)))
         if len(idx) - k < 1:
             k = 0
-        clients.append(ClientData(id=cid, name=names[cid], train=np.sort(perm[k:]), test=np.sort(perm[:k])))
+        train, val = validation_split(np.sort(perm[k:]), p.validation_fraction, examples, prompts,
+                                      Randomness(cfg.federation.seed).rng("validation_split", cid))
+        clients.append(ClientData(id=cid, name=names[cid], train=train, test=np.sort(perm[:k]), val=val))
+    if p.validation_fraction:
+        notes.append(f"validation: {sum(len(c.val) for c in clients)} of the clients' training examples kept out "
+                     f"of training (partition.validation_fraction={p.validation_fraction:g}), each on its own client")
     if len(public):
         notes.append(f"public set: {len(public)} of {len(examples)} examples (transfer.public_fraction="
                      f"{cfg.transfer.public_fraction:g}), carved before partitioning, labels unused")

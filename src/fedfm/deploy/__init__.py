@@ -43,6 +43,8 @@ def check_config(cfg: RunConfig) -> None:
         (cfg.federation.schedule != "sync", f"federation.schedule {cfg.federation.schedule!r}: a deployment runs "
                                             "synchronous rounds (fedbuff here simulates time)"),
         (cfg.attack.kind != "none", f"attack.kind {cfg.attack.kind!r}: simulated attacks are for simulations"),
+        (bool(cfg.partition.validation_fraction), "partition.validation_fraction: the validation splits are scored "
+                                                  "in a simulation (fedfm sweep); a SuperNode keeps its own data"),
         (cfg.model.train_tokenizer is not None, "model.train_tokenizer: the server side has no text to train it on"),
         (bool(cfg.continual.stages), "continual.stages: a lifelong federation runs in a simulation "
                                      "(fedfm.continual); no message tells a SuperNode that a stage began or ended"),

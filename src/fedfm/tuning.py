@@ -1,0 +1,557 @@
+"""Fair comparisons (``fedfm sweep``): each arm (an algorithm, an adapter, a codec: a set of config overrides) is
+tuned on validation data, then its best setting runs on several seeds, and the arms are compared by mean and a 95%
+interval.
+
+A sweep spec (YAML) names a base config, overrides every run shares (the task, the data, the budget of rounds and
+client steps), the metric, and the arms. An arm with a ``grid`` is tuned first: a grid search over the named config
+keys, or ``search: random`` draws ``budget`` settings from it (a list is a choice; ``{log_uniform: [lo, hi]}`` and
+``{uniform: [lo, hi]}`` are ranges). Tuning runs score the global model on a validation split that each client
+carves from its own training data (``partition.validation_fraction``; the rows' ``val_<metric>``) and never read the
+test split (``eval.held_out: false``). An arm's setting is the one with the best mean ``val_<metric>`` over its last
+3 evaluated rounds. That setting then runs on every seed of ``seeds`` with the test split scored (``eval_<metric>``).
+
+Every run is one ``fedfm run`` in its own process and directory, and one JSON line in ``trials.jsonl``; a sweep
+started again with the same spec and output directory skips the runs already recorded, so a long sweep continues
+where it stopped. Runs that diverge (a non-finite loss, or accuracy at chance: at most 1/classes + 0.05) are
+recorded and reported as diverged, never dropped: they count in the means. ``summary.md`` / ``summary.json``: per
+arm the mean and 95% interval (Student's t over seeds) of the final metric, of the mean of the last 3 evaluated
+rounds, of the rounds to ``target`` and of the bytes sent and received; ``curves.png``: the mean curves with bands.
+
+Everything a spec names is checked before anything trains: every key of every setting (``fedfm.load_config``), no
+empty grid, and a validation split with at least as many examples as classes (the data is read and partitioned, no
+model is loaded).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError, FedfmError
+
+CHANCE_MARGIN = 0.05  # accuracy at most 1/classes + this is "at chance"
+LAST = 3  # the last evaluated rounds averaged for the tuning score and the "last-3" column
+
+
+class Range(BaseModel):
+    """A range to draw from in a random search: ``{log_uniform: [lo, hi]}`` or ``{uniform: [lo, hi]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    log_uniform: Optional[tuple[float, float]] = None
+    uniform: Optional[tuple[float, float]] = None
+
+    def draw(self, rng: np.random.Generator) -> float:
+        if self.log_uniform is not None:
+            lo, hi = self.log_uniform
+            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        lo, hi = self.uniform
+        return float(rng.uniform(lo, hi))
+
+
+class Arm(BaseModel):
+    """One entry of the comparison: its own overrides, and the keys it is tuned over (none: it runs as given)."""
+
+    model_config = ConfigDict(extra="forbid")
+    overrides: dict[str, Any] = {}
+    grid: dict[str, Union[list[Any], Range]] = {}
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    base: str = "bbc-lora"  # a built-in config name or a YAML file (relative to the spec's own directory)
+    overrides: dict[str, Any] = {}  # every run: the task, the data, the budget
+    metric: str = "accuracy"  # scored as val_<metric> when tuning, eval_<metric> on the test split
+    higher_is_better: Optional[bool] = None  # default: False for loss and perplexity, True otherwise
+    report: list[str] = []  # further eval_<name> columns of the summary
+    target: Optional[float] = None  # rounds to reach this eval_<metric>
+    search: Literal["grid", "random"] = "grid"
+    budget: Optional[int] = Field(None, ge=1)  # random: settings drawn per arm; grid: the most settings an arm may have
+    validation_fraction: float = Field(0.1, ge=0, lt=1)  # partition.validation_fraction of every run
+    tune_seed: int = 0
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    arms: dict[str, Arm]
+
+    @field_validator("arms")
+    @classmethod
+    def _some(cls, arms: dict[str, Arm]) -> dict[str, Arm]:
+        if not arms:
+            raise ValueError("no arms: name at least one entry to compare")
+        return arms
+
+    @property
+    def better_high(self) -> bool:
+        if self.higher_is_better is not None:
+            return self.higher_is_better
+        return not self.metric.endswith(("loss", "perplexity"))
+
+
+@dataclass
+class Trial:
+    """One run of the sweep: an arm's setting (``params``, the tuned keys) in a phase (``tune`` / ``final``)."""
+
+    arm: str
+    phase: str
+    seed: int
+    params: dict[str, Any]
+    overrides: dict[str, Any]  # everything applied to the base, in order
+
+    @property
+    def id(self) -> str:
+        key = json.dumps([self.arm, self.phase, self.seed, self.overrides], sort_keys=True, default=str)
+        return f"{self.arm}-{self.phase}-s{self.seed}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    base: str  # the base config as load_config takes it
+    out: Path
+    records: list[dict] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ the settings
+    def settings(self, arm: str) -> list[dict[str, Any]]:
+        """The tuned settings of ``arm``: the grid's every point, or ``budget`` random draws ([{}]: no tuning)."""
+        grid = self.spec.arms[arm].grid
+        if not grid:
+            return [{}]
+        keys = list(grid)
+        if self.spec.search == "grid":
+            ranges = [k for k in keys if isinstance(grid[k], Range)]
+            if ranges:
+                raise ConfigError(f"arms.{arm}.grid.{ranges[0]}: a range is drawn from in search: random; a grid "
+                                  "search needs a list of values")
+            points = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+            if self.spec.budget is not None and len(points) > self.spec.budget:
+                raise ConfigError(f"arms.{arm}.grid: {len(points)} settings, more than budget {self.spec.budget}")
+            return points
+        rng = np.random.default_rng([self.spec.tune_seed, int(hashlib.sha1(arm.encode()).hexdigest()[:8], 16)])
+        out = []
+        for _ in range(self.spec.budget):
+            out.append({k: (v.draw(rng) if isinstance(v, Range) else v[int(rng.integers(len(v)))])
+                        for k, v in grid.items()})
+        return out
+
+    def trial(self, arm: str, phase: str, seed: int, params: dict[str, Any]) -> Trial:
+        ov = {**self.spec.overrides, "partition.validation_fraction": self.spec.validation_fraction,
+              **self.spec.arms[arm].overrides, **params, "federation.seed": seed,
+              "eval.held_out": phase == "final"}
+        return Trial(arm=arm, phase=phase, seed=seed, params=params, overrides=ov)
+
+    def tuning_trials(self) -> list[Trial]:
+        return [self.trial(a, "tune", self.spec.tune_seed, p) for a in self.spec.arms if self.spec.arms[a].grid
+                for p in self.settings(a)]
+
+    def final_trials(self, chosen: dict[str, Optional[dict[str, Any]]]) -> list[Trial]:
+        """The chosen setting of every arm on every seed (an arm whose every tuning run diverged has none)."""
+        return [self.trial(a, "final", s, chosen[a]) for a in self.spec.arms if chosen.get(a) is not None
+                for s in self.spec.seeds]
+
+    # ------------------------------------------------------------------ checks before anything trains
+    def check(self) -> None:
+        """Every run's config loads; no empty grid; a tuned arm has a validation split with at least as many
+        examples as classes. Raises ConfigError naming the key; reads the data, loads no model."""
+        from . import api
+
+        spec = self.spec
+        for arm, a in spec.arms.items():
+            for key, vals in a.grid.items():
+                if isinstance(vals, list) and not vals:
+                    raise ConfigError(f"arms.{arm}.grid.{key}: an empty list; give the values to try")
+            if a.grid and spec.search == "random" and spec.budget is None:
+                raise ConfigError(f"budget: search: random draws `budget` settings per arm (arms.{arm} has a grid)")
+            if a.grid and not spec.validation_fraction:
+                raise ConfigError(f"validation_fraction: arms.{arm} is tuned, and tuning scores on a validation "
+                                  "split of the clients' training data; set it above 0")
+        trials = self.tuning_trials() + self.final_trials({a: self.settings(a)[0] for a in spec.arms})
+        checked: dict[str, Any] = {}
+        for t in trials:
+            try:
+                cfg = api.load_config(self.base, dict(t.overrides))
+            except FedfmError as e:
+                where = next((f"arms.{t.arm}.grid" for k in t.params if k in str(e)), f"arms.{t.arm}")
+                raise ConfigError(f"{where}: {e}") from None
+            if t.phase == "tune":
+                data_key = json.dumps([cfg.data.model_dump(mode="json"), cfg.partition.model_dump(mode="json"),
+                                       cfg.federation.seed], sort_keys=True)
+                if data_key not in checked:
+                    checked[data_key] = self._check_validation(t, cfg)
+
+    def _check_validation(self, t: Trial, cfg) -> None:
+        from .simulation import prepare
+
+        data = prepare(cfg).data
+        n_val = sum(len(c.val) for c in data.clients)
+        k = data.examples.num_classes if data.examples.labels is not None else 1
+        if n_val < max(k, 1):
+            raise ConfigError(f"validation_fraction: {self.spec.validation_fraction:g} of the clients' training data "
+                              f"is {n_val} example(s) (arms.{t.arm}), fewer than the {k} classes it must score; "
+                              "raise validation_fraction or use more data")
+
+    # ------------------------------------------------------------------ running
+    def done(self) -> dict[str, dict]:
+        """The recorded runs by trial id; a run that failed (not diverged: an error of the run itself) is run again."""
+        return {r["trial"]: r for r in self.records if r["status"] != "failed"}
+
+    def run_trials(self, trials: list[Trial], parallel: int, threads: Optional[int], log) -> None:
+        """Run the trials not yet recorded, ``parallel`` processes at a time, each recorded as it ends."""
+        todo = [t for t in trials if t.id not in self.done()]
+        log(f"{len(trials) - len(todo)} of {len(trials)} already recorded; {len(todo)} to run")
+        running: list[tuple[Trial, subprocess.Popen, float, Any]] = []
+        while todo or running:
+            while todo and len(running) < parallel:
+                t = todo.pop(0)
+                running.append((t, *self._start(t, threads, parallel)))
+            time.sleep(0.5)
+            for job in [j for j in running if j[1].poll() is not None]:
+                running.remove(job)
+                t, proc, t0, fh = job
+                fh.close()
+                rec = self._record(t, proc.returncode, time.perf_counter() - t0, parallel, threads)
+                self._append(rec)
+                log(f"{t.id}: {rec['status']}" + (f" ({rec['reason']})" if rec.get("reason") else "") +
+                    f", {rec['metric']} {_fmt(rec.get('final'))} in {rec['wall_s']:.0f} s")
+
+    def _start(self, t: Trial, threads: Optional[int], parallel: int):
+        run_dir = self.out / "runs" / t.id
+        cfg_file = self.out / "configs" / f"{t.id}.yaml"
+        cfg_file.parent.mkdir(parents=True, exist_ok=True)
+        from . import api
+
+        over = dict(t.overrides, **{"output.dir": str(run_dir), "output.keep_checkpoints": 1, "name": t.id})
+        if threads:
+            over["runtime.threads"] = threads
+        cfg_file.write_text(api.load_config(self.base, over).to_yaml())
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        (self.out / "logs").mkdir(exist_ok=True)
+        log = open(self.out / "logs" / f"{t.id}.log", "w")
+        code = "import sys, fedfm; fedfm.run(sys.argv[1], overwrite=True, report=False)"
+        proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_file)], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        return proc, time.perf_counter(), log
+
+    def _record(self, t: Trial, rc: int, wall: float, parallel: int, threads: Optional[int]) -> dict:
+        run_dir = self.out / "runs" / t.id
+        rows = []
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+        classes = None
+        part = run_dir / "partition.json"
+        if part.exists():
+            names = json.loads(part.read_text()).get("label_names")
+            classes = len(names) if names else None
+        rec = score_rows(rows, self.spec, t.phase, classes)
+        rec.update(sweep=self.spec.name, trial=t.id, arm=t.arm, phase=t.phase, seed=t.seed, params=t.params,
+                   overrides=t.overrides, rc=rc, fedfm=_version(), wall_s=round(wall, 1), concurrent_runs=parallel, threads=threads,
+                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        if rc != 0:
+            tail = (self.out / "logs" / f"{t.id}.log").read_text(errors="replace")[-800:]
+            rec["error_tail"] = tail
+            if rec["status"] != "diverged":
+                nonfinite = any(w in tail.lower() for w in ("non-finite", "nan", "inf"))
+                rec["status"], rec["reason"] = ("diverged", "non-finite values") if nonfinite else \
+                    ("failed", tail.strip().splitlines()[-1] if tail.strip() else f"exit {rc}")
+        for sub in ("checkpoints", "client_state"):  # the records and metrics stay; the bulky state goes
+            _rmtree(run_dir / sub)
+        return rec
+
+    def _append(self, rec: dict) -> None:
+        self.records.append(rec)
+        with open(self.out / "trials.jsonl", "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+
+    # ------------------------------------------------------------------ choosing
+    def chosen(self) -> dict[str, Optional[dict[str, Any]]]:
+        """Per arm, the setting with the best tuning score (diverged and failed runs are never chosen; None when
+        every one did)."""
+        done = self.done()
+        out = {}
+        for arm in self.spec.arms:
+            best, best_score = None, None
+            for p in self.settings(arm):
+                t = self.trial(arm, "tune", self.spec.tune_seed, p)
+                r = done.get(t.id)
+                if not self.spec.arms[arm].grid:
+                    best = p
+                    break
+                if r is None or r["status"] != "ok" or r.get("score") is None:
+                    continue
+                s = r["score"] if self.spec.better_high else -r["score"]
+                if best_score is None or s > best_score:
+                    best, best_score = p, s
+            out[arm] = best
+        return out
+
+
+def _version() -> str:
+    """fedfm's version and, in a git checkout, its commit: which code a recorded run ran."""
+    from . import __version__
+
+    try:
+        head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        head = ""
+    return f"{__version__}+{head}" if head else __version__
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.4g}"
+
+
+def score_rows(rows: list[dict], spec: SweepSpec, phase: str, classes: Optional[int]) -> dict:
+    """What one run's rows say: its metric per evaluated round (``val_`` when tuning, ``eval_`` when final), the
+    final value, the mean of the last 3 evaluated rounds (the tuning score), rounds to target, bytes, and whether it
+    diverged (a non-finite loss or metric, or accuracy at chance)."""
+    key = ("val_" if phase == "tune" else "eval_") + spec.metric
+    series = {int(r["round"]): r[key] for r in rows if key in r and r.get("round") is not None}
+    extra = {name: {int(r["round"]): r[f"eval_{name}"] for r in rows if f"eval_{name}" in r}
+             for name in spec.report} if phase == "final" else {}
+    evaluated = [series[k] for k in sorted(series)]
+    finite = [v for v in evaluated if v is not None and math.isfinite(v)]
+    last = finite[-LAST:] if len(finite) == len(evaluated) else []
+    rec: dict[str, Any] = {
+        "metric": key, "series": series, "report": extra, "rounds": len(rows),
+        "train_loss": {int(r["round"]): r.get("train_loss") for r in rows if "round" in r},
+        "bytes": int(sum((r.get("bytes_up") or 0) + (r.get("bytes_down") or 0) for r in rows)),
+        "final": evaluated[-1] if evaluated else None, "last3": float(np.mean(last)) if last else None,
+        "status": "ok", "reason": None,
+    }
+    rec["score"] = rec["last3"]
+    if spec.target is not None and phase == "final":
+        hit = [k for k in sorted(series) if series[k] is not None and math.isfinite(series[k]) and
+               (series[k] >= spec.target if spec.better_high else series[k] <= spec.target)]
+        rec["rounds_to_target"] = hit[0] if hit else None
+    losses = [v for v in rec["train_loss"].values() if v is not None]
+    if any(not math.isfinite(v) for v in losses) or len(finite) != len(evaluated):
+        rec["status"], rec["reason"] = "diverged", "non-finite loss or metric"
+    elif spec.metric == "accuracy" and classes and rec["final"] is not None and \
+            rec["final"] <= 1.0 / classes + CHANCE_MARGIN:
+        rec["status"], rec["reason"] = "diverged", f"accuracy at chance ({rec['final']:.3f} <= 1/{classes} + {CHANCE_MARGIN})"
+    elif not evaluated:
+        rec["status"], rec["reason"] = "failed", f"no {key} in the rows"
+    return rec
+
+
+# ---------------------------------------------------------------------- statistics
+def interval(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    """(mean, half-width of the 95% interval by Student's t over the values); half-width None for one value."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = float(np.mean(vals))
+    if len(vals) < 2:
+        return mean, None
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals)))
+    return mean, half
+
+
+def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict]) -> dict:
+    """Per arm: the chosen setting, its tuning runs, and mean ± 95% interval over the seeds of the final metric,
+    the last-3 mean, rounds to target, bytes; the arms ranked by the mean final metric."""
+    arms = []
+    for arm in spec.arms:
+        finals = [r for r in records if r["arm"] == arm and r["phase"] == "final" and r["params"] == chosen.get(arm)
+                  and r["seed"] in spec.seeds]
+        finals = list({r["seed"]: r for r in finals}.values())  # the last record of each seed
+        tuning = [r for r in records if r["arm"] == arm and r["phase"] == "tune"]
+        row: dict[str, Any] = {"arm": arm, "setting": chosen.get(arm), "seeds": len(finals),
+                               "diverged": sum(r["status"] == "diverged" for r in finals),
+                               "failed": sum(r["status"] == "failed" for r in finals),
+                               "tuning": [{"params": r["params"], "score": r.get("score"), "status": r["status"],
+                                           "reason": r.get("reason")} for r in tuning]}
+        for col in ("final", "last3", "bytes"):
+            row[col] = interval([r.get(col) for r in finals])
+        for name in spec.report:
+            vals = [r["report"][name][max(r["report"][name], key=int)] for r in finals
+                    if r.get("report", {}).get(name)]
+            row[name] = interval(vals)
+        if spec.target is not None:
+            reached = [r["rounds_to_target"] for r in finals if r.get("rounds_to_target") is not None]
+            row["rounds_to_target"] = interval(reached)
+            row["reached"] = len(reached)
+        curves = [r["series"] for r in finals if r["series"]]
+        rounds = sorted({int(k) for c in curves for k in c})
+        row["curve"] = {k: interval([c.get(k, c.get(str(k))) for c in curves]) for k in rounds}
+        arms.append(row)
+    sign = 1 if spec.better_high else -1
+    arms.sort(key=lambda a: -sign * a["final"][0] if a["final"][0] is not None else math.inf)
+    best = arms[0] if arms and arms[0]["final"][0] is not None else None
+    for a in arms:
+        a["overlaps_best"] = _overlap(a["final"], best["final"]) if best is not None and a is not best else None
+    return {"sweep": spec.name, "metric": spec.metric, "higher_is_better": spec.better_high, "target": spec.target,
+            "seeds": spec.seeds, "arms": arms}
+
+
+def _overlap(a: tuple, b: tuple) -> Optional[bool]:
+    if a[0] is None or b[0] is None or a[1] is None or b[1] is None:
+        return None
+    return a[0] - a[1] <= b[0] + b[1] and b[0] - b[1] <= a[0] + a[1]
+
+
+def _pm(v: tuple, scale: float = 1.0, digits: int = 3) -> str:
+    mean, half = v
+    if mean is None:
+        return "—"
+    return f"{mean * scale:.{digits}f}" + (f" ± {half * scale:.{digits}f}" if half is not None else "")
+
+
+def render(summary: dict, spec: SweepSpec) -> str:
+    """The summary as markdown: the ranked table, then each arm's tuning runs."""
+    m = spec.metric
+    cols = [f"final {m}", f"last-3 mean {m}"] + [f"final {n}" for n in spec.report]
+    if spec.target is not None:
+        cols.append(f"rounds to {spec.target:g}")
+    cols += ["MB (up + down)", "diverged", "inside the best's interval"]
+    lines = [f"| rank | arm | setting | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    for i, a in enumerate(summary["arms"], 1):
+        setting = ("no setting: every tuning run diverged or failed" if a["setting"] is None else
+                   ", ".join(f"{k}={_short(v)}" for k, v in a["setting"].items()) or "as given")
+        cells = [_pm(a["final"]), _pm(a["last3"])] + [_pm(a[n]) for n in spec.report]
+        if spec.target is not None:
+            cells.append(f"{_pm(a['rounds_to_target'], digits=1)} ({a['reached']}/{a['seeds']})")
+        cells += [_pm(a["bytes"], 1e-6, 1), f"{a['diverged']}/{a['seeds']}",
+                  {None: "—", True: "yes", False: "no"}[a["overlaps_best"]] if i > 1 else "best"]
+        lines.append(f"| {i} | {a['arm']} | {setting} | " + " | ".join(cells) + " |")
+    lines += ["", f"Mean ± half-width of the 95% interval (Student's t) over seeds {spec.seeds}; "
+              f"{'higher' if spec.better_high else 'lower'} is better. Settings chosen by the mean validation "
+              f"{m} of the last {LAST} rounds (seed {spec.tune_seed}).", ""]
+    tuned = [a for a in summary["arms"] if a["tuning"]]
+    if tuned:
+        lines += ["Tuning runs (validation score; diverged runs are never chosen):", ""]
+        for a in tuned:
+            runs = "; ".join(", ".join(f"{k}={_short(v)}" for k, v in t["params"].items()) + ": " +
+                             (_fmt(t["score"]) if t["status"] == "ok" else f"{t['status']} ({t['reason']})")
+                             for t in a["tuning"])
+            lines.append(f"- {a['arm']}: {runs}")
+    return "\n".join(lines) + "\n"
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def plot(summary: dict, spec: SweepSpec, path: Path) -> Optional[Path]:
+    """Mean eval_<metric> per round of every arm with its 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = False
+    for a in summary["arms"]:
+        pts = [(k, v[0], v[1]) for k, v in sorted(a["curve"].items(), key=lambda kv: int(kv[0])) if v[0] is not None]
+        if not pts:
+            continue
+        x = [int(p[0]) for p in pts]
+        y = np.array([p[1] for p in pts])
+        h = np.array([p[2] if p[2] is not None else 0.0 for p in pts])
+        ax.plot(x, y, label=a["arm"])
+        ax.fill_between(x, y - h, y + h, alpha=0.15)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"test {spec.metric}")
+    ax.set_title(f"{spec.name}: mean over {len(spec.seeds)} seeds, 95% bands")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- the entry point
+def load_spec(spec: Union[str, Path, dict]) -> tuple[SweepSpec, str]:
+    """(the spec, its base config as load_config takes it); a YAML base path is resolved against the spec's
+    directory."""
+    root = Path.cwd()
+    if not isinstance(spec, dict):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"sweep spec {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"sweep spec {path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"sweep spec {path}: expected a mapping of name, base, overrides, arms, …")
+        root = path.parent
+    else:
+        data = spec
+    try:
+        parsed = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"sweep spec: {where}: {err['msg']}") from None
+    base = parsed.base
+    if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute():
+        base = str(root / base)
+    return parsed, base
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    records: list[dict]
+    summary: dict
+    chosen: dict[str, dict]
+
+
+def run_sweep(spec: Union[str, Path, dict], out: Optional[Union[str, Path]] = None, parallel: int = 1,
+              threads: Optional[int] = None, check_only: bool = False, log=print) -> Optional[SweepResult]:
+    """Check the spec, tune every arm, run the chosen settings on every seed, write the summary."""
+    parsed, base = load_spec(spec)
+    sweep = Sweep(parsed, base, Path(out) if out is not None else Path("runs") / "sweeps" / parsed.name)
+    sweep.check()
+    if check_only:
+        return None
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    (sweep.out / "spec.yaml").write_text(yaml.safe_dump(parsed.model_dump(mode="json"), sort_keys=False))
+    trials_file = sweep.out / "trials.jsonl"
+    if trials_file.exists():
+        sweep.records = [json.loads(line) for line in trials_file.read_text().splitlines() if line.strip()]
+    sweep.run_trials(sweep.tuning_trials(), parallel, threads, log)
+    chosen = sweep.chosen()
+    sweep.run_trials(sweep.final_trials(chosen), parallel, threads, log)
+    return write_summary(sweep, chosen)
+
+
+def write_summary(sweep: Sweep, chosen: dict[str, dict]) -> SweepResult:
+    summary = summarize(sweep.spec, sweep.records, chosen)
+    (sweep.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (sweep.out / "summary.md").write_text(render(summary, sweep.spec))
+    plot(summary, sweep.spec, sweep.out / "curves.png")
+    return SweepResult(out=sweep.out, records=sweep.records, summary=summary, chosen=chosen)
