@@ -266,6 +266,19 @@ def privacy_guarantee(config: ConfigLike = "bbc-lora", overrides: Overrides = No
     return rows
 
 
+def sweep(spec: str | Path | Mapping[str, Any], out: str | Path | None = None, *, parallel: int = 1,
+          threads: Optional[int] = None, check_only: bool = False, log: Callable[[str], Any] = lambda _m: None):
+    """A fair comparison (docs/sweeps.md): every arm of ``spec`` (a YAML file or a dict) tuned on the clients'
+    validation splits, its best setting run on every seed, the summary (mean and 95% interval) written to ``out``
+    (default ``runs/sweeps/<name>``). Runs already recorded there are not run again. Everything is checked before
+    anything trains (``ConfigError`` naming the key); ``check_only`` stops there and returns None. ``parallel`` runs
+    at once, each with ``threads`` torch threads; ``log`` is told each run as it ends."""
+    from .tuning import run_sweep
+
+    return run_sweep(dict(spec) if isinstance(spec, Mapping) else spec, out, parallel=parallel, threads=threads,
+                     check_only=check_only, log=log)
+
+
 def report(run_dir: str | Path) -> list[Path]:
     """Draw the run's plots and ``summary.md`` into ``run_dir/report/``; the PNGs' paths."""
     from .tracking.report import make_report

@@ -261,6 +261,32 @@ def configs_cmd() -> None:
     console.print(t)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    spec: Path = typer.Argument(..., help="a sweep spec (YAML): base config, shared overrides, metric, arms"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where the runs and the summary go (default "
+                                                             "runs/sweeps/<name>); runs recorded there are kept"),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="runs at once, each in its own process"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of each run"),
+    check: bool = typer.Option(False, "--check", help="only check the spec and every setting; train nothing"),
+) -> None:
+    """Compare arms fairly: tune each on the clients' validation splits, run its best setting on every seed,
+    report mean and 95% interval (docs/sweeps.md)."""
+    from . import api
+
+    try:
+        result = api.sweep(spec, out, parallel=parallel, threads=threads, check_only=check,
+                           log=lambda m: console.print(m, markup=False, highlight=False))
+    except FedfmError as e:
+        _fail(e)
+        return
+    if result is None:
+        console.print(f"{spec}: every setting of every arm is a valid config; the validation splits can be scored")
+        return
+    console.print((result.out / "summary.md").read_text(), markup=False, highlight=False)
+    console.print(f"sweep directory: [bold]{escape(str(result.out))}[/bold] (trials.jsonl, summary.md, curves.png)")
+
+
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """Draw PNG plots of a run into RUN_DIR/report/."""

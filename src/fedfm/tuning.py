@@ -305,8 +305,12 @@ class Sweep:
 
 def _version() -> str:
     """fedfm's version and, in a git checkout, its commit: which code a recorded run ran."""
-    from . import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("fedfm")
+    except PackageNotFoundError:
+        __version__ = "unknown"
     try:
         head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()

@@ -1,0 +1,210 @@
+"""fedfm sweep: validation splits carved from the clients' training data, settings scored on them, the best setting
+on several seeds, mean and 95% intervals, diverged runs reported, and bad specs refused before anything trains."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_overrides
+from fedfm.cli import app
+from fedfm.errors import ConfigError
+from fedfm.simulation import Simulation, prepare
+from fedfm.tuning import SweepSpec, interval, load_spec, render, run_sweep, score_rows, summarize
+
+
+def _spec_overrides(tiny_csv, tmp_path, **extra) -> dict:
+    """The tiny config's overrides as a dict a spec carries (output.dir is the sweep's own)."""
+    ov = {}
+    for item in tiny_overrides(tiny_csv, tmp_path, **extra):
+        k, v = item.split("=", 1)
+        ov[k] = yaml.safe_load(v)
+    ov.pop("output.dir")
+    return ov
+
+
+# ---------------------------------------------------------------------- the validation split
+def test_validation_is_carved_from_each_clients_training_data(tiny_config):
+    plain = prepare(tiny_config()).data
+    data = prepare(tiny_config(**{"partition.validation_fraction": 0.25})).data
+    labels = data.examples.labels
+    for before, c in zip(plain.clients, data.clients):
+        assert len(c.val) > 0
+        assert set(c.train) | set(c.val) == set(before.train)  # the training data, split: nothing else
+        assert not set(c.train) & set(c.val)
+        assert list(c.test) == list(before.test)  # the local test split and the server's test split are untouched
+        for k in np.unique(labels[before.train]):  # stratified: each class keeps round(25%) of its examples
+            n = int((labels[before.train] == k).sum())
+            assert int((labels[c.val] == k).sum()) == int(round(0.25 * n))
+    assert list(data.test) == list(plain.test)
+    assert "n_val" in data.describe()["clients"][0]
+    again = prepare(tiny_config(**{"partition.validation_fraction": 0.25})).data
+    assert all(list(a.val) == list(b.val) for a, b in zip(again.clients, data.clients))
+
+
+def test_conversations_keep_each_prompt_on_one_side():
+    from fedfm.data import prompt_groups, validation_split
+    from fedfm.data.sources import Examples
+
+    convs = [[{"role": "user", "content": f"q{i % 7}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(60)]
+    ex = Examples(texts=None, labels=None, label_names=None, messages=convs)
+    groups = prompt_groups(convs)
+    train, val = validation_split(np.arange(60), 0.3, ex, groups, np.random.default_rng(0))
+    assert len(val) and not set(groups[train]) & set(groups[val])
+
+
+def test_the_rows_score_the_validation_splits_and_not_the_test_split(tiny_config, tmp_path):
+    cfg = tiny_config(**{"partition.validation_fraction": 0.25, "eval.held_out": False, "eval.per_client": False,
+                         "federation.rounds": 1})
+    sim = Simulation(prepare(cfg))
+    rows = sim.run()
+    row = rows[-1]
+    assert not any(k.startswith("eval_") for k in row)  # the test split is never scored
+    sim._load_global()
+    n, correct = 0, 0.0
+    for c in sim.data.clients:  # by hand: each client's own validation split, pooled
+        own = sim.local[c.id]
+        acc = sim.task.evaluate(sim.model, own.encoded, own.val, 64)["accuracy"]
+        correct += acc * len(own.val)
+        n += len(own.val)
+    assert row["val_examples"] == n == sum(len(c.val) for c in sim.data.clients)
+    assert row["val_accuracy"] == pytest.approx(correct / n)
+    assert math.isfinite(row["val_loss"])
+
+
+# ---------------------------------------------------------------------- scoring one run
+SPEC = SweepSpec(name="t", target=0.5, arms={"a": {}})
+
+
+def _rows(accs, key="eval_accuracy", loss=1.0):
+    return [{"round": i + 1, key: a, "train_loss": loss, "bytes_up": 100, "bytes_down": 50} for i, a in enumerate(accs)]
+
+
+def test_score_by_hand():
+    rec = score_rows(_rows([0.4, 0.6, 0.5, 0.7]), SPEC, "final", classes=4)
+    assert rec["status"] == "ok" and rec["final"] == 0.7
+    assert rec["last3"] == pytest.approx((0.6 + 0.5 + 0.7) / 3) and rec["score"] == rec["last3"]
+    assert rec["rounds_to_target"] == 2 and rec["bytes"] == 600
+    assert score_rows(_rows([0.4, 0.45]), SPEC, "final", 4)["rounds_to_target"] is None
+    tune = score_rows(_rows([0.4, 0.6], key="val_accuracy"), SPEC, "tune", 4)
+    assert tune["metric"] == "val_accuracy" and tune["final"] == 0.6 and "rounds_to_target" not in tune
+
+
+def test_diverged_runs_are_named_not_dropped():
+    nan = score_rows(_rows([0.5, 0.6], loss=float("nan")), SPEC, "final", 4)
+    assert nan["status"] == "diverged" and "non-finite" in nan["reason"]
+    chance = score_rows(_rows([0.7, 0.29]), SPEC, "final", 4)  # 0.29 <= 1/4 + 0.05
+    assert chance["status"] == "diverged" and "chance" in chance["reason"]
+    assert score_rows(_rows([0.7, 0.31]), SPEC, "final", 4)["status"] == "ok"
+    summary = summarize(SPEC, [dict(chance, arm="a", phase="final", seed=0, params={}),
+                               dict(score_rows(_rows([0.7, 0.9]), SPEC, "final", 4), arm="a", phase="final", seed=1,
+                                    params={})], {"a": {}})
+    a = summary["arms"][0]
+    assert a["diverged"] == 1 and a["final"][0] == pytest.approx((0.29 + 0.9) / 2)  # it counts in the mean
+
+
+def test_interval_is_students_t():
+    mean, half = interval([0.8, 0.85, 0.9])
+    assert mean == pytest.approx(0.85)
+    assert half == pytest.approx(4.302652729 * 0.05 / math.sqrt(3), rel=1e-6)  # t(0.975, 2 df) × s / √n
+    assert interval([0.8]) == (0.8, None) and interval([]) == (None, None)
+
+
+def test_lower_is_better_for_a_loss():
+    spec = SweepSpec(name="t", metric="loss", arms={"x": {}, "y": {}})
+    assert not spec.better_high
+    recs = [dict(score_rows(_rows([v], key="eval_loss"), spec, "final", None), arm=arm, phase="final", seed=s,
+                 params={}) for arm, vals in (("x", [2.0, 2.1]), ("y", [1.0, 1.2])) for s, v in enumerate(vals)]
+    summary = summarize(spec, recs, {"x": {}, "y": {}})
+    assert [a["arm"] for a in summary["arms"]] == ["y", "x"]  # ranked by the lower mean loss
+    assert "| 1 | y |" in render(summary, spec)
+
+
+# ---------------------------------------------------------------------- bad specs: refused before anything trains
+@pytest.mark.parametrize("arms, extra, says", [
+    ({"a": {"grid": {"client.lrr": [0.1]}}}, {}, "client.lrr"),
+    ({"a": {"overrides": {"server.optimiser": "fedadam"}}}, {}, "server.optimiser"),
+    ({"a": {"grid": {"client.lr": []}}}, {}, "arms.a.grid.client.lr: an empty list"),
+    ({}, {}, "no arms"),
+    ({"a": {"grid": {"client.lr": [0.1]}}}, {"validation_fraction": 0}, "validation_fraction"),
+    ({"a": {"grid": {"client.lr": [0.1]}}}, {"search": "random"}, "budget"),
+    ({"a": {"grid": {"client.lr": [0.1, 0.2, 0.3]}}}, {"budget": 2}, "budget 2"),
+    ({"a": {"grid": {"client.lr": {"log_uniform": [0.001, 0.1]}}}}, {}, "search: random"),
+    ({"a": {}}, {"bogus": 1}, "bogus"),
+])
+def test_bad_specs_name_the_key(tiny_csv, tmp_path, arms, extra, says):
+    spec = {"name": "bad", "overrides": _spec_overrides(tiny_csv, tmp_path), "arms": arms, **extra}
+    with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
+        run_sweep(spec, out=tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()  # nothing written, nothing trained
+
+
+def test_a_validation_split_too_small_is_refused(tiny_csv, tmp_path):
+    spec = {"name": "small", "overrides": _spec_overrides(tiny_csv, tmp_path), "validation_fraction": 0.01,
+            "arms": {"a": {"grid": {"client.lr": [0.01]}}}}
+    with pytest.raises(ConfigError, match=r"validation_fraction: 0.01 .* 0 example\(s\) .* fewer than the 4 classes"):
+        run_sweep(spec, out=tmp_path / "sw")
+
+
+def test_the_cli_refuses_a_bad_spec_with_exit_2(tmp_path):
+    (tmp_path / "s.yaml").write_text("name: s\narms: {a: {grid: {client.lrr: [1]}}}\n")
+    r = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2 and "client.lrr" in r.output
+    r = CliRunner().invoke(app, ["sweep", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_random_search_draws_budget_settings_in_range(tmp_path):
+    from fedfm.tuning import Sweep
+
+    spec, base = load_spec({"name": "r", "search": "random", "budget": 5,
+                            "arms": {"a": {"grid": {"client.lr": {"log_uniform": [1e-4, 1e-2]},
+                                                    "client.optimizer": ["sgd", "adamw"]}}}})
+    settings = Sweep(spec, base, tmp_path).settings("a")
+    assert len(settings) == 5 and len({s["client.lr"] for s in settings}) == 5
+    assert all(1e-4 <= s["client.lr"] <= 1e-2 and s["client.optimizer"] in ("sgd", "adamw") for s in settings)
+    assert settings == Sweep(spec, base, tmp_path).settings("a")  # seeded by tune_seed and the arm
+
+
+# ---------------------------------------------------------------------- a whole sweep
+def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
+    """One arm tuned over two client learning rates on validation data, then the chosen one on two seeds, beside
+    an arm run as given; run again, nothing is rerun."""
+    fixed = {"federation.rounds": 3, "federation.clients_per_round": 4, "eval.per_client": False,
+             "adapter.method": "full", "client.epochs": 3}
+    spec = {"name": "tiny", "overrides": _spec_overrides(tiny_csv, tmp_path, **fixed),
+            "validation_fraction": 0.25, "target": 0.5, "seeds": [0, 1],
+            "arms": {"FedAvg": {"grid": {"client.lr": [1e-5, 0.003]}},  # 1e-5 stays at chance in 3 rounds
+                     "FedAvgM": {"overrides": {"server.optimizer": "fedavgm", "server.momentum": 0.5,
+                                               "client.lr": 0.003}}}}
+    out = tmp_path / "sw"
+    lines: list[str] = []
+    result = run_sweep(spec, out=out, parallel=2, threads=1, log=lines.append)
+    recs = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 + 2 * 2  # two tuning runs, two arms × two seeds
+    for r in recs:
+        rows = [json.loads(line) for line in (out / "runs" / r["trial"] / "metrics.jsonl").read_text().splitlines()]
+        assert r["rc"] == 0 and len(rows) == 3
+        if r["phase"] == "tune":  # scored on validation data; the test split never read
+            assert r["metric"] == "val_accuracy" and not any(k.startswith("eval_") for row in rows for k in row)
+            assert r["score"] == pytest.approx(np.mean([row["val_accuracy"] for row in rows]))
+        else:
+            assert r["metric"] == "eval_accuracy" and r["final"] == rows[-1]["eval_accuracy"]
+    tuned = {r["params"]["client.lr"]: r for r in recs if r["phase"] == "tune"}
+    assert tuned[1e-5]["status"] == "diverged" and "chance" in tuned[1e-5]["reason"]  # reported, never chosen
+    assert tuned[0.003]["status"] == "ok" and tuned[0.003]["score"] > 0.5
+    assert result.chosen == {"FedAvg": {"client.lr": 0.003}, "FedAvgM": {}}
+    summary = json.loads((out / "summary.json").read_text())
+    fedavg = next(a for a in summary["arms"] if a["arm"] == "FedAvg")
+    finals = [r["final"] for r in recs if r["arm"] == "FedAvg" and r["phase"] == "final"]
+    assert fedavg["seeds"] == 2 and fedavg["final"][0] == pytest.approx(np.mean(finals))
+    assert fedavg["final"][1] == pytest.approx(12.7062047 * np.std(finals, ddof=1) / math.sqrt(2))  # t(0.975, 1 df)
+    assert (out / "curves.png").stat().st_size > 1000
+    md = (out / "summary.md").read_text()
+    assert "rounds to 0.5" in md and "| FedAvgM | as given |" in md and "client.lr=1e-05: diverged" in md
+    again: list[str] = []
+    run_sweep(spec, out=out, parallel=2, threads=1, log=again.append)
+    assert again[0] == "2 of 2 already recorded; 0 to run"
+    assert len((out / "trials.jsonl").read_text().splitlines()) == len(recs)
