@@ -283,24 +283,34 @@ class Sweep:
     # ------------------------------------------------------------------ choosing
     def chosen(self) -> dict[str, Optional[dict[str, Any]]]:
         """Per arm, the setting with the best tuning score (diverged and failed runs are never chosen; None when
-        every one did)."""
-        done = self.done()
+        every one did, or while a tuning run has no record yet)."""
+        recorded = {r["trial"]: r for r in self.records}  # the last record of each run, failed ones too
         out = {}
         for arm in self.spec.arms:
             best, best_score = None, None
-            for p in self.settings(arm):
-                t = self.trial(arm, "tune", self.spec.tune_seed, p)
-                r = done.get(t.id)
-                if not self.spec.arms[arm].grid:
-                    best = p
-                    break
-                if r is None or r["status"] != "ok" or r.get("score") is None:
+            runs = [recorded.get(self.trial(arm, "tune", self.spec.tune_seed, p).id) for p in self.settings(arm)]
+            if not self.spec.arms[arm].grid:
+                out[arm] = {}
+                continue
+            if any(r is None for r in runs):  # still tuning: no choice yet
+                out[arm] = None
+                continue
+            for p, r in zip(self.settings(arm), runs):
+                if r["status"] != "ok" or r.get("score") is None:
                     continue
                 s = r["score"] if self.spec.better_high else -r["score"]
                 if best_score is None or s > best_score:
                     best, best_score = p, s
             out[arm] = best
         return out
+
+    def pending(self) -> set[str]:
+        """The arms with a tuning run or a final run not yet recorded."""
+        done = self.done()
+        chosen = self.chosen()
+        todo = [t for t in self.tuning_trials() if t.id not in done]
+        todo += [t for t in self.final_trials(chosen) if t.id not in done]
+        return {t.arm for t in todo}
 
 
 def _version() -> str:
@@ -378,7 +388,7 @@ def interval(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     return mean, half
 
 
-def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict]) -> dict:
+def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pending: frozenset = frozenset()) -> dict:
     """Per arm: the chosen setting, its tuning runs, and mean ± 95% interval over the seeds of the final metric,
     the last-3 mean, rounds to target, bytes; the arms ranked by the mean final metric."""
     arms = []
@@ -387,7 +397,7 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict]) -> 
                   and r["seed"] in spec.seeds]
         finals = list({r["seed"]: r for r in finals}.values())  # the last record of each seed
         tuning = [r for r in records if r["arm"] == arm and r["phase"] == "tune"]
-        row: dict[str, Any] = {"arm": arm, "setting": chosen.get(arm), "seeds": len(finals),
+        row: dict[str, Any] = {"arm": arm, "setting": chosen.get(arm), "seeds": len(finals), "pending": arm in pending,
                                "diverged": sum(r["status"] == "diverged" for r in finals),
                                "failed": sum(r["status"] == "failed" for r in finals),
                                "tuning": [{"params": r["params"], "score": r.get("score"), "status": r["status"],
@@ -437,14 +447,17 @@ def render(summary: dict, spec: SweepSpec) -> str:
     cols += ["MB (up + down)", "diverged", "inside the best's interval"]
     lines = [f"| rank | arm | setting | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for i, a in enumerate(summary["arms"], 1):
-        setting = ("no setting: every tuning run diverged or failed" if a["setting"] is None else
+        setting = ("not finished" if a["pending"] and a["setting"] is None else
+                   "no setting: every tuning run diverged or failed" if a["setting"] is None else
                    ", ".join(f"{k}={_short(v)}" for k, v in a["setting"].items()) or "as given")
         cells = [_pm(a["final"]), _pm(a["last3"])] + [_pm(a[n]) for n in spec.report]
         if spec.target is not None:
             cells.append(f"{_pm(a['rounds_to_target'], digits=1)} ({a['reached']}/{a['seeds']})")
         cells += [_pm(a["bytes"], 1e-6, 1), f"{a['diverged']}/{a['seeds']}",
-                  {None: "—", True: "yes", False: "no"}[a["overlaps_best"]] if i > 1 else "best"]
-        lines.append(f"| {i} | {a['arm']} | {setting} | " + " | ".join(cells) + " |")
+                  "best" if i == 1 and a["final"][0] is not None else
+                  {None: "—", True: "yes", False: "no"}[a["overlaps_best"]]]
+        arm = a["arm"] + (f" ({a['seeds']} of {len(spec.seeds)} seeds so far)" if a["pending"] and a["seeds"] else "")
+        lines.append(f"| {i} | {arm} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", f"Mean ± half-width of the 95% interval (Student's t) over seeds {spec.seeds}; "
               f"{'higher' if spec.better_high else 'lower'} is better. Settings chosen by the mean validation "
               f"{m} of the last {LAST} rounds (seed {spec.tune_seed}).", ""]
@@ -463,37 +476,52 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def draw_curves(summary: dict, spec: SweepSpec, ax) -> bool:
+    """Onto ``ax``: the mean eval_<metric> per round of every arm with its 95% band; whether anything was drawn."""
+    drawn = False
+    for a in summary["arms"]:
+        pts = [(int(k), v[0], v[1]) for k, v in a["curve"].items() if v[0] is not None]
+        if not pts:
+            continue
+        pts.sort()
+        x = [p[0] for p in pts]
+        y = np.array([p[1] for p in pts])
+        h = np.array([p[2] if p[2] is not None else 0.0 for p in pts])
+        ax.plot(x, y, label=a["arm"], lw=1.2)
+        ax.fill_between(x, y - h, y + h, alpha=0.12)
+        drawn = True
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"test {spec.metric}")
+    ax.grid(alpha=0.3)
+    return drawn
+
+
 def plot(summary: dict, spec: SweepSpec, path: Path) -> Optional[Path]:
-    """Mean eval_<metric> per round of every arm with its 95% band."""
+    """``curves.png``: the mean curves with their 95% bands."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = False
-    for a in summary["arms"]:
-        pts = [(k, v[0], v[1]) for k, v in sorted(a["curve"].items(), key=lambda kv: int(kv[0])) if v[0] is not None]
-        if not pts:
-            continue
-        x = [int(p[0]) for p in pts]
-        y = np.array([p[1] for p in pts])
-        h = np.array([p[2] if p[2] is not None else 0.0 for p in pts])
-        ax.plot(x, y, label=a["arm"])
-        ax.fill_between(x, y - h, y + h, alpha=0.15)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"test {spec.metric}")
-    ax.set_title(f"{spec.name}: mean over {len(spec.seeds)} seeds, 95% bands")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    drawn = draw_curves(summary, spec, ax)
+    if drawn:
+        ax.set_title(f"{spec.name}: mean over seeds {spec.seeds}, 95% bands")
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return path if drawn else None
+
+
+def load_summary(spec: Union[str, Path], out: Union[str, Path]) -> tuple[SweepSpec, dict]:
+    """(the spec, its summary) from the records in ``out`` so far, without running anything."""
+    parsed, base = load_spec(spec)
+    sweep = Sweep(parsed, base, Path(out))
+    trials = sweep.out / "trials.jsonl"
+    if trials.exists():
+        sweep.records = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+    return parsed, summarize(parsed, sweep.records, sweep.chosen(), frozenset(sweep.pending()))
 
 
 # ---------------------------------------------------------------------- the entry point
@@ -554,7 +582,7 @@ def run_sweep(spec: Union[str, Path, dict], out: Optional[Union[str, Path]] = No
 
 
 def write_summary(sweep: Sweep, chosen: dict[str, dict]) -> SweepResult:
-    summary = summarize(sweep.spec, sweep.records, chosen)
+    summary = summarize(sweep.spec, sweep.records, chosen, frozenset(sweep.pending()))
     (sweep.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (sweep.out / "summary.md").write_text(render(summary, sweep.spec))
     plot(summary, sweep.spec, sweep.out / "curves.png")
