@@ -445,7 +445,7 @@ def render(summary: dict, spec: SweepSpec) -> str:
     if spec.target is not None:
         cols.append(f"rounds to {spec.target:g}")
     cols += ["MB (up + down)", "diverged", "inside the best's interval"]
-    lines = [f"| rank | arm | setting | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    lines = ["| rank | arm | setting | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for i, a in enumerate(summary["arms"], 1):
         setting = ("not finished" if a["pending"] and a["setting"] is None else
                    "no setting: every tuning run diverged or failed" if a["setting"] is None else
