@@ -208,3 +208,14 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
     run_sweep(spec, out=out, parallel=2, threads=1, log=again.append)
     assert again[0] == "2 of 2 already recorded; 0 to run"
     assert len((out / "trials.jsonl").read_text().splitlines()) == len(recs)
+
+
+def test_the_cli_checks_a_spec_without_training(tiny_csv, tmp_path):
+    spec = {"name": "ok", "overrides": _spec_overrides(tiny_csv, tmp_path), "validation_fraction": 0.25,
+            "arms": {"FedAvg": {"grid": {"client.lr": [0.01, 0.03]}}, "FedProx": {"overrides": {
+                "client.algorithm": "fedprox"}}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    r = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--check", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 0, r.output
+    assert "every setting of every arm is a valid config" in r.output
+    assert not (tmp_path / "sw").exists()

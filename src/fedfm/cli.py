@@ -276,14 +276,15 @@ def sweep_cmd(
 
     try:
         result = api.sweep(spec, out, parallel=parallel, threads=threads, check_only=check,
-                           log=lambda m: console.print(m, markup=False, highlight=False))
+                           log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     except FedfmError as e:
         _fail(e)
         return
     if result is None:
-        console.print(f"{spec}: every setting of every arm is a valid config; the validation splits can be scored")
+        console.print(f"{spec}: every setting of every arm is a valid config; the validation splits can be scored",
+                      markup=False, soft_wrap=True)
         return
-    console.print((result.out / "summary.md").read_text(), markup=False, highlight=False)
+    console.print((result.out / "summary.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"sweep directory: [bold]{escape(str(result.out))}[/bold] (trials.jsonl, summary.md, curves.png)")
 
 
