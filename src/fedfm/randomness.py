@@ -42,6 +42,7 @@ _ALL_MODES = frozenset({"none", "client", "sample"})
 PURPOSES: dict[str, Purpose] = {
     "data_split": Purpose(1, what="the held-out split of the data"),
     "local_split": Purpose(2, what="each client's local test split"),
+    "sweep_settings": Purpose(43, what="the settings a random-search sweep draws for an arm (fedfm sweep)"),
     "validation_split": Purpose(35, what="each client's validation split of its training examples"),
     "client_sample": Purpose(3, frozenset({"client"}), what="the clients a synchronous round samples"),
     "client_task": Purpose(4, style="derive", what="a sampled client's training seed (dropout, batch order)"),

@@ -138,7 +138,9 @@ class Sweep:
             if self.spec.budget is not None and len(points) > self.spec.budget:
                 raise ConfigError(f"arms.{arm}.grid: {len(points)} settings, more than budget {self.spec.budget}")
             return points
-        rng = np.random.default_rng([self.spec.tune_seed, int(hashlib.sha1(arm.encode()).hexdigest()[:8], 16)])
+        from .randomness import Randomness
+
+        rng = Randomness(self.spec.tune_seed).rng("sweep_settings", int(hashlib.sha1(arm.encode()).hexdigest()[:8], 16))
         out = []
         for _ in range(self.spec.budget):
             out.append({k: (v.draw(rng) if isinstance(v, Range) else v[int(rng.integers(len(v)))])
