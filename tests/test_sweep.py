@@ -74,6 +74,18 @@ def test_the_rows_score_the_validation_splits_and_not_the_test_split(tiny_config
     assert math.isfinite(row["val_loss"])
 
 
+def test_where_validation_splits_are_not_scored_they_are_refused(tiny_config):
+    from fedfm.deploy import check_config
+
+    with pytest.raises(ConfigError, match=r"deployment: partition\.validation_fraction"):
+        check_config(tiny_config(**{"partition.validation_fraction": 0.2}))
+    stages = [{"name": "a", "classes": ["money", "music"], "rounds": 1}, {"name": "b", "classes": ["sport", "tech"], "rounds": 1}]
+    with pytest.raises(ConfigError, match=r"partition\.validation_fraction: the validation splits are scored in a "
+                                          r"simulation of one shared model"):
+        prepare(tiny_config(**{"partition.validation_fraction": 0.2, "continual.stages": stages,
+                               "partition.method": "iid"}))
+
+
 # ---------------------------------------------------------------------- scoring one run
 SPEC = SweepSpec(name="t", target=0.5, arms={"a": {}})
 
