@@ -79,7 +79,8 @@ def test_where_validation_splits_are_not_scored_they_are_refused(tiny_config):
 
     with pytest.raises(ConfigError, match=r"deployment: partition\.validation_fraction"):
         check_config(tiny_config(**{"partition.validation_fraction": 0.2}))
-    stages = [{"name": "a", "classes": ["money", "music"], "rounds": 1}, {"name": "b", "classes": ["sport", "tech"], "rounds": 1}]
+    stages = [{"name": "a", "classes": ["money", "music"], "rounds": 1},
+              {"name": "b", "classes": ["sport", "tech"], "rounds": 1}]
     with pytest.raises(ConfigError, match=r"partition\.validation_fraction: the validation splits are scored in a "
                                           r"simulation of one shared model"):
         prepare(tiny_config(**{"partition.validation_fraction": 0.2, "continual.stages": stages,
