@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedfm.client import ClientResult
+from fedfm.display import Display
 from fedfm.server import sample_clients, worst_fraction_mean
 from fedfm.simulation import Simulation, prepare
 from fedfm.tracking import RunDir
@@ -198,3 +199,107 @@ def test_building_a_simulation_writes_nothing_into_its_run_directory(tiny_config
     Simulation(prepare(tiny_config(**{"output.dir": str(rd.path), "client.algorithm": "scaffold",
                                       "client.optimizer": "sgd"})), rd)
     assert not rd.path.exists()
+
+
+# ---------------------------------------------------------------------------------------------- federation.byte_budget
+class _Said(Display):
+    """A display that keeps the run's messages."""
+
+    def __init__(self):
+        self.said: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.said.append(text)
+
+
+def _round_bytes(tiny_config) -> int:
+    """One round's bytes up + down of the tiny config (2 clients of 4, fp32 both ways): every round the same."""
+    _, rows = _run(tiny_config(**{"federation.rounds": 2}))
+    sizes = {r["bytes_up"] + r["bytes_down"] for r in rows if r["round"]}
+    assert len(sizes) == 1 and rows[-1]["bytes_total"] == 2 * sizes.pop() == 2 * (rows[0]["bytes_up"] * 2)
+    return rows[0]["bytes_up"] + rows[0]["bytes_down"]
+
+
+@pytest.mark.parametrize("rounds_in_budget", [1.5, 2.0, 3.7])
+def test_a_byte_budget_stops_the_run_within_it_and_scores_the_last_round(tiny_config, tmp_path, rounds_in_budget):
+    """With rounds of R bytes, a budget of b·R runs floor(b) rounds, never more bytes than the budget; the last round
+    is evaluated although eval.every would not (round 1: found only once its bytes are known; later: foreseen, so its
+    clients' federated scores come too), its score is the final model's, and the adapter is written."""
+    R = _round_bytes(tiny_config)
+    budget = int(rounds_in_budget * R)
+    said = _Said()
+    cfg = tiny_config(**{"federation.rounds": 6, "federation.byte_budget": budget, "eval.every": 5,
+                         "eval.federated": True, "partition.local_test_fraction": 0.2,
+                         "output.dir": str(tmp_path / "r")})
+    rd = RunDir(tmp_path / "r")
+    rd.create(overwrite=False)
+    server = Simulation(prepare(cfg), rd, said)
+    rows = server.run()
+    n = int(rounds_in_budget)
+    assert [r["round"] for r in rows] == list(range(1, n + 1))
+    assert [r["bytes_total"] for r in rows] == [R * k for k in range(1, n + 1)]
+    assert rows[-1]["bytes_total"] <= budget
+    assert "eval_accuracy" in rows[-1] and all("eval_accuracy" not in r for r in rows[:-1])
+    assert ("fed_accuracy" in rows[-1]) == (n > 1)  # foreseen from round 2 on: the clients scored it as well
+    assert rows[-1]["eval_accuracy"] == server.evaluate(n)["eval_accuracy"]  # the model at the end
+    assert (tmp_path / "r" / "adapter" / "adapter_config.json").exists()
+    why = [m for m in said.said if "byte budget" in m]
+    assert len(why) == 1 and f"federation.byte_budget={budget:,}" in why[0] and f"after round {n} of 6" in why[0]
+    assert [json.loads(x)["round"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, n + 1))
+
+
+def test_a_byte_budget_that_fits_every_round_changes_nothing(tiny_config):
+    R = _round_bytes(tiny_config)
+    free, rows = _run(tiny_config(**{"federation.rounds": 3}))
+    capped, capped_rows = _run(tiny_config(**{"federation.rounds": 3, "federation.byte_budget": 3 * R}))
+    assert [r["round"] for r in capped_rows] == [1, 2, 3] and capped_rows[-1]["bytes_total"] == 3 * R
+    assert torch.equal(free.global_flat, capped.global_flat)
+
+
+def test_a_byte_budget_smaller_than_one_round_is_refused_naming_the_key(tiny_config, tmp_path):
+    from fedfm.errors import ConfigError
+
+    R = _round_bytes(tiny_config)
+    cfg = tiny_config(**{"federation.byte_budget": R - 1, "output.dir": str(tmp_path / "r")})
+    rd = RunDir(tmp_path / "r")
+    rd.create(overwrite=False)
+    with pytest.raises(ConfigError, match=rf"federation\.byte_budget={R - 1:,} bytes is smaller than one round: "
+                                          rf"round 1 sent {R:,} bytes"):
+        Simulation(prepare(cfg), rd).run()
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # the round over the budget is not logged
+    assert not rd.list_checkpoints()
+
+
+def test_a_byte_budget_run_resumes_from_its_count(tiny_config, tmp_path):
+    """Interrupted after round 2 and resumed, a run stops where an uninterrupted one does (the total is in the
+    checkpoint, or counted from metrics.jsonl for a checkpoint without it), with the same model; resumed again
+    with more rounds, it runs none and says why."""
+    import fedfm
+
+    R = _round_bytes(tiny_config)
+    over = {"federation.rounds": 6, "federation.byte_budget": int(3.5 * R), "eval.every": 5}
+    full = fedfm.run(tiny_config(**{**over, "output.dir": str(tmp_path / "full")}), report=False)
+    assert [r["round"] for r in full.rows] == [1, 2, 3]
+
+    for old_checkpoint in (False, True):
+        part = tmp_path / f"part{old_checkpoint}"
+        fedfm.run(tiny_config(**{**over, "federation.rounds": 2, "output.dir": str(part)}), report=False)
+        if old_checkpoint:  # written before the count was kept
+            for path in RunDir(part).list_checkpoints():
+                ck = torch.load(path, weights_only=True)
+                del ck["bytes"]
+                torch.save(ck, path)
+        said = _Said()
+        resumed = fedfm.resume(part, {"federation.rounds": 6}, display=said, report=False)
+        assert [r["round"] for r in resumed.rows] == [1, 2, 3]
+        assert resumed.rows[-1]["bytes_total"] == 3 * R and "eval_accuracy" in resumed.rows[-1]
+        assert resumed.rows[-1]["eval_accuracy"] == full.rows[-1]["eval_accuracy"]
+        ours, theirs = (torch.load(RunDir(d).list_checkpoints()[-1], weights_only=True) for d in (part, full.run_dir))
+        assert torch.equal(ours["global"], theirs["global"])
+        assert any("stopping after round 3 of 6" in m for m in said.said)
+
+        said = _Said()
+        again = fedfm.resume(part, {"federation.rounds": 8}, display=said, report=False)
+        assert [r["round"] for r in again.rows] == [1, 2, 3]
+        assert any("byte budget reached: round 4" in m and "stopping after round 3 of 8" in m for m in said.said)

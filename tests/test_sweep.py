@@ -230,5 +230,5 @@ def test_the_cli_checks_a_spec_without_training(tiny_csv, tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     r = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--check", "--out", str(tmp_path / "sw")])
     assert r.exit_code == 0, r.output
-    assert "every setting of every arm is a valid config" in r.output
+    assert "every setting of every arm is a valid config and the validation splits" in r.output
     assert not (tmp_path / "sw").exists()

@@ -281,8 +281,8 @@ def sweep_cmd(
         _fail(e)
         return
     if result is None:
-        console.print(f"{spec}: every setting of every arm is a valid config; the validation splits can be scored",
-                      markup=False, soft_wrap=True)
+        console.print(f"{spec}: every setting of every arm is a valid config and the validation splits (if any "
+                      "arm is tuned) can be scored; nothing was trained", markup=False, soft_wrap=True)
         return
     console.print((result.out / "summary.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"sweep directory: [bold]{escape(str(result.out))}[/bold] (trials.jsonl, summary.md, curves.png)")

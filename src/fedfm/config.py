@@ -204,6 +204,7 @@ class FederationConfig(Section):
     buffer_size: int = Field(5, ge=1)  # fedbuff: K results per server step
     concurrency: int = Field(10, ge=1)  # fedbuff: clients training at once
     staleness_exponent: float = Field(0.5, ge=0)  # fedbuff: weight (1 + τ)^(−a); 0 ignores staleness
+    byte_budget: Optional[int] = Field(None, ge=1)  # bytes up + down over the run: stop before a round would exceed it
 
     @model_validator(mode="after")
     def _fraction(self) -> "FederationConfig":

@@ -122,18 +122,31 @@ class Federation:
             row = {"round": 0, **self.evaluate(0), "wall_s": time.perf_counter() - t0}
             server.log(row)
             rows.append(row)
-        for rnd in range(server.start_round, cfg.federation.rounds + 1):
+        budget, last = server.bytes, cfg.federation.rounds
+        why = budget.why_stop(server.start_round - 1, last) if server.start_round > 1 else None
+        if why is not None:  # resumed after the budget stopped it (with more federation.rounds, say)
+            self.display.message(why)
+        for rnd in range(server.start_round, last + 1 if why is None else server.start_round):
             if server.privacy_spent(rnd):
                 break
             server._all_crashed = False
+            # the byte budget's last round, when the estimate already says so: evaluated with the round's clients
+            server.last_round = rnd if budget.largest and not budget.fits(2) else None
             row = self.run_round(rnd)
             if server._all_crashed and server.global_version == 0 and server.start_round == 1:
                 server.log(row)
                 first = row["dropped"][0]["error"] if row.get("dropped") else "unknown error"
                 raise ClientFailure(f"round {rnd}: every sampled client raised an error before any update was "
                                     f"aggregated, e.g. {first}; stopping (metrics.jsonl lists each client's error)")
+            budget.count(rnd, row, first=rnd == 1)  # bytes_total; a budget smaller than round 1 is refused
+            why = budget.why_stop(rnd, last)
+            if why is not None and cfg.eval.every and not server.evaluation_due(rnd):
+                row.update(self.evaluate(rnd))  # the last round runs evaluated, whatever eval.every says
             server.end_round(rnd, row)
             rows.append(row)
+            if why is not None:
+                self.display.message(why)
+                break
         if rows:
             self._after_rounds(rows)
         if self.run_dir is not None:
@@ -171,6 +184,8 @@ def begin(fed: Federation, run_dir, ck: Optional[dict[str, Any]], resume: bool, 
         if note:
             warn(note)
         run_dir.truncate_metrics(ck["round"] if ck is not None else -1)
+        if not fed.server.bytes.known:  # a checkpoint from before the byte count was kept: count the rows
+            fed.server.bytes.from_rows(run_dir.read_metrics())
     else:
         run_dir.create(overwrite=overwrite)
         run_dir.write_config(fed.cfg.to_yaml())

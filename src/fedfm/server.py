@@ -16,6 +16,7 @@ import torch
 
 from .aggregation import Updates
 from .aggregation.chain import UpdateCheck, build_chain
+from .budget import ByteCount
 from .client import CLIENT_ALGORITHMS, ClientResult
 from .compression import make_codec, make_downlink
 from .display import Display
@@ -112,6 +113,8 @@ class Server:
         self._payload_cache: dict = {}
         self.start_round = 1
         self._all_crashed = False
+        self.bytes = ByteCount(cfg.federation.byte_budget)  # bytes up + down so far, against federation.byte_budget
+        self.last_round: Optional[int] = None  # a round known in advance to be the last (the byte budget's)
 
     def _privacy(self, mechanism, sample_dp, n: int) -> None:
         """What the run says of its privacy: client-level DP-FedAvg's accountant, sample-level DP-SGD (what each
@@ -158,7 +161,7 @@ class Server:
     def _stateful_parts(self) -> dict[str, Any]:
         """Each checkpoint key and the part whose ``state_dict`` it holds (the aggregation chain's state, a nested
         dict already, is under "aggregation"): the keys are named here only."""
-        return {"client_algorithm": self.algo_server, **self.parts}
+        return {"client_algorithm": self.algo_server, "bytes": self.bytes, **self.parts}
 
     def checkpoint_state(self, rnd: int) -> dict[str, Any]:
         return {"round": rnd, "names": self.spec.names, "global": self.global_flat.clone(),
@@ -209,9 +212,9 @@ class Server:
         return out
 
     def evaluation_due(self, rnd: int) -> bool:
-        """``eval.every`` rounds, and the last one."""
+        """``eval.every`` rounds, and the last one (``federation.rounds``, or the last the byte budget leaves)."""
         every = self.cfg.eval.every
-        return bool(every) and (rnd % every == 0 or rnd == self.cfg.federation.rounds)
+        return bool(every) and (rnd % every == 0 or rnd in (self.cfg.federation.rounds, self.last_round))
 
     def federated_due(self, rnd: int) -> bool:
         """Whether the round's clients also score the global model on their own test splits (eval.federated)."""

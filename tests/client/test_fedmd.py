@@ -205,6 +205,7 @@ def test_the_public_set_is_carved_before_partitioning_and_is_no_clients_data(mak
     ({"server.optimizer": "fedadam"}, "server.optimizer"),
     ({"federation.schedule": "fedbuff", "federation.buffer_size": 2}, "federation.schedule"),
     ({"adapter.personal": ["classifier"]}, "adapter.personal"),
+    ({"federation.byte_budget": 10**6}, "federation.byte_budget"),
     ({"transfer.public_fraction": 0.5, "data.test_fraction": 0.5}, "transfer.public_fraction"),
 ])
 def test_what_fedmd_cannot_do_is_refused_at_config_time_naming_the_key(make_cfg, monkeypatch, extra, key):

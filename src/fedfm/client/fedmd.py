@@ -94,6 +94,9 @@ def check_transfer(cfg) -> None:
     for key, (value, ok, why) in refused.items():
         if value != ok:
             raise ValueError(f"{name} with {key} {value!r}: {why}; use {key}={str(ok).lower()}")
+    if cfg.federation.byte_budget is not None:
+        raise ValueError(f"{name} with federation.byte_budget {cfg.federation.byte_budget}: fedfm.hetero's rounds do "
+                         f"not stop on a byte budget; leave it unset (federation.rounds bounds the run)")
     for key, codec in (("codec.name", cfg.codec.name), ("codec.downlink", cfg.codec.downlink)):
         if codec is not None and codec not in CASTS:
             raise ValueError(f"{name} sends logits cast to {', '.join(CASTS)}; {key} {codec!r} is not one "
