@@ -196,6 +196,22 @@ def test_references_come_from_the_held_out_set_only_whatever_split_the_data_came
     assert all(r["rougeL"] == 1 for r in pooled)
 
 
+def test_exact_match_is_also_scored_on_short_answers_alone(tokenizer, monkeypatch):
+    from fedfm.tasks import instruction
+
+    qa = [("capital of france?", "Paris."), ("say hi", "hello there"), ("tell a story", "once upon a time there was")]
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in qa]
+    task = _task(tokenizer, CHATML)
+    task.encode(_examples(convs))
+    monkeypatch.setattr(instruction, "generate_text", lambda model, tok, prompts, *a, **k: [
+        {"capital of france?": "paris", "say hi": "hi", "tell a story": "once upon a time there was"}[
+            next(q for q, _ in qa if q in p)] for p in prompts])
+    metrics, records = task.generate(None, np.arange(3))
+    assert [r["short_answer"] for r in records] == [True, True, False]  # 1 and 2 words; 6 words
+    assert metrics["exact_match"] == pytest.approx(2 / 3)  # "paris" and the story
+    assert metrics["exact_match_short"] == pytest.approx(1 / 2) and metrics["short_answers"] == 2
+
+
 def test_exact_match_normalisation():
     assert normalize_answer("The Sky is  blue!") == normalize_answer("sky is blue")
     assert normalize_answer("Paris") != normalize_answer("Lyon")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import TASKS, _need_tokenizer, _pad_rows
 from .causal import CausalLM
 
+SHORT_ANSWER_WORDS = 3  # exact match means something only where an answer is this short (after normalisation)
 FALLBACK_HEADERS = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 
 
@@ -140,7 +141,9 @@ class InstructionTuning(CausalLM):
     @torch.no_grad()
     def generate(self, model, indices: np.ndarray, pool: np.ndarray | None = None
                  ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Greedy answers to the prompts of ``indices``; mean exact match and ROUGE-L F1 (best over references).
+        """Greedy answers to the prompts of ``indices``; mean exact match and ROUGE-L F1 (best over references), and
+        exact match over the prompts whose shortest reference has at most ``SHORT_ANSWER_WORDS`` words
+        (``exact_match_short``, ``short_answers`` of them), where an exact answer can be expected.
 
         A prompt's references are the answers to it among ``pool`` (the held-out set; default ``indices``) only,
         so that no answer seen in training is a reference, whatever split the data came with."""
@@ -162,13 +165,19 @@ class InstructionTuning(CausalLM):
                 refs = held.get(self.prompts[j], [self.answers[j]])
                 em = max(float(normalize_answer(answer) == normalize_answer(r)) for r in refs)
                 rl = max(scorer.score(r, answer)["rougeL"].fmeasure for r in refs)
+                short = min(len(normalize_answer(r).split()) for r in refs) <= SHORT_ANSWER_WORDS
                 records.append({"example": j, "question": self.questions[j], "prompt": self.prompts[j], "reference": self.answers[j],
-                                "num_references": len(refs), "generation": answer, "exact_match": em, "rougeL": rl})
+                                "num_references": len(refs), "generation": answer, "exact_match": em, "rougeL": rl,
+                                "short_answer": short})
         if not records:
             return {}, []
         records.sort(key=lambda r: r["example"])
         metrics = {"exact_match": float(np.mean([r["exact_match"] for r in records])),
                    "rougeL": float(np.mean([r["rougeL"] for r in records]))}
+        short = [r["exact_match"] for r in records if r["short_answer"]]
+        if short:  # exact match over the prompts with a short answer (a reference of at most 3 words)
+            metrics["exact_match_short"] = float(np.mean(short))
+            metrics["short_answers"] = len(short)
         return metrics, records
 
 
