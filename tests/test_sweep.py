@@ -146,9 +146,15 @@ def test_lower_is_better_for_a_loss():
     ({"a": {"grid": {"client.lr": [0.1, 0.2, 0.3]}}}, {"budget": 2}, "budget 2"),
     ({"a": {"grid": {"client.lr": {"log_uniform": [0.001, 0.1]}}}}, {}, "search: random"),
     ({"a": {}}, {"bogus": 1}, "bogus"),
+    ({"a": {}}, {"overrides": {"client.lrr": 1}}, "overrides: invalid config: unknown key 'client.lrr'"),
+    ({"a": {}}, {"base": "no-such-config"}, "base: "),
+    ({"a": {"grid": {"federation.seed": [1, 2]}}}, {}, "arms.a.grid.federation.seed: the sweep sets it"),
+    ({"a": {"overrides": {"eval.held_out": True}}}, {}, "arms.a.overrides.eval.held_out: the sweep sets it"),
 ])
 def test_bad_specs_name_the_key(tiny_csv, tmp_path, arms, extra, says):
-    spec = {"name": "bad", "overrides": _spec_overrides(tiny_csv, tmp_path), "arms": arms, **extra}
+    extra = dict(extra)
+    spec = {"name": "bad", "overrides": {**_spec_overrides(tiny_csv, tmp_path), **extra.pop("overrides", {})},
+            "arms": arms, **extra}
     with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
         run_sweep(spec, out=tmp_path / "sw")
     assert not (tmp_path / "sw").exists()  # nothing written, nothing trained

@@ -42,6 +42,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, FedfmError
 
+SWEEP_KEYS = {  # what the sweep itself sets in every run
+    "federation.seed": "tune_seed while tuning, each of seeds after",
+    "eval.held_out": "off while tuning, on after",
+    "partition.validation_fraction": "the spec's validation_fraction",
+    "output.dir": "each run's directory under the sweep's",
+}
 CHANCE_MARGIN = 0.05  # accuracy at most 1/classes + this is "at chance"
 LAST = 3  # the last evaluated rounds averaged for the tuning score and the "last-3" column
 
@@ -169,6 +175,19 @@ class Sweep:
         from . import api
 
         spec = self.spec
+        try:
+            api.load_config(self.base)
+        except FedfmError as e:
+            raise ConfigError(f"base: {e}") from None
+        try:
+            api.load_config(self.base, dict(spec.overrides))
+        except FedfmError as e:
+            raise ConfigError(f"overrides: {e}") from None
+        for where, keys in [("overrides", spec.overrides)] + [
+                (f"arms.{arm}.{part}", getattr(a, part)) for arm, a in spec.arms.items() for part in ("overrides", "grid")]:
+            owned = sorted(set(keys) & set(SWEEP_KEYS))
+            if owned:
+                raise ConfigError(f"{where}.{owned[0]}: the sweep sets it ({SWEEP_KEYS[owned[0]]})")
         for arm, a in spec.arms.items():
             for key, vals in a.grid.items():
                 if isinstance(vals, list) and not vals:
