@@ -183,8 +183,9 @@ class Sweep:
             api.load_config(self.base, dict(spec.overrides))
         except FedfmError as e:
             raise ConfigError(f"overrides: {e}") from None
-        for where, keys in [("overrides", spec.overrides)] + [
-                (f"arms.{arm}.{part}", getattr(a, part)) for arm, a in spec.arms.items() for part in ("overrides", "grid")]:
+        named = [("overrides", spec.overrides)] + [(f"arms.{arm}.{part}", getattr(a, part))
+                                                    for arm, a in spec.arms.items() for part in ("overrides", "grid")]
+        for where, keys in named:
             owned = sorted(set(keys) & set(SWEEP_KEYS))
             if owned:
                 raise ConfigError(f"{where}.{owned[0]}: the sweep sets it ({SWEEP_KEYS[owned[0]]})")
@@ -283,7 +284,8 @@ class Sweep:
             classes = len(names) if names else None
         rec = score_rows(rows, self.spec, t.phase, classes)
         rec.update(sweep=self.spec.name, trial=t.id, arm=t.arm, phase=t.phase, seed=t.seed, params=t.params,
-                   overrides=t.overrides, rc=rc, fedfm=_version(), wall_s=round(wall, 1), concurrent_runs=parallel, threads=threads,
+                   overrides=t.overrides, rc=rc, fedfm=_version(), wall_s=round(wall, 1), concurrent_runs=parallel,
+                   threads=threads,
                    date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         if rc != 0:
             tail = (self.out / "logs" / f"{t.id}.log").read_text(errors="replace")[-800:]
@@ -388,7 +390,8 @@ def score_rows(rows: list[dict], spec: SweepSpec, phase: str, classes: Optional[
         rec["status"], rec["reason"] = "diverged", "non-finite loss or metric"
     elif spec.metric == "accuracy" and classes and rec["final"] is not None and \
             rec["final"] <= 1.0 / classes + CHANCE_MARGIN:
-        rec["status"], rec["reason"] = "diverged", f"accuracy at chance ({rec['final']:.3f} <= 1/{classes} + {CHANCE_MARGIN})"
+        rec["status"] = "diverged"
+        rec["reason"] = f"accuracy at chance ({rec['final']:.3f} <= 1/{classes} + {CHANCE_MARGIN})"
     elif not evaluated:
         rec["status"], rec["reason"] = "failed", f"no {key} in the rows"
     return rec
