@@ -238,3 +238,13 @@ def test_the_cli_checks_a_spec_without_training(tiny_csv, tmp_path):
     assert r.exit_code == 0, r.output
     assert "every setting of every arm is a valid config and the validation splits" in r.output
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("spec", ["benchmarks/sweeps/algorithms-dir0.1.yaml",
+                                  "benchmarks/sweeps/algorithms-dir1.0.yaml",
+                                  "benchmarks/boards/chatterbot-cpu.yaml", "benchmarks/boards/chatterbot-gpu.yaml"])
+def test_the_shipped_specs_check(spec):
+    """The specs behind docs/algorithms.md and the instruction-tuning board: every setting a valid config."""
+    from pathlib import Path
+
+    assert run_sweep(Path(__file__).resolve().parents[1] / spec, check_only=True) is None
