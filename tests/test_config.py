@@ -250,3 +250,19 @@ def test_a_config_file_with_control_characters_is_one_line(tmp_path):
     path.write_bytes(b"name: a\x01b\n")
     msg = _error(name=str(path))
     assert str(path) in msg and "unacceptable character" in msg and "\n" not in msg
+
+
+def test_server_momentum_and_lr_defaults_per_optimizer():
+    """fedavgm: β 0.5 and η = 1 − β (β 0.9 at η 1, the old default, fell to chance on BBC News Dirichlet(0.1):
+    benchmarks/results/sweeps/algorithms-dir0.1); nesterov: DiLoCo's μ 0.9, η 0.7; an explicit value is kept."""
+    from fedfm.config import load_config
+
+    def server(*ov):
+        s = load_config("bbc-lora", list(ov)).server
+        return s.lr, s.momentum
+
+    assert server("server.optimizer=fedavgm") == (0.5, 0.5)
+    assert server("server.optimizer=fedavgm", "server.momentum=0.9") == (0.1, 0.9)
+    assert server("server.optimizer=fedavgm", "server.lr=1.0") == (1.0, 0.5)
+    assert server("server.optimizer=nesterov") == (0.7, 0.9)
+    assert server("server.optimizer=fedadam")[0] == 0.01

@@ -253,7 +253,7 @@ class ServerConfig(Section):
     aggregator: str = "fedavg"
     optimizer: str = "fedavg"  # fedavg | fedavgm | nesterov | fedadam | fedyogi | fedadagrad
     lr: Optional[float] = Field(None, gt=0)  # server learning rate η; default per optimizer (see SERVER_LR_DEFAULTS)
-    momentum: float = Field(0.9, ge=0, lt=1)  # fedavgm β, nesterov μ
+    momentum: Optional[float] = Field(None, ge=0, lt=1)  # fedavgm β, nesterov μ; default per optimizer (below)
     beta1: float = Field(0.9, ge=0, lt=1)  # fedadam / fedyogi / fedadagrad
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity ε of Reddi et al. 2021
@@ -266,6 +266,10 @@ class ServerConfig(Section):
 
     @model_validator(mode="after")
     def _lr_default(self) -> "ServerConfig":
+        if self.momentum is None:
+            self.momentum = SERVER_MOMENTUM_DEFAULTS.get(self.optimizer, 0.9)
+        if self.lr is None and self.optimizer == "fedavgm":  # η = 1 − β: the effective step η/(1 − β) of averaging
+            self.lr = round(1.0 - self.momentum, 12)
         if self.lr is None:
             self.lr = SERVER_LR_DEFAULTS.get(self.optimizer, 1.0)
         if self.aggregator == "norm-bound" and self.norm_bound is None:
@@ -273,10 +277,13 @@ class ServerConfig(Section):
         return self
 
 
-# η when server.lr is not given: plain averaging for fedavg/fedavgm, DiLoCo's 0.7 for nesterov, and
-# Reddi et al.'s order of magnitude for the adaptive ones (tune it on your own validation data).
-SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "nesterov": 0.7, "fedadam": 0.01, "fedyogi": 0.01,
-                      "fedadagrad": 0.01}
+# η when server.lr is not given: plain averaging for fedavg, 1 − β for fedavgm, DiLoCo's 0.7 for nesterov, and for
+# the adaptive ones the server lr the algorithm sweeps chose for LoRA on MiniLM + BBC News (docs/algorithms.md;
+# tune it on your own validation data: fedfm sweep).
+SERVER_LR_DEFAULTS = {"fedavg": 1.0, "nesterov": 0.7, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.01}
+# β / μ when server.momentum is not given: fedavgm 0.5 (measured: β 0.9 at η 1, the old default, fell to chance on
+# BBC News Dirichlet(0.1); docs/algorithms.md), nesterov DiLoCo's 0.9
+SERVER_MOMENTUM_DEFAULTS = {"fedavgm": 0.5, "nesterov": 0.9}
 
 
 class CodecConfig(Section):
