@@ -254,7 +254,8 @@ def test_a_config_file_with_control_characters_is_one_line(tmp_path):
 
 def test_server_momentum_and_lr_defaults_per_optimizer():
     """fedavgm: β 0.5 and η = 1 − β (β 0.9 at η 1, the old default, fell to chance on BBC News Dirichlet(0.1):
-    benchmarks/results/sweeps/algorithms-dir0.1); nesterov: DiLoCo's μ 0.9, η 0.3 (tuned); an explicit value is kept."""
+    benchmarks/results/sweeps/algorithms-dir0.1); nesterov: DiLoCo's μ 0.9, η 0.3 (tuned); an explicit value is
+    kept."""
     from fedfm.config import load_config
 
     def server(*ov):

@@ -268,7 +268,7 @@ class ServerConfig(Section):
     def _lr_default(self) -> "ServerConfig":
         if self.momentum is None:
             self.momentum = SERVER_MOMENTUM_DEFAULTS.get(self.optimizer, 0.9)
-        if self.lr is None and self.optimizer == "fedavgm":  # η = 1 − β: the effective step η/(1 − β) of averaging
+        if self.lr is None and self.optimizer == "fedavgm":  # η = 1 − β: the step η/(1 − β) of averaging
             self.lr = round(1.0 - self.momentum, 12)
         if self.lr is None:
             self.lr = SERVER_LR_DEFAULTS.get(self.optimizer, 1.0)
