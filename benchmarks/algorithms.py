@@ -58,17 +58,50 @@ def render() -> None:
              "and `-dir1.0.yaml`, run by `fedfm sweep`), then `--render`; every run's JSON line is in "
              "`benchmarks/results/sweeps/algorithms-*/trials.jsonl`.", ""]
     fig, axes = plt.subplots(1, len(SWEEPS), figsize=(13, 5), sharey=True)
+    drawn = False
     for ax, (key, title) in zip(axes, SWEEPS.items()):
         spec, summary = load_summary(spec_path(key), out_dir(key))
+        if any(a["pending"] for a in summary["arms"]):  # a table of dashes says nothing: say how far it is
+            lines += [f"**{title}**: in progress, {progress(key)}.", ""]
+            tuned = [a for a in summary["arms"] if a["tuning"]]  # the tuning runs recorded so far
+            lines += [f"- {a['arm']}: " + "; ".join(
+                ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()) +
+                ": " + (f"{t['score']:.3f}" if t["status"] == "ok" else t["status"]) for t in a["tuning"]) +
+                (" (chosen: " + ", ".join(f"{k}={v:g}" for k, v in a["setting"].items()) + ")" if a["setting"] else "")
+                for a in tuned]
+            if tuned and any(a["tuning"] for a in tuned):
+                lines += ["", "(validation accuracy, mean of the last 3 rounds, seed 0)", ""]
+            ax.set_visible(False)
+            continue
         lines += [f"**{title}**", "", render_table(summary, spec).rstrip(), "", inside_best(summary), ""]
-        draw_curves(summary, spec, ax)
+        drawn = draw_curves(summary, spec, ax) or drawn
         ax.set_title(f"{title}: mean of 3 seeds, 95% bands")
-    axes[0].legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    if drawn:
+        axes[0].legend(fontsize=7, ncol=2, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(PLOT, dpi=110)
+        lines.append("![mean test accuracy per round, 95% bands](algorithms.png)")
     plt.close(fig)
-    lines.append("![mean test accuracy per round, 95% bands](algorithms.png)")
     write_block(DOC, "table:algorithms", lines)
+
+
+def progress(key: str) -> str:
+    """How many of the sweep's runs are recorded."""
+    import json
+
+    from fedfm.tuning import Sweep, load_spec
+
+    spec, base = load_spec(spec_path(key))
+    sweep = Sweep(spec, base, out_dir(key))
+    trials = out_dir(key) / "trials.jsonl"
+    if trials.exists():
+        sweep.records = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+    done = sweep.done()
+    tuning = sweep.tuning_trials()
+    finals = len(spec.arms) * len(spec.seeds)
+    n_final = sum(1 for r in done.values() if r["phase"] == "final")
+    return (f"{sum(t.id in done for t in tuning)} of {len(tuning)} tuning runs and {n_final} of {finals} final runs "
+            f"recorded (`python benchmarks/algorithms.py` continues it)")
 
 
 def main() -> None:
