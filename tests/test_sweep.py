@@ -175,6 +175,24 @@ def test_the_cli_refuses_a_bad_spec_with_exit_2(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output
 
 
+def test_an_arm_without_a_grid_runs_as_given_and_a_tuned_one_waits_for_its_runs(tmp_path):
+    from fedfm.tuning import Sweep
+
+    spec, base = load_spec({"name": "g", "arms": {"given": {"overrides": {"client.lr": 0.01}},
+                                                   "tuned": {"grid": {"client.lr": [0.01, 0.02]}}}})
+    sweep = Sweep(spec, base, tmp_path)
+    assert [t.arm for t in sweep.tuning_trials()] == ["tuned", "tuned"]
+    assert sweep.chosen() == {"given": {}, "tuned": None} and sweep.pending() == {"given", "tuned"}
+    given = sweep.final_trials(sweep.chosen())
+    assert [(t.arm, t.seed) for t in given] == [("given", 0), ("given", 1), ("given", 2)]
+    assert given[0].overrides["client.lr"] == 0.01 and given[0].overrides["eval.held_out"] is True
+    ok = {"status": "ok", "phase": "tune", "arm": "tuned"}
+    sweep.records = [dict(ok, trial=t.id, score=s) for t, s in zip(sweep.tuning_trials(), (0.7, 0.8))]
+    assert sweep.chosen()["tuned"] == {"client.lr": 0.02}
+    sweep.records[1]["status"] = "diverged"  # never chosen, whatever its score
+    assert sweep.chosen()["tuned"] == {"client.lr": 0.01}
+
+
 def test_random_search_draws_budget_settings_in_range(tmp_path):
     from fedfm.tuning import Sweep
 
@@ -189,20 +207,18 @@ def test_random_search_draws_budget_settings_in_range(tmp_path):
 
 # ---------------------------------------------------------------------- a whole sweep
 def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
-    """One arm tuned over two client learning rates on validation data, then the chosen one on two seeds, beside
-    an arm run as given; run again, nothing is rerun."""
+    """One arm tuned over two client learning rates on validation data, then the chosen one on two seeds; run
+    again, nothing is rerun."""
     fixed = {"federation.rounds": 3, "federation.clients_per_round": 4, "eval.per_client": False,
              "adapter.method": "full", "client.epochs": 3}
     spec = {"name": "tiny", "overrides": _spec_overrides(tiny_csv, tmp_path, **fixed),
             "validation_fraction": 0.25, "target": 0.5, "seeds": [0, 1],
-            "arms": {"FedAvg": {"grid": {"client.lr": [1e-5, 0.003]}},  # 1e-5 stays at chance in 3 rounds
-                     "FedAvgM": {"overrides": {"server.optimizer": "fedavgm", "server.momentum": 0.5,
-                                               "client.lr": 0.003}}}}
+            "arms": {"FedAvg": {"grid": {"client.lr": [1e-5, 0.003]}}}}  # 1e-5 stays at chance in 3 rounds
     out = tmp_path / "sw"
     lines: list[str] = []
     result = run_sweep(spec, out=out, parallel=2, threads=1, log=lines.append)
     recs = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 + 2 * 2  # two tuning runs, two arms × two seeds
+    assert len(recs) == 2 + 2  # two tuning runs, then two seeds
     for r in recs:
         rows = [json.loads(line) for line in (out / "runs" / r["trial"] / "metrics.jsonl").read_text().splitlines()]
         assert r["rc"] == 0 and len(rows) == 3
@@ -214,7 +230,7 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
     tuned = {r["params"]["client.lr"]: r for r in recs if r["phase"] == "tune"}
     assert tuned[1e-5]["status"] == "diverged" and "chance" in tuned[1e-5]["reason"]  # reported, never chosen
     assert tuned[0.003]["status"] == "ok" and tuned[0.003]["score"] > 0.5
-    assert result.chosen == {"FedAvg": {"client.lr": 0.003}, "FedAvgM": {}}
+    assert result.chosen == {"FedAvg": {"client.lr": 0.003}}
     summary = json.loads((out / "summary.json").read_text())
     fedavg = next(a for a in summary["arms"] if a["arm"] == "FedAvg")
     finals = [r["final"] for r in recs if r["arm"] == "FedAvg" and r["phase"] == "final"]
@@ -222,10 +238,10 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
     assert fedavg["final"][1] == pytest.approx(12.7062047 * np.std(finals, ddof=1) / math.sqrt(2))  # t(0.975, 1 df)
     assert (out / "curves.png").stat().st_size > 1000
     md = (out / "summary.md").read_text()
-    assert "rounds to 0.5" in md and "| FedAvgM | as given |" in md and "client.lr=1e-05: diverged" in md
+    assert "rounds to 0.5" in md and "| 1 | FedAvg | client.lr=0.003 |" in md and "client.lr=1e-05: diverged" in md
     again: list[str] = []
     run_sweep(spec, out=out, parallel=2, threads=1, log=again.append)
-    assert again[0] == "2 of 2 already recorded; 0 to run"
+    assert again == ["2 of 2 already recorded; 0 to run", "2 of 2 already recorded; 0 to run"]
     assert len((out / "trials.jsonl").read_text().splitlines()) == len(recs)
 
 
