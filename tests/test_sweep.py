@@ -213,14 +213,14 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
              "adapter.method": "full", "client.epochs": 3}
     spec = {"name": "tiny", "overrides": _spec_overrides(tiny_csv, tmp_path, **fixed),
             "validation_fraction": 0.25, "target": 0.5, "seeds": [0, 1],
-            "arms": {"FedAvg": {"grid": {"client.lr": [1e-5, 0.003]}}}}  # 1e-5 stays at chance in 3 rounds
+            "arms": {"FedAvg (r/8)": {"grid": {"client.lr": [1e-5, 0.003]}}}}  # 1e-5 stays at chance in 3 rounds
     out = tmp_path / "sw"
     lines: list[str] = []
     result = run_sweep(spec, out=out, parallel=2, threads=1, log=lines.append)
     recs = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert len(recs) == 2 + 2  # two tuning runs, then two seeds
     for r in recs:
-        rows = [json.loads(line) for line in (out / "runs" / r["trial"] / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / r["run"] / "metrics.jsonl").read_text().splitlines()]
         assert r["rc"] == 0 and len(rows) == 3
         if r["phase"] == "tune":  # scored on validation data; the test split never read
             assert r["metric"] == "val_accuracy" and not any(k.startswith("eval_") for row in rows for k in row)
@@ -230,15 +230,15 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
     tuned = {r["params"]["client.lr"]: r for r in recs if r["phase"] == "tune"}
     assert tuned[1e-5]["status"] == "diverged" and "chance" in tuned[1e-5]["reason"]  # reported, never chosen
     assert tuned[0.003]["status"] == "ok" and tuned[0.003]["score"] > 0.5
-    assert result.chosen == {"FedAvg": {"client.lr": 0.003}}
+    assert result.chosen == {"FedAvg (r/8)": {"client.lr": 0.003}}  # any name: its files are named apart
     summary = json.loads((out / "summary.json").read_text())
-    fedavg = next(a for a in summary["arms"] if a["arm"] == "FedAvg")
-    finals = [r["final"] for r in recs if r["arm"] == "FedAvg" and r["phase"] == "final"]
+    fedavg = next(a for a in summary["arms"] if a["arm"] == "FedAvg (r/8)")
+    finals = [r["final"] for r in recs if r["arm"] == "FedAvg (r/8)" and r["phase"] == "final"]
     assert fedavg["seeds"] == 2 and fedavg["final"][0] == pytest.approx(np.mean(finals))
     assert fedavg["final"][1] == pytest.approx(12.7062047 * np.std(finals, ddof=1) / math.sqrt(2))  # t(0.975, 1 df)
     assert (out / "curves.png").stat().st_size > 1000
     md = (out / "summary.md").read_text()
-    assert "rounds to 0.5" in md and "| 1 | FedAvg | client.lr=0.003 |" in md and "client.lr=1e-05: diverged" in md
+    assert "rounds to 0.5" in md and "| 1 | FedAvg (r/8) | client.lr=0.003 |" in md and "client.lr=1e-05: diverged" in md
     again: list[str] = []
     run_sweep(spec, out=out, parallel=2, threads=1, log=again.append)
     assert again == ["2 of 2 already recorded; 0 to run", "2 of 2 already recorded; 0 to run"]

@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -119,6 +120,11 @@ class Trial:
     def id(self) -> str:
         key = json.dumps([self.arm, self.phase, self.seed, self.overrides], sort_keys=True, default=str)
         return f"{self.arm}-{self.phase}-s{self.seed}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+    @property
+    def slug(self) -> str:
+        """The id as a file name: an arm may be named anything ("FlexLoRA (ranks 4/8/16)")."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.id)
 
 
 @dataclass
@@ -248,12 +254,12 @@ class Sweep:
                     f", {rec['metric']} {_fmt(rec.get('final'))} in {rec['wall_s']:.0f} s")
 
     def _start(self, t: Trial, threads: Optional[int], parallel: int):
-        run_dir = self.out / "runs" / t.id
-        cfg_file = self.out / "configs" / f"{t.id}.yaml"
+        run_dir = self.out / "runs" / t.slug
+        cfg_file = self.out / "configs" / f"{t.slug}.yaml"
         cfg_file.parent.mkdir(parents=True, exist_ok=True)
         from . import api
 
-        over = dict(t.overrides, **{"output.dir": str(run_dir), "output.keep_checkpoints": 1, "name": t.id})
+        over = dict(t.overrides, **{"output.dir": str(run_dir), "output.keep_checkpoints": 1, "name": t.slug})
         if threads:
             over["runtime.threads"] = threads
         cfg_file.write_text(api.load_config(self.base, over).to_yaml())
@@ -261,14 +267,14 @@ class Sweep:
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         (self.out / "logs").mkdir(exist_ok=True)
-        log = open(self.out / "logs" / f"{t.id}.log", "w")
+        log = open(self.out / "logs" / f"{t.slug}.log", "w")
         code = "import sys, fedfm; fedfm.run(sys.argv[1], overwrite=True, report=False)"
         proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_file)], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
         return proc, time.perf_counter(), log
 
     def _record(self, t: Trial, rc: int, wall: float, parallel: int, threads: Optional[int]) -> dict:
-        run_dir = self.out / "runs" / t.id
+        run_dir = self.out / "runs" / t.slug
         rows = []
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists():
@@ -283,12 +289,12 @@ class Sweep:
             names = json.loads(part.read_text()).get("label_names")
             classes = len(names) if names else None
         rec = score_rows(rows, self.spec, t.phase, classes)
-        rec.update(sweep=self.spec.name, trial=t.id, arm=t.arm, phase=t.phase, seed=t.seed, params=t.params,
+        rec.update(sweep=self.spec.name, trial=t.id, run=f"runs/{t.slug}", arm=t.arm, phase=t.phase, seed=t.seed, params=t.params,
                    overrides=t.overrides, rc=rc, fedfm=_version(), wall_s=round(wall, 1), concurrent_runs=parallel,
                    threads=threads,
                    date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         if rc != 0:
-            tail = (self.out / "logs" / f"{t.id}.log").read_text(errors="replace")[-800:]
+            tail = (self.out / "logs" / f"{t.slug}.log").read_text(errors="replace")[-800:]
             rec["error_tail"] = tail
             if rec["status"] != "diverged":
                 nonfinite = any(w in tail.lower() for w in ("non-finite", "nan", "inf"))
