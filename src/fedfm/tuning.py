@@ -289,7 +289,8 @@ class Sweep:
             names = json.loads(part.read_text()).get("label_names")
             classes = len(names) if names else None
         rec = score_rows(rows, self.spec, t.phase, classes)
-        rec.update(sweep=self.spec.name, trial=t.id, run=f"runs/{t.slug}", arm=t.arm, phase=t.phase, seed=t.seed, params=t.params,
+        rec.update(sweep=self.spec.name, trial=t.id, run=f"runs/{t.slug}", arm=t.arm, phase=t.phase, seed=t.seed,
+                   params=t.params,
                    overrides=t.overrides, rc=rc, fedfm=_version(), wall_s=round(wall, 1), concurrent_runs=parallel,
                    threads=threads,
                    date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
