@@ -433,7 +433,7 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
                                "failed": sum(r["status"] == "failed" for r in finals),
                                "tuning": [{"params": r["params"], "score": r.get("score"), "status": r["status"],
                                            "reason": r.get("reason")} for r in tuning]}
-        for col in ("final", "last3", "bytes"):
+        for col in ("final", "last3", "bytes", "rounds"):
             row[col] = interval([r.get(col) for r in finals])
         for name in spec.report:
             vals = [r["report"][name][max(r["report"][name], key=int)] for r in finals
@@ -475,7 +475,7 @@ def render(summary: dict, spec: SweepSpec) -> str:
     cols = [f"final {m}", f"last-3 mean {m}"] + [f"final {n}" for n in spec.report]
     if spec.target is not None:
         cols.append(f"rounds to {spec.target:g}")
-    cols += ["MB (up + down)", "diverged", "inside the best's interval"]
+    cols += ["rounds", "MB (up + down)", "diverged", "inside the best's interval"]
     lines = ["| rank | arm | setting | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for i, a in enumerate(summary["arms"], 1):
         setting = ("not finished" if a["pending"] and a["setting"] is None else
@@ -484,14 +484,16 @@ def render(summary: dict, spec: SweepSpec) -> str:
         cells = [_pm(a["final"]), _pm(a["last3"])] + [_pm(a[n]) for n in spec.report]
         if spec.target is not None:
             cells.append(f"{_pm(a['rounds_to_target'], digits=1)} ({a['reached']}/{a['seeds']})")
-        cells += [_pm(a["bytes"], 1e-6, 1), f"{a['diverged']}/{a['seeds']}",
+        cells += [_pm(a["rounds"], digits=0), _pm(a["bytes"], 1e-6, 1), f"{a['diverged']}/{a['seeds']}",
                   "best" if i == 1 and a["final"][0] is not None else
                   {None: "—", True: "yes", False: "no"}[a["overlaps_best"]]]
         arm = a["arm"] + (f" ({a['seeds']} of {len(spec.seeds)} seeds so far)" if a["pending"] and a["seeds"] else "")
         lines.append(f"| {i} | {arm} | {setting} | " + " | ".join(cells) + " |")
+    chosen = (f" Settings chosen by the mean validation {m} of the last {LAST} rounds (seed {spec.tune_seed})."
+              if any(a.grid for a in spec.arms.values()) else "")
     lines += ["", f"Mean ± half-width of the 95% interval (Student's t) over seeds {spec.seeds}; "
-              f"{'higher' if spec.better_high else 'lower'} is better. Settings chosen by the mean validation "
-              f"{m} of the last {LAST} rounds (seed {spec.tune_seed}).", ""]
+              f"{'higher' if spec.better_high else 'lower'} is better; rounds: the rounds each run took (a byte "
+              f"budget may stop it early).{chosen}", ""]
     tuned = [a for a in summary["arms"] if a["tuning"]]
     if tuned:
         lines += ["Tuning runs (validation score; diverged runs are never chosen):", ""]
