@@ -87,15 +87,10 @@ def render() -> None:
 
 def progress(key: str) -> str:
     """How many of the sweep's runs are recorded."""
-    import json
-
     from fedfm.tuning import Sweep, load_spec
 
     spec, base = load_spec(spec_path(key))
-    sweep = Sweep(spec, base, out_dir(key))
-    trials = out_dir(key) / "trials.jsonl"
-    if trials.exists():
-        sweep.records = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+    sweep = Sweep(spec, base, out_dir(key)).load_records()
     done = sweep.done()
     tuning = sweep.tuning_trials()
     finals = len(spec.arms) * len(spec.seeds)

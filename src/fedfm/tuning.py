@@ -24,6 +24,7 @@ model is loaded).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import itertools
 import json
@@ -230,6 +231,13 @@ class Sweep:
                               "raise validation_fraction or use more data")
 
     # ------------------------------------------------------------------ running
+    def load_records(self) -> "Sweep":
+        """The runs already recorded in the output directory's ``trials.jsonl`` (none if it has none)."""
+        trials = self.out / "trials.jsonl"
+        if trials.exists():
+            self.records = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+        return self
+
     def done(self) -> dict[str, dict]:
         """The recorded runs by trial id; a run that failed (not diverged: an error of the run itself) is run again."""
         return {r["trial"]: r for r in self.records if r["status"] != "failed"}
@@ -343,6 +351,7 @@ class Sweep:
         return {t.arm for t in todo}
 
 
+@functools.lru_cache(maxsize=None)
 def _version() -> str:
     """fedfm's version and, in a git checkout, its commit: which code a recorded run ran."""
     from importlib.metadata import PackageNotFoundError, version
@@ -550,10 +559,7 @@ def plot(summary: dict, spec: SweepSpec, path: Path) -> Optional[Path]:
 def load_summary(spec: Union[str, Path], out: Union[str, Path]) -> tuple[SweepSpec, dict]:
     """(the spec, its summary) from the records in ``out`` so far, without running anything."""
     parsed, base = load_spec(spec)
-    sweep = Sweep(parsed, base, Path(out))
-    trials = sweep.out / "trials.jsonl"
-    if trials.exists():
-        sweep.records = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+    sweep = Sweep(parsed, base, Path(out)).load_records()
     return parsed, summarize(parsed, sweep.records, sweep.chosen(), frozenset(sweep.pending()))
 
 
@@ -605,9 +611,7 @@ def run_sweep(spec: Union[str, Path, dict], out: Optional[Union[str, Path]] = No
         return None
     sweep.out.mkdir(parents=True, exist_ok=True)
     (sweep.out / "spec.yaml").write_text(yaml.safe_dump(parsed.model_dump(mode="json"), sort_keys=False))
-    trials_file = sweep.out / "trials.jsonl"
-    if trials_file.exists():
-        sweep.records = [json.loads(line) for line in trials_file.read_text().splitlines() if line.strip()]
+    sweep.load_records()
     sweep.run_trials(sweep.tuning_trials(), parallel, threads, log)
     chosen = sweep.chosen()
     sweep.run_trials(sweep.final_trials(chosen), parallel, threads, log)
