@@ -246,6 +246,20 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
     assert len((out / "trials.jsonl").read_text().splitlines()) == len(recs)
 
 
+
+def test_a_run_past_timeout_s_is_stopped_and_recorded_failed(tiny_csv, tmp_path):
+    """A hung run must not hang the sweep: past the spec's timeout_s it is killed and recorded, and a rerun retries."""
+    spec = {"name": "late", "overrides": _spec_overrides(tiny_csv, tmp_path), "seeds": [0], "timeout_s": 1,
+            "arms": {"a": {}}}  # importing torch alone takes longer than 1 s
+    out = tmp_path / "sw"
+    run_sweep(spec, out=out, parallel=1, threads=1, log=lambda m: None)
+    [rec] = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert rec["status"] == "failed" and rec["reason"] == "timed out: still running after timeout_s 1 s"
+    assert rec["rc"] != 0 and 1 <= rec["wall_s"] < 30
+    lines: list[str] = []
+    run_sweep(spec, out=out, parallel=1, threads=1, log=lines.append)
+    assert "0 of 1 already recorded; 1 to run" in lines
+
 def test_the_cli_checks_a_spec_without_training(tiny_csv, tmp_path):
     spec = {"name": "ok", "overrides": _spec_overrides(tiny_csv, tmp_path), "validation_fraction": 0.25,
             "arms": {"FedAvg": {"grid": {"client.lr": [0.01, 0.03]}}, "FedProx": {"overrides": {

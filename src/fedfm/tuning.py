@@ -91,6 +91,7 @@ class SweepSpec(BaseModel):
     validation_fraction: float = Field(0.1, ge=0, lt=1)  # partition.validation_fraction of every run
     tune_seed: int = 0
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    timeout_s: Optional[float] = Field(None, gt=0)  # a run still going after this long is stopped, recorded failed
     arms: dict[str, Arm]
 
     @field_validator("arms")
@@ -252,11 +253,19 @@ class Sweep:
                 t = todo.pop(0)
                 running.append((t, *self._start(t, threads, parallel)))
             time.sleep(0.5)
-            for job in [j for j in running if j[1].poll() is not None]:
-                running.remove(job)
+            limit = self.spec.timeout_s
+            for job in list(running):
                 t, proc, t0, fh = job
+                late = limit is not None and proc.poll() is None and time.perf_counter() - t0 > limit
+                if late:  # a hung run must not hang the sweep: stop it and record why
+                    proc.kill()
+                    proc.wait()
+                elif proc.poll() is None:
+                    continue
+                running.remove(job)
                 fh.close()
-                rec = self._record(t, proc.returncode, time.perf_counter() - t0, parallel, threads)
+                rec = self._record(t, proc.returncode, time.perf_counter() - t0, parallel, threads,
+                                   timed_out=limit if late else None)
                 self._append(rec)
                 log(f"{t.id}: {rec['status']}" + (f" ({rec['reason']})" if rec.get("reason") else "") +
                     f", {rec['metric']} {_fmt(rec.get('final'))} in {rec['wall_s']:.0f} s")
@@ -281,7 +290,8 @@ class Sweep:
                                 env=env)
         return proc, time.perf_counter(), log
 
-    def _record(self, t: Trial, rc: int, wall: float, parallel: int, threads: Optional[int]) -> dict:
+    def _record(self, t: Trial, rc: int, wall: float, parallel: int, threads: Optional[int],
+                timed_out: Optional[float] = None) -> dict:
         run_dir = self.out / "runs" / t.slug
         rows = []
         metrics = run_dir / "metrics.jsonl"
@@ -302,7 +312,9 @@ class Sweep:
                    overrides=t.overrides, rc=rc, fedfm=_version(), wall_s=round(wall, 1), concurrent_runs=parallel,
                    threads=threads,
                    date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        if rc != 0:
+        if timed_out is not None:  # whatever rounds it logged, it did not finish: failed (a rerun tries it again)
+            rec["status"], rec["reason"] = "failed", f"timed out: still running after timeout_s {timed_out:g} s"
+        elif rc != 0:
             tail = (self.out / "logs" / f"{t.slug}.log").read_text(errors="replace")[-800:]
             rec["error_tail"] = tail
             if rec["status"] != "diverged":
