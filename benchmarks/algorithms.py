@@ -35,15 +35,23 @@ def out_dir(key: str) -> Path:
 
 
 def inside_best(summary: dict) -> str:
-    """Which arms' intervals overlap the best arm's (their difference from it is inside the intervals)."""
-    done = [a for a in summary["arms"] if a["final"][0] is not None and not a["pending"]]
-    if len(done) < 2:
-        return "Too few arms have finished to compare."
-    best = done[0]
-    inside = [a["arm"] for a in done[1:] if a["overlaps_best"]]
-    outside = [a["arm"] for a in done[1:] if a["overlaps_best"] is False]
-    return (f"Best by mean final accuracy: {best['arm']}. Inside its 95% interval (the difference is not resolved "
-            f"by 3 seeds): {', '.join(inside) or 'none'}. Outside it: {', '.join(outside) or 'none'}.")
+    """Which arms' intervals overlap the best arm's (their difference from it is inside the intervals); the
+    personalized arms are compared among themselves (another model, another test split)."""
+    out = []
+    for group, what in ((False, "global model"), (True, "personalized")):
+        done = [a for a in summary["arms"] if a["personalized"] is group and a["final"][0] is not None
+                and not a["pending"]]
+        if not done:
+            continue
+        if len(done) < 2:
+            out.append(f"Only {done[0]['arm']} is {what}." if group else "Too few arms have finished to compare.")
+            continue
+        best = done[0]
+        inside = [a["arm"] for a in done[1:] if a["overlaps_best"]]
+        outside = [a["arm"] for a in done[1:] if a["overlaps_best"] is False]
+        out.append(f"Best {what} by mean final accuracy: {best['arm']}. Inside its 95% interval (the difference is "
+                   f"not resolved by 3 seeds): {', '.join(inside) or 'none'}. Outside it: {', '.join(outside) or 'none'}.")
+    return " ".join(out) or "Too few arms have finished to compare."
 
 
 def render() -> None:

@@ -74,6 +74,26 @@ def test_the_rows_score_the_validation_splits_and_not_the_test_split(tiny_config
     assert math.isfinite(row["val_loss"])
 
 
+
+def test_with_personal_parameters_each_client_scores_its_own_model(tiny_config):
+    """FedSA-LoRA keeps lora_B on the clients: a client's validation score is its personalized model's."""
+    cfg = tiny_config(**{"partition.validation_fraction": 0.25, "eval.held_out": False, "eval.per_client": False,
+                         "federation.rounds": 2, "adapter.method": "fedsa-lora", "client.lr": 0.01})
+    sim = Simulation(prepare(cfg))
+    row = sim.run()[-1]
+    n, correct, loss, loss_global = 0, 0.0, 0.0, 0.0
+    for i, c in enumerate(sim.data.clients):  # by hand: each client's own model on its own validation split
+        own = sim.local[c.id]
+        sim._load_global()
+        loss_global += sim.task.evaluate(sim.model, own.encoded, own.val, 64)["loss"] * len(own.val)
+        sim.ctx.load_personal(i)
+        scores = sim.task.evaluate(sim.model, own.encoded, own.val, 64)
+        correct += scores["accuracy"] * len(own.val)
+        loss += scores["loss"] * len(own.val)
+        n += len(own.val)
+    assert row["val_accuracy"] == pytest.approx(correct / n) and row["val_loss"] == pytest.approx(loss / n)
+    assert abs(loss - loss_global) / n > 1e-4  # the personal lora_B changed the scores: the global model is not it
+
 def test_where_validation_splits_are_not_scored_they_are_refused(tiny_config):
     from fedfm.deploy import check_config
 
@@ -135,6 +155,26 @@ def test_lower_is_better_for_a_loss():
     assert "| 1 | y |" in render(summary, spec)
 
 
+
+def test_a_personalized_arm_is_scored_on_its_clients_own_models_and_ranked_apart():
+    from fedfm.tuning import score_key
+
+    spec = SweepSpec(name="p", arms={"g1": {}, "g2": {}, "own": {"personalized": True}})
+    assert score_key(spec, "tune", True) == "val_accuracy"
+    assert score_key(spec, "final", True) == "client_acc_personal_mean"
+    assert score_key(spec, "final", False) == "eval_accuracy"
+    rows = [{"round": 1, "eval_accuracy": 0.3, "client_acc_personal_mean": 0.95, "train_loss": 1.0}]
+    assert score_rows(rows, spec, "final", 4, personalized=True)["final"] == 0.95
+    recs = [dict(score_rows(_rows([v]) if arm != "own" else [{"round": 1, "client_acc_personal_mean": v,
+                                                               "train_loss": 1.0}], spec, "final", 4,
+                            personalized=arm == "own"), arm=arm, phase="final", seed=s, params={})
+            for arm, vals in (("g1", [0.8, 0.82]), ("g2", [0.7, 0.71]), ("own", [0.97, 0.98])) for s, v in enumerate(vals)]
+    summary = summarize(spec, recs, {"g1": {}, "g2": {}, "own": {}})
+    assert [a["arm"] for a in summary["arms"]] == ["g1", "g2", "own"]  # 0.975 does not outrank the global models
+    assert [a["best"] for a in summary["arms"]] == [True, False, True]
+    md = render(summary, spec)
+    assert "| 1 | g1 |" in md and "| 2 | g2 |" in md and "| P1 | own |" in md and "client_acc_personal_mean" in md
+
 # ---------------------------------------------------------------------- bad specs: refused before anything trains
 @pytest.mark.parametrize("arms, extra, says", [
     ({"a": {"grid": {"client.lrr": [0.1]}}}, {}, "client.lrr"),
@@ -150,6 +190,7 @@ def test_lower_is_better_for_a_loss():
     ({"a": {}}, {"base": "no-such-config"}, "base: "),
     ({"a": {"grid": {"federation.seed": [1, 2]}}}, {}, "arms.a.grid.federation.seed: the sweep sets it"),
     ({"a": {"overrides": {"eval.held_out": True}}}, {}, "arms.a.overrides.eval.held_out: the sweep sets it"),
+    ({"a": {"personalized": True}}, {}, "arms.a.personalized: its adapter .* keeps no parameters on the clients"),
 ])
 def test_bad_specs_name_the_key(tiny_csv, tmp_path, arms, extra, says):
     extra = dict(extra)

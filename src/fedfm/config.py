@@ -189,7 +189,7 @@ class PartitionConfig(Section):
     min_size: int = Field(2, ge=1)
     local_test_fraction: float = Field(0.2, ge=0, lt=1)
     # each client keeps this fraction of its training examples out of training, to score settings on (fedfm sweep);
-    # the rows then carry val_<metric>: the global model on every client's validation split, pooled
+    # the rows then carry val_<metric>: the model each client would use (global or personalized) on its own validation split, pooled
     validation_fraction: float = Field(0.0, ge=0, lt=1)
 
 

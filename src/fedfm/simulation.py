@@ -359,19 +359,26 @@ class Simulation(Federation):
         return out
 
     def evaluate_validation(self, rnd: int) -> dict[str, Any]:
-        """``val_<metric>``: the global model on every client's validation split (partition.validation_fraction), as
-        the clients would score it on their own and report; pooled, each client weighted by its validation examples
-        (``val_perplexity`` from the pooled loss). What a sweep scores its settings on: never the test split."""
+        """``val_<metric>``: the model each client would use on its own validation split (partition.
+        validation_fraction), as the clients would score it on their own and report: the global model, or with
+        personal parameters (FedSA-LoRA's lora_B, adapter.personal) the client's personalized model; pooled, each
+        client weighted by its validation examples (``val_perplexity`` from the pooled loss). What a sweep scores its
+        settings on: never the test split."""
         self._load_global()
+        personal = bool(self.personal.names)
         sums: dict[str, float] = {}
         n = 0
-        for c in self.data.clients:
+        for i, c in enumerate(self.data.clients):
             own = self.local[c.id]
             if not len(own.val):
                 continue
+            if personal:
+                self.ctx.load_personal(i)
             for k, v in self.task.evaluate(self.model, own.encoded, own.val, self.cfg.eval.batch_size).items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(own.val)
             n += len(own.val)
+        if personal:
+            self._load_global()
         out = {f"val_{k}": v / n for k, v in sums.items()}
         if "val_perplexity" in out and "val_loss" in out:
             out["val_perplexity"] = float(np.exp(min(out["val_loss"], 50.0)))

@@ -75,6 +75,11 @@ class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     overrides: dict[str, Any] = {}
     grid: dict[str, Union[list[Any], Range]] = {}
+    # a personalization method (personal parameters: FedSA-LoRA's lora_B, adapter.personal): what it delivers is each
+    # client's own model, so it is scored that way: tuned on the clients' own validation splits under their own
+    # models, and reported as client_<metric>_personal_mean (each client's model on its own test split, mean over the
+    # clients), not as the global model on the server's test split, and ranked apart from the global models
+    personalized: bool = False
 
 
 class SweepSpec(BaseModel):
@@ -165,6 +170,8 @@ class Sweep:
         ov = {**self.spec.overrides, "partition.validation_fraction": self.spec.validation_fraction,
               **self.spec.arms[arm].overrides, **params, "federation.seed": seed,
               "eval.held_out": phase == "final"}
+        if self.spec.arms[arm].personalized and phase == "final":
+            ov["eval.per_client"] = True  # the clients' own models on their own test splits
         return Trial(arm=arm, phase=phase, seed=seed, params=params, overrides=ov)
 
     def tuning_trials(self) -> list[Trial]:
@@ -214,6 +221,13 @@ class Sweep:
             except FedfmError as e:
                 where = next((f"arms.{t.arm}.grid" for k in t.params if k in str(e)), f"arms.{t.arm}")
                 raise ConfigError(f"{where}: {e}") from None
+            if self.spec.arms[t.arm].personalized:
+                from .models import personal_patterns
+
+                if not personal_patterns(cfg.adapter):
+                    raise ConfigError(f"arms.{t.arm}.personalized: its adapter ({cfg.adapter.method}) keeps no "
+                                      "parameters on the clients; set adapter.personal or use a personalization "
+                                      "method such as fedsa-lora, or drop personalized")
             if t.phase == "tune":
                 data_key = json.dumps([cfg.data.model_dump(mode="json"), cfg.partition.model_dump(mode="json"),
                                        cfg.federation.seed], sort_keys=True)
@@ -306,7 +320,7 @@ class Sweep:
         if part.exists():
             names = json.loads(part.read_text()).get("label_names")
             classes = len(names) if names else None
-        rec = score_rows(rows, self.spec, t.phase, classes)
+        rec = score_rows(rows, self.spec, t.phase, classes, personalized=self.spec.arms[t.arm].personalized)
         rec.update(sweep=self.spec.name, trial=t.id, run=f"runs/{t.slug}", arm=t.arm, phase=t.phase, seed=t.seed,
                    params=t.params,
                    overrides=t.overrides, rc=rc, fedfm=_version(), wall_s=round(wall, 1), concurrent_runs=parallel,
@@ -390,11 +404,22 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.4g}"
 
 
-def score_rows(rows: list[dict], spec: SweepSpec, phase: str, classes: Optional[int]) -> dict:
-    """What one run's rows say: its metric per evaluated round (``val_`` when tuning, ``eval_`` when final), the
-    final value, the mean of the last 3 evaluated rounds (the tuning score), rounds to target, bytes, and whether it
-    diverged (a non-finite loss or metric, or accuracy at chance)."""
-    key = ("val_" if phase == "tune" else "eval_") + spec.metric
+def score_key(spec: SweepSpec, phase: str, personalized: bool = False) -> str:
+    """The row key a run is scored on: ``val_<metric>`` when tuning; when final, ``eval_<metric>`` (the global model
+    on the server's test split), or for a personalized arm ``client_<metric>_personal_mean``."""
+    if phase == "tune":
+        return f"val_{spec.metric}"
+    if personalized:
+        return f"client_{'acc' if spec.metric == 'accuracy' else spec.metric}_personal_mean"
+    return f"eval_{spec.metric}"
+
+
+def score_rows(rows: list[dict], spec: SweepSpec, phase: str, classes: Optional[int],
+               personalized: bool = False) -> dict:
+    """What one run's rows say: its metric per evaluated round (``score_key``), the final value, the mean of the
+    last 3 evaluated rounds (the tuning score), rounds to target, bytes, and whether it diverged (a non-finite loss
+    or metric, or accuracy at chance)."""
+    key = score_key(spec, phase, personalized)
     series = {int(r["round"]): r[key] for r in rows if key in r and r.get("round") is not None}
     extra = {name: {int(r["round"]): r[f"eval_{name}"] for r in rows if f"eval_{name}" in r}
              for name in spec.report} if phase == "final" else {}
@@ -450,6 +475,7 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
         finals = list({r["seed"]: r for r in finals}.values())  # the last record of each seed
         tuning = [r for r in records if r["arm"] == arm and r["phase"] == "tune"]
         row: dict[str, Any] = {"arm": arm, "setting": chosen.get(arm), "seeds": len(finals), "pending": arm in pending,
+                               "personalized": spec.arms[arm].personalized,
                                "diverged": sum(r["status"] == "diverged" for r in finals),
                                "failed": sum(r["status"] == "failed" for r in finals),
                                "tuning": [{"params": r["params"], "score": r.get("score"), "status": r["status"],
@@ -469,10 +495,15 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
         row["curve"] = {k: interval([c.get(k, c.get(str(k))) for c in curves]) for k in rounds}
         arms.append(row)
     sign = 1 if spec.better_high else -1
-    arms.sort(key=lambda a: -sign * a["final"][0] if a["final"][0] is not None else math.inf)
-    best = arms[0] if arms and arms[0]["final"][0] is not None else None
-    for a in arms:
-        a["overlaps_best"] = _overlap(a["final"], best["final"]) if best is not None and a is not best else None
+    # the global models ranked first, then the personalized arms ranked among themselves: their score is another
+    # measurement (each client's own model on its own test split), not comparable with the global model's
+    arms.sort(key=lambda a: (a["personalized"], -sign * a["final"][0] if a["final"][0] is not None else math.inf))
+    for group in (False, True):
+        ranked = [a for a in arms if a["personalized"] is group]
+        best = ranked[0] if ranked and ranked[0]["final"][0] is not None else None
+        for a in ranked:
+            a["overlaps_best"] = _overlap(a["final"], best["final"]) if best is not None and a is not best else None
+            a["best"] = a is best
     return {"sweep": spec.name, "metric": spec.metric, "higher_is_better": spec.better_high, "target": spec.target,
             "seeds": spec.seeds, "arms": arms}
 
@@ -498,7 +529,10 @@ def render(summary: dict, spec: SweepSpec) -> str:
         cols.append(f"rounds to {spec.target:g}")
     cols += ["rounds", "MB (up + down)", "diverged", "inside the best's interval"]
     lines = ["| rank | arm | setting | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
-    for i, a in enumerate(summary["arms"], 1):
+    rank = {False: 0, True: 0}
+    for a in summary["arms"]:
+        rank[a["personalized"]] += 1
+        i = rank[a["personalized"]]
         setting = ("not finished" if a["pending"] and a["setting"] is None else
                    "no setting: every tuning run diverged or failed" if a["setting"] is None else
                    ", ".join(f"{k}={_short(v)}" for k, v in a["setting"].items()) or "as given")
@@ -506,15 +540,22 @@ def render(summary: dict, spec: SweepSpec) -> str:
         if spec.target is not None:
             cells.append(f"{_pm(a['rounds_to_target'], digits=1)} ({a['reached']}/{a['seeds']})")
         cells += [_pm(a["rounds"], digits=0), _pm(a["bytes"], 1e-6, 1), f"{a['diverged']}/{a['seeds']}",
-                  "best" if i == 1 and a["final"][0] is not None else
+                  "best" if a["best"] else
                   {None: "—", True: "yes", False: "no"}[a["overlaps_best"]]]
         arm = a["arm"] + (f" ({a['seeds']} of {len(spec.seeds)} seeds so far)" if a["pending"] and a["seeds"] else "")
-        lines.append(f"| {i} | {arm} | {setting} | " + " | ".join(cells) + " |")
+        lines.append(f"| {'P' if a['personalized'] else ''}{i} | {arm} | {setting} | " + " | ".join(cells) + " |")
     chosen = (f" Settings chosen by the mean validation {m} of the last {LAST} rounds (seed {spec.tune_seed})."
               if any(a.grid for a in spec.arms.values()) else "")
     lines += ["", f"Mean ± half-width of the 95% interval (Student's t) over seeds {spec.seeds}; "
               f"{'higher' if spec.better_high else 'lower'} is better; rounds: the rounds each run took (a byte "
               f"budget may stop it early).{chosen}", ""]
+    if any(a["personalized"] for a in summary["arms"]):
+        short = "acc" if m == "accuracy" else m
+        lines[-1:-1] = [f"Ranks P1, P2, …: personalization methods, scored as what they deliver, each client's own "
+                        f"model on its own test split (client_{short}_personal_mean, the mean over the clients; tuned "
+                        f"on the clients' own validation splits under their own models). That is another test set "
+                        f"and another model than the global model on the server's test split, so they are ranked "
+                        f"apart and their intervals are compared with the best of their own group only."]
     tuned = [a for a in summary["arms"] if a["tuning"]]
     if tuned:
         lines += ["Tuning runs (validation score; diverged runs are never chosen):", ""]
@@ -531,7 +572,8 @@ def _short(v) -> str:
 
 
 def draw_curves(summary: dict, spec: SweepSpec, ax) -> bool:
-    """Onto ``ax``: the mean eval_<metric> per round of every arm with its 95% band; whether anything was drawn."""
+    """Onto ``ax``: the mean eval_<metric> per round of every arm with its 95% band (a personalized arm's
+    client_<metric>_personal_mean, dashed); whether anything was drawn."""
     drawn = False
     for a in summary["arms"]:
         pts = [(int(k), v[0], v[1]) for k, v in a["curve"].items() if v[0] is not None]
@@ -541,7 +583,8 @@ def draw_curves(summary: dict, spec: SweepSpec, ax) -> bool:
         x = [p[0] for p in pts]
         y = np.array([p[1] for p in pts])
         h = np.array([p[2] if p[2] is not None else 0.0 for p in pts])
-        ax.plot(x, y, label=a["arm"], lw=1.2)
+        personal = a.get("personalized")
+        ax.plot(x, y, label=a["arm"] + (" (personalized)" if personal else ""), lw=1.2, ls="--" if personal else "-")
         ax.fill_between(x, y - h, y + h, alpha=0.12)
         drawn = True
     ax.set_xlabel("round")
