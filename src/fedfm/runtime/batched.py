@@ -136,7 +136,7 @@ class _IA3Linear(_Stacker):
     """peft IA3 (Liu et al. 2022) on a linear layer: client i's learned vector rescales its rows' activations."""
 
     def forward(self, stacked, seg):
-        m, adapter = self.module, self.module.active_adapters[0]
+        m = self.module
 
         def fwd(x, *args, **kwargs):
             scale = seg.take(stacked["l"]).flatten(1)  # [K, features]

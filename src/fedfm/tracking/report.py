@@ -524,7 +524,7 @@ def generations_section(run_dir: Path) -> list[str]:
         return []
     a, b = rounds
     lines = ["", f"## Generations (held-out prompts, greedy): round {a} → round {b}", "",
-             f"Every eval's answers are in `generations_round_<k>.jsonl`.", "",
+             "Every eval's answers are in `generations_round_<k>.jsonl`.", "",
              f"| question | reference | round {a} | round {b} | ROUGE-L {a} → {b} |", "|---|---|---|---|---|"]
     for r in rows:
         score = "" if r["rougeL_before"] is None else f"{r['rougeL_before']:.2f} → {r['rougeL_after'] or 0:.2f}"
