@@ -52,6 +52,18 @@ def test_yaml_file_config_and_overrides(tmp_path):
     assert cfg.federation.clients_per_round == 2
 
 
+
+def test_a_tilde_in_a_path_is_the_home_directory(tmp_path, monkeypatch):
+    """As a shell reads it: a literal ~ in YAML or an override must not make a directory named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    cfg = load_config("~/mine.yaml", ["output.dir=~/runs/a", "runtime.state_dir=~/state",
+                                      "tracking.tensorboard_dir=~/tb"])
+    assert cfg.name == "mine"
+    assert (cfg.output.dir, cfg.runtime.state_dir, cfg.tracking.tensorboard_dir) == (
+        str(tmp_path / "runs/a"), str(tmp_path / "state"), str(tmp_path / "tb"))
+    assert load_config("bbc-lora", ["output.dir=runs/~x"]).output.dir == "runs/~x"  # only a leading ~
+
 @pytest.mark.parametrize("overrides", [
     [],
     ["federation.rounds=3", "adapter.r=16"],

@@ -306,9 +306,15 @@ class CodecConfig(Section):
         return self
 
 
+def _home(v: Optional[str]) -> Optional[str]:
+    """A path from YAML or an override: ``~`` means the home directory, as a shell would read it."""
+    return str(Path(v).expanduser()) if isinstance(v, str) and v.startswith("~") else v
+
+
 class RuntimeConfig(Section):
     name: str = "local"
     state_dir: Optional[str] = None
+    _state_dir_home = field_validator("state_dir")(_home)
     cache_clients: int = Field(1000, ge=1)
     threads: Optional[int] = Field(None, ge=1)
     max_clients_per_batch: Optional[int] = Field(None, ge=1)  # batched runtime: clients per stacked batch (memory cap)
@@ -337,6 +343,7 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: Optional[str] = None
+    _dir_home = field_validator("dir")(_home)
     keep_checkpoints: int = Field(2, ge=1)
 
 
@@ -344,6 +351,7 @@ class TrackingConfig(Section):
     """Where a run's metrics go besides metrics.jsonl (docs/tracking.md): any of the registered sinks."""
     sinks: list[str] = []  # any of fedfm.tracking.sinks.SINKS: tensorboard, mlflow
     tensorboard_dir: Optional[str] = None  # default <output.dir>/tensorboard
+    _tensorboard_dir_home = field_validator("tensorboard_dir")(_home)
     mlflow_uri: Optional[str] = None  # default $MLFLOW_TRACKING_URI, else sqlite:///<working directory>/mlflow.db
     mlflow_experiment: Optional[str] = None  # default the config's name
 
@@ -841,7 +849,7 @@ def config_from_text(text: str, what: str) -> RunConfig:
 
 
 def resolve_config_source(name_or_path: str) -> Path:
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
