@@ -127,7 +127,7 @@ class Federation:
         if why is not None:  # resumed after the budget stopped it (with more federation.rounds, say)
             self.display.message(why)
         for rnd in range(server.start_round, last + 1 if why is None else server.start_round):
-            if server.privacy_spent(rnd):
+            if rnd == server.start_round and server.privacy_spent(rnd):  # resumed after the privacy budget stopped it
                 break
             server._all_crashed = False
             # the byte budget's last round, when the estimate already says so: evaluated with the round's clients
@@ -140,12 +140,16 @@ class Federation:
                                     f"aggregated, e.g. {first}; stopping (metrics.jsonl lists each client's error)")
             budget.count(rnd, row, first=rnd == 1)  # bytes_total; a budget smaller than round 1 is refused
             why = budget.why_stop(rnd, last)
-            if why is not None and cfg.eval.every and not server.evaluation_due(rnd):
+            # privacy.target_epsilon: the next round would spend more, so this one is the last
+            spent = why is None and rnd < last and server.privacy_spent(rnd + 1)
+            if (why is not None or spent) and cfg.eval.every and not server.evaluation_due(rnd):
                 row.update(self.evaluate(rnd))  # the last round runs evaluated, whatever eval.every says
             server.end_round(rnd, row)
             rows.append(row)
             if why is not None:
                 self.display.message(why)
+                break
+            if spent:
                 break
         if rows:
             self._after_rounds(rows)

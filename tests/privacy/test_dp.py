@@ -89,13 +89,18 @@ def test_a_dp_run_logs_epsilon_every_round_and_matches_the_accountant(tiny_confi
 def test_target_epsilon_derives_the_noise_or_stops_the_run(tiny_config):
     derived = prepare(tiny_config(**{"privacy.mode": "client", "privacy.target_epsilon": 8.0, "federation.rounds": 3}))
     assert derived.mechanism.epsilon(3, 1e-5) <= 8.0 + 1e-6 and derived.mechanism.noise_multiplier > 0
-    cfg = tiny_config(**{"privacy.mode": "client", "privacy.noise_multiplier": 1.5, "privacy.target_epsilon": 4.0,
-                         "federation.rounds": 10, "eval.every": 0})
+    cfg_over = {"privacy.mode": "client", "privacy.noise_multiplier": 1.5, "privacy.target_epsilon": 4.0,
+                "federation.rounds": 10, "eval.every": 0, "eval.per_client": False}
+    cfg = tiny_config(**cfg_over)
     prepared = prepare(cfg)
     spent_at = next(r for r in range(1, 11) if prepared.mechanism.epsilon(r, 1e-5) > 4.0)
     rows = Simulation(prepared).run()
     assert [r["round"] for r in rows] == list(range(1, spent_at))
     assert spent_at == 4 and rows[-1]["epsilon"] <= 4.0
+    # with evaluation on, the round the budget stops at is scored, whatever eval.every says
+    rows = Simulation(prepare(tiny_config(**{**cfg_over, "eval.every": 5}))).run()
+    assert [r["round"] for r in rows] == [1, 2, 3] and "eval_accuracy" in rows[-1]
+    assert not any("eval_accuracy" in r for r in rows[:-1])
 
 
 def test_the_privacy_command_prints_epsilon_without_training(tiny_config, tmp_path):
