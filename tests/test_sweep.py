@@ -232,6 +232,12 @@ def test_an_arm_without_a_grid_runs_as_given_and_a_tuned_one_waits_for_its_runs(
     assert sweep.chosen()["tuned"] == {"client.lr": 0.02}
     sweep.records[1]["status"] = "diverged"  # never chosen, whatever its score
     assert sweep.chosen()["tuned"] == {"client.lr": 0.01}
+    from fedfm.tuning import grid_edges
+
+    arm = spec.arms["tuned"].model_copy(update={"grid": {"client.lr": [0.01, 0.02, 0.03], "client.optimizer":
+                                                         ["sgd", "adamw"]}})
+    assert grid_edges(arm, {"client.lr": 0.01, "client.optimizer": "sgd"}) == ["client.lr"]  # a choice, no edge
+    assert grid_edges(arm, {"client.lr": 0.02, "client.optimizer": "sgd"}) == [] and grid_edges(arm, None) == []
 
 
 def test_random_search_draws_budget_settings_in_range(tmp_path):
@@ -279,7 +285,7 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
     assert fedavg["final"][1] == pytest.approx(12.7062047 * np.std(finals, ddof=1) / math.sqrt(2))  # t(0.975, 1 df)
     assert (out / "curves.png").stat().st_size > 1000
     md = (out / "summary.md").read_text()
-    assert "rounds to 0.5" in md and "| 1 | FedAvg (r/8) | client.lr=0.003 |" in md
+    assert "rounds to 0.5" in md and "| 1 | FedAvg (r/8) | client.lr=0.003 (grid's edge) |" in md
     assert "client.lr=1e-05: diverged" in md
     again: list[str] = []
     run_sweep(spec, out=out, parallel=2, threads=1, log=again.append)

@@ -476,6 +476,7 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
         tuning = [r for r in records if r["arm"] == arm and r["phase"] == "tune"]
         row: dict[str, Any] = {"arm": arm, "setting": chosen.get(arm), "seeds": len(finals), "pending": arm in pending,
                                "personalized": spec.arms[arm].personalized,
+                               "at_edge": grid_edges(spec.arms[arm], chosen.get(arm)),
                                "diverged": sum(r["status"] == "diverged" for r in finals),
                                "failed": sum(r["status"] == "failed" for r in finals),
                                "tuning": [{"params": r["params"], "score": r.get("score"), "status": r["status"],
@@ -508,6 +509,19 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
             "seeds": spec.seeds, "arms": arms}
 
 
+def grid_edges(arm: Arm, setting: Optional[dict[str, Any]]) -> list[str]:
+    """The tuned keys whose chosen value is the smallest or largest of a numeric grid of 2 or more values: the best
+    may lie beyond what was tried, so widen that grid."""
+    if not setting:
+        return []
+    out = []
+    for key, vals in arm.grid.items():
+        if isinstance(vals, list) and len(vals) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in vals) and setting.get(key) in (min(vals), max(vals)):
+            out.append(key)
+    return out
+
+
 def _overlap(a: tuple, b: tuple) -> Optional[bool]:
     if a[0] is None or b[0] is None or a[1] is None or b[1] is None:
         return None
@@ -535,7 +549,8 @@ def render(summary: dict, spec: SweepSpec) -> str:
         i = rank[a["personalized"]]
         setting = ("not finished" if a["pending"] and a["setting"] is None else
                    "no setting: every tuning run diverged or failed" if a["setting"] is None else
-                   ", ".join(f"{k}={_short(v)}" for k, v in a["setting"].items()) or "as given")
+                   ", ".join(f"{k}={_short(v)}" + (" (grid's edge)" if k in a.get("at_edge", ()) else "")
+                             for k, v in a["setting"].items()) or "as given")
         cells = [_pm(a["final"]), _pm(a["last3"])] + [_pm(a[n]) for n in spec.report]
         if spec.target is not None:
             cells.append(f"{_pm(a['rounds_to_target'], digits=1)} ({a['reached']}/{a['seeds']})")
@@ -549,6 +564,9 @@ def render(summary: dict, spec: SweepSpec) -> str:
     lines += ["", f"Mean ± half-width of the 95% interval (Student's t) over seeds {spec.seeds}; "
               f"{'higher' if spec.better_high else 'lower'} is better; rounds: the rounds each run took (a byte "
               f"budget may stop it early).{chosen}", ""]
+    if any(a.get("at_edge") for a in summary["arms"]):
+        lines[-1:-1] = ["(grid's edge): the chosen value is the smallest or largest the grid tried; a better one may lie "
+                        "beyond it."]
     if any(a["personalized"] for a in summary["arms"]):
         short = "acc" if m == "accuracy" else m
         lines[-1:-1] = [f"Ranks P1, P2, …: personalization methods, scored as what they deliver, each client's own "
