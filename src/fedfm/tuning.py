@@ -473,7 +473,9 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
         finals = [r for r in records if r["arm"] == arm and r["phase"] == "final" and r["params"] == chosen.get(arm)
                   and r["seed"] in spec.seeds]
         finals = list({r["seed"]: r for r in finals}.values())  # the last record of each seed
-        tuning = [r for r in records if r["arm"] == arm and r["phase"] == "tune"]
+        tuning = sorted((r for r in records if r["arm"] == arm and r["phase"] == "tune"),  # in the grid's order
+                        key=lambda r: [(k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
+                                       for k, v in sorted(r["params"].items())])
         row: dict[str, Any] = {"arm": arm, "setting": chosen.get(arm), "seeds": len(finals), "pending": arm in pending,
                                "personalized": spec.arms[arm].personalized,
                                "at_edge": grid_edges(spec.arms[arm], chosen.get(arm)),
