@@ -143,6 +143,10 @@ def test_a_run_writes_the_stage_rows_and_the_accuracy_matrix_plot(continual_conf
     assert [m["stage_name"] for m in metrics if m["round"] > 0] == ["a", "a", "b", "b"]
     png = run / "report" / "accuracy_matrix.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()  # `fedfm report` draws it again from continual.jsonl
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- mitigations

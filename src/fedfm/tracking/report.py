@@ -536,6 +536,25 @@ def generations_section(run_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- entry point
 
 
+def _plot_continual(path: Path, out: Path) -> Path | None:
+    """A lifelong federation's accuracy matrix (``continual.jsonl``, its last stage's row), as the run drew it."""
+    if not path.is_file():
+        return None
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise FedfmError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    if not rows or "R" not in rows[-1]:
+        return None
+    from ..continual.metrics import plot_matrix
+
+    last = rows[-1]
+    return plot_matrix(last["R"], list(last["scores"]), last["metric"], out / "accuracy_matrix.png")
+
+
 def make_report(run_dir: str | Path) -> list[Path]:
     """Draw PNG plots into RUN_DIR/report/ and return their paths.
 
@@ -559,6 +578,9 @@ def make_report(run_dir: str | Path) -> list[Path]:
         p = _plot_partition(partition, out)
         if p is not None:
             pngs.append(p)
+    p = _plot_continual(run_dir / "continual.jsonl", out)
+    if p is not None:
+        pngs.append(p)
     with _writing(out / "summary.md"):
         atomic_write_text(out / "summary.md", _summary(records, pngs, run_dir))
     return pngs
