@@ -257,6 +257,31 @@ def test_olora_freezes_the_stage_lora_and_penalises_overlap_with_it(continual_co
     assert not sim.spec.params[names[0]].grad.equal(torch.zeros_like(A_t))
 
 
+
+def test_an_olora_runs_adapter_holds_every_stages_lora(continual_config, tmp_path):
+    """The written adapter is the whole final model: every stage's LoRA stacked (rank 2r for two stages), so a fresh
+    base with it computes what the run's own model computes (the earlier LoRAs were merged in memory only)."""
+    import json
+
+    import fedfm
+    from fedfm.trained import load_trained
+
+    cfg = continual_config(mitigations=["olora"], **{"continual.olora.lam": 0.5})
+    result = fedfm.run(cfg, report=False)
+    conf = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert (conf["r"], conf["lora_alpha"]) == (2 * cfg.adapter.r, 2 * cfg.adapter.alpha)
+    sim = ContinualSimulation(prepare_continual(cfg))  # the same seeded run, in memory
+    sim.run()
+    sim._load_global()
+    _, model, _ = load_trained(result.run_dir)
+    own = sim.local[0]
+    batch = next(iter(sim.task.batches(own.encoded, np.arange(len(own.encoded["labels"]))[:8], 8)))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    sim.model.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, sim.model(**inputs).logits, atol=1e-5)
+
 def test_olora_start_of_a_stage_keeps_the_model_function(continual_config):
     cfg = continual_config(mitigations=["olora"])
     sim = ContinualSimulation(prepare_continual(cfg))

@@ -190,7 +190,7 @@ class OLoRA(Mitigation):
     subspace the new update reads from) orthogonal to those of every earlier A_s. The earlier LoRAs are merged into
     the base as frozen deltas W + (α/r) B_s A_s (every party does it alike, from the stage-end global state it was
     sent); only the current LoRA (and the task head) is trained and travels. The paper's L2 term on the new LoRA
-    (λ2) is left out."""
+    (λ2) is left out. The final adapter holds every stage's LoRA, stacked into one of rank T·r (``write_adapter``)."""
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -201,6 +201,7 @@ class OLoRA(Mitigation):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.frozen: dict[str, list[torch.Tensor]] = {}  # name of A_t -> [A_s for s < t]
+        self.frozen_b: dict[str, list[torch.Tensor]] = {}  # name of A_t -> [B_s for s < t]
         self._gram: dict[str, torch.Tensor] = {}  # name of A_t -> Σ_s A_sᵀ A_s
 
     def _lora_a(self) -> list[str]:
@@ -238,6 +239,7 @@ class OLoRA(Mitigation):
             layer = model.get_submodule(layer_name)
             A = layer.lora_A[adapter].weight
             self.frozen.setdefault(name, []).append(A.detach().cpu().clone())
+            self.frozen_b.setdefault(name, []).append(layer.lora_B[adapter].weight.detach().cpu().clone())
             base = layer.get_base_layer().weight
             base.add_(layer.get_delta_weight(adapter).to(base.dtype))
             init = torch.empty(A.shape, dtype=torch.float32)
@@ -245,6 +247,55 @@ class OLoRA(Mitigation):
             A.copy_(init)
             layer.lora_B[adapter].weight.zero_()
         self._gram = {n: sum(A_s.T @ A_s for A_s in As) for n, As in self.frozen.items()}
+
+
+    def write_adapter(self, adapter_dir) -> None:
+        """Make the written adapter the whole model, not the last stage alone: the earlier stages' LoRAs live merged
+        in the base in memory, so each adapted layer's LoRA becomes the stack of all T stages', A = [A_1; …; A_T],
+        B = [B_1, …, B_T] (rank T·r), with lora_alpha scaled so that (α'/r') B A = (α/r) Σ_s B_s A_s exactly. The new
+        directory replaces the old one only once it is complete."""
+        import json
+        import shutil
+        from pathlib import Path
+
+        from safetensors.torch import load_file, save_file
+
+        if not self.frozen:
+            return
+        adapter_dir = Path(adapter_dir)
+        tmp = adapter_dir.with_name(f".{adapter_dir.name}.olora.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(adapter_dir, tmp)
+        try:
+            conf = json.loads((tmp / "adapter_config.json").read_text())
+            if conf.get("rank_pattern") or conf.get("alpha_pattern") or conf.get("use_dora"):
+                raise ValueError("continual.mitigations olora: the adapter has rank_pattern, alpha_pattern or DoRA; "
+                                 "stacking its stages' LoRAs is not covered")
+            weights = load_file(str(tmp / "adapter_model.safetensors"))
+            model = self.ctx.model
+            T = None
+            for name, As in self.frozen.items():
+                layer_name, _, rest = name.partition(LORA_A)
+                adapter = rest.split(".")[0]
+                layer = model.get_submodule(layer_name)
+                key_a = name.replace(f"{LORA_A}{adapter}.", LORA_A)
+                key_b = key_a.replace(LORA_A, ".lora_B.")
+                if key_a not in weights or key_b not in weights:
+                    raise ValueError(f"continual.mitigations olora: {key_a} is not in the written adapter")
+                weights[key_a] = torch.cat([*As, layer.lora_A[adapter].weight.detach().cpu()], dim=0).contiguous()
+                weights[key_b] = torch.cat([*self.frozen_b[name], layer.lora_B[adapter].weight.detach().cpu()],
+                                           dim=1).contiguous()
+                T = len(As) + 1
+            r, alpha = conf["r"], conf["lora_alpha"]
+            conf["r"] = r * T
+            conf["lora_alpha"] = alpha * (math.sqrt(T) if conf.get("use_rslora") else T)  # the scaling kept
+            save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(adapter_dir)
+        tmp.rename(adapter_dir)
 
 
 class ContinualClient:

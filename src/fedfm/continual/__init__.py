@@ -282,6 +282,15 @@ class ContinualSimulation(Simulation):
                 plot_matrix(self.R, self.plan.names, self.metric, self.run_dir.path / "report" / "accuracy_matrix.png")
         super()._after_rounds(rows)
 
+    def _run(self) -> list[dict[str, Any]]:
+        rows = super()._run()
+        from ..client.continual import OLoRA
+
+        olora = self.ctx.continual.get(OLoRA)
+        if olora is not None and self.run_dir is not None and self.run_dir.adapter.is_dir():
+            olora.write_adapter(self.run_dir.adapter)  # every stage's LoRA, not the last one alone
+        return rows
+
     def run(self, initial: Optional[bool] = None) -> list[dict[str, Any]]:
         """The stages' rounds. ``initial`` is what ``fedfm run`` passes a driver; the round-0 evaluation follows
         ``eval.initial``, as in any simulation."""
