@@ -64,6 +64,22 @@ def test_a_tilde_in_a_path_is_the_home_directory(tmp_path, monkeypatch):
         str(tmp_path / "runs/a"), str(tmp_path / "state"), str(tmp_path / "tb"))
     assert load_config("bbc-lora", ["output.dir=runs/~x"]).output.dir == "runs/~x"  # only a leading ~
 
+
+def test_server_lr_and_momentum_do_not_carry_over_to_another_optimizer():
+    """smollm2-chat sets FedAvgM's η 0.7 and β 0.5: an override to another optimizer takes that one's defaults, on the
+    command line and from Python alike (a dict override once kept the resolved η, running FedAdam at 1.0)."""
+    from fedfm import api
+
+    assert load_config("smollm2-chat").server.lr == 0.7
+    for load in (lambda ov: load_config("smollm2-chat", [f"{k}={v}" for k, v in ov.items()]),
+                 lambda ov: api.load_config("smollm2-chat", ov), lambda ov: api.load_config("bbc-lora", ov)):
+        assert load({"server.optimizer": "fedadam"}).server.lr == 0.01
+        assert (load({"server.optimizer": "fedadam", "server.lr": 0.002}).server.lr) == 0.002  # set: kept
+        nesterov = load({"server.optimizer": "nesterov"}).server
+        assert (nesterov.lr, nesterov.momentum) == (0.3, 0.9)
+    cfg = api.load_config(load_config("smollm2-chat"), {"federation.rounds": 2})  # the optimizer unchanged: kept
+    assert (cfg.server.lr, cfg.server.momentum) == (0.7, 0.5)
+
 @pytest.mark.parametrize("overrides", [
     [],
     ["federation.rounds=3", "adapter.r=16"],

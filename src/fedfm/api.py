@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .config import RunConfig, apply_overrides, load_config as _load_file, set_key, validate_config
+from .config import (RunConfig, apply_overrides, follow_optimizer, load_config as _load_file, optimizer_of, set_key,
+                     validate_config)
 from .display import Display, Displays
 from .errors import ConfigError, FedfmError
 
@@ -66,12 +67,13 @@ def _apply(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
     """``key.sub=value`` strings (values read as YAML, as on the command line) or ``{"key.sub": value}`` (values
     taken as given)."""
     if isinstance(overrides, Mapping):
+        before = optimizer_of(data)
         for key, value in overrides.items():
             parts = str(key).split(".")
             if not all(parts):
                 raise ConfigError(f"override {key!r}: empty key part")
             set_key(data, parts, copy.deepcopy(value))
-        return data
+        return follow_optimizer(data, before, {str(k) for k in overrides})
     return apply_overrides(data, [str(o) for o in _override_items(overrides)])
 
 

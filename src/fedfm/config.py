@@ -899,8 +899,32 @@ def set_key(data: dict[str, Any], parts: list[str], value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for parts, value in parse_overrides(overrides):
+    parsed = parse_overrides(overrides)
+    before = optimizer_of(data)
+    for parts, value in parsed:
         set_key(data, parts, value)
+    return follow_optimizer(data, before, {".".join(parts) for parts, _ in parsed})
+
+
+# server.lr and server.momentum are the step and momentum of one server optimizer: set in a config (or resolved to
+# its defaults), they do not carry over to another. An override that picks another optimizer and leaves them unset
+# takes the new optimizer's defaults (SERVER_LR_DEFAULTS): FedAdam does not run at FedAvgM's η 0.7.
+_OPTIMIZER_KEYS = ("lr", "momentum")
+
+
+def optimizer_of(data: dict[str, Any]) -> Any:
+    server = data.get("server")
+    return server.get("optimizer", ServerConfig.model_fields["optimizer"].default) if isinstance(server, dict) \
+        else ServerConfig.model_fields["optimizer"].default
+
+
+def follow_optimizer(data: dict[str, Any], before: Any, set_keys: set[str]) -> dict[str, Any]:
+    """After overrides: if they changed server.optimizer, drop the server.lr / server.momentum they did not set."""
+    server = data.get("server")
+    if isinstance(server, dict) and "server.optimizer" in set_keys and server.get("optimizer") != before:
+        for key in _OPTIMIZER_KEYS:
+            if f"server.{key}" not in set_keys:
+                server.pop(key, None)
     return data
 
 
