@@ -34,7 +34,8 @@ from ..errors import ConfigError, DataError
 from ..randomness import Randomness
 from ..simulation import Prepared, Simulation, prepare
 from ..tasks import TASKS
-from .metrics import plot_matrix, stage_metrics
+from ..tracking.report import plot_matrix
+from .metrics import stage_metrics
 
 __all__ = ["ContinualSimulation", "StagePlan", "plan_stages", "prepare_continual", "stage_metrics"]
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -28,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
 
 from fedfm.errors import FedfmError  # noqa: E402
 from fedfm.tracking import RunDir, atomic_write_text  # noqa: E402
@@ -536,6 +538,37 @@ def generations_section(run_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- entry point
 
 
+def plot_matrix(R: Sequence[Sequence[float]], names: list[str], metric: str, path: Path) -> Path:
+    """A heatmap of the accuracy matrix: row i after training stage i, column j the held-out examples of stage j;
+    written to a temporary file and renamed, so a half-written plot is never left."""
+    R = np.asarray(R, dtype=np.float64)
+    higher = "loss" not in metric
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * R.shape[1], 1.0 + 0.9 * R.shape[0]))
+    try:
+        im = ax.imshow(R, cmap="viridis" if higher else "viridis_r", aspect="auto")
+        span = float(np.nanmax(R) - np.nanmin(R)) or 1.0
+        for i in range(R.shape[0]):
+            for j in range(R.shape[1]):
+                frac = (R[i, j] - np.nanmin(R)) / span
+                dark = frac < 0.5 if higher else frac > 0.5  # viridis is dark at its low end
+                colour = "white" if dark else "black"
+                ax.text(j, i, f"{R[i, j]:.3f}", ha="center", va="center", fontsize=8, color=colour)
+        ax.set_xticks(range(R.shape[1]), [names[j] for j in range(R.shape[1])], rotation=30, ha="right")
+        ax.set_yticks(range(R.shape[0]), [names[i] for i in range(R.shape[0])])
+        ax.set_xlabel("held-out examples of stage j")
+        ax.set_ylabel("after training stage i")
+        ax.set_title(f"held-out {metric} R[i, j]")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _plot_continual(path: Path, out: Path) -> Path | None:
     """A lifelong federation's accuracy matrix (``continual.jsonl``, its last stage's row), as the run drew it."""
     if not path.is_file():
@@ -549,8 +582,6 @@ def _plot_continual(path: Path, out: Path) -> Path | None:
                 raise FedfmError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
     if not rows or "R" not in rows[-1]:
         return None
-    from ..continual.metrics import plot_matrix
-
     last = rows[-1]
     return plot_matrix(last["R"], list(last["scores"]), last["metric"], out / "accuracy_matrix.png")
 
