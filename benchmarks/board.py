@@ -30,16 +30,16 @@ def out_dir(board: str) -> Path:
 def render(board: str) -> None:
     """The board: one run per entry (seed 0), ranked by held-out response loss within the byte budget, with the
     wall time each entry took (the CPU board's 30-minute claim)."""
-    from fedfm.tuning import Sweep, load_spec, load_summary
+    from fedfm.tuning import Sweep, load_spec, summarize
 
-    spec, summary = load_summary(spec_path(board), out_dir(board))
+    spec, base = load_spec(spec_path(board))
+    sweep = Sweep(spec, base, out_dir(board)).load_records()  # trials.jsonl read once: the summary and the rows
+    summary = summarize(spec, sweep.records, sweep.chosen(), frozenset(sweep.pending()))
     done = sum(a["seeds"] for a in summary["arms"])
     if not done:
         write_block(DOC, "table:board", [f"Not run yet: `python benchmarks/board.py --board {board}` runs it."])
         return
-    parsed, base = load_spec(spec_path(board))
-    records = Sweep(parsed, base, out_dir(board)).load_records().records
-    finals = {r["arm"]: r for r in records if r["phase"] == "final"}  # the last record of each entry
+    finals = {r["arm"]: r for r in sweep.records if r["phase"] == "final"}  # the last record of each entry
     cols = ["held-out loss", "ROUGE-L", "exact match (short answers)", "exact match (all)", "perplexity", "rounds",
             "MB (up + down)", "wall time", "status"]
     lines = [f"Measured with `python benchmarks/board.py --board {board}` (`fedfm sweep "
