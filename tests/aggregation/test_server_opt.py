@@ -121,7 +121,7 @@ def test_state_round_trips_so_a_resume_continues_exactly(name):
 def test_server_lr_defaults_per_optimizer_and_can_be_set():
     assert load_config("bbc-lora").server.lr == 1.0
     assert load_config("bbc-lora", ["server.optimizer=fedadam"]).server.lr == 0.01
-    assert load_config("bbc-lora", ["server.optimizer=nesterov"]).server.lr == 0.3  # tuned (DiLoCo's: 0.7)
+    assert load_config("bbc-lora", ["server.optimizer=nesterov"]).server.lr == 0.1  # 1 − μ, tuned (DiLoCo's: 0.7)
     assert load_config("bbc-lora", ["server.optimizer=fedyogi", "server.lr=0.3"]).server.lr == 0.3
 
 
