@@ -102,7 +102,7 @@ def progress(key: str) -> str:
     done = sweep.done()
     tuning = sweep.tuning_trials()
     finals = len(spec.arms) * len(spec.seeds)
-    n_final = sum(1 for r in done.values() if r["phase"] == "final")
+    n_final = sum(t.id in done for t in sweep.final_trials(sweep.chosen()))  # of the chosen settings only
     return (f"{sum(t.id in done for t in tuning)} of {len(tuning)} tuning runs and {n_final} of {finals} final runs "
             f"recorded (`python benchmarks/algorithms.py` continues it)")
 
