@@ -39,7 +39,9 @@ def render(board: str) -> None:
     if not done:
         write_block(DOC, "table:board", [f"Not run yet: `python benchmarks/board.py --board {board}` runs it."])
         return
-    finals = {r["arm"]: r for r in sweep.records if r["phase"] == "final"}  # the last record of each entry
+    setting = {a["arm"]: a["setting"] for a in summary["arms"]}
+    finals = {r["arm"]: r for r in sweep.records  # the last record of each entry, at its chosen setting as summarized
+              if r["phase"] == "final" and r["params"] == setting[r["arm"]]}
     cols = ["held-out loss", "ROUGE-L", "exact match (short answers)", "exact match (all)", "perplexity", "rounds",
             "MB (up + down)", "wall time", "status"]
     lines = [f"Measured with `python benchmarks/board.py --board {board}` (`fedfm sweep "

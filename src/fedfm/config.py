@@ -268,7 +268,7 @@ class ServerConfig(Section):
     def _lr_default(self) -> "ServerConfig":
         if self.momentum is None:
             self.momentum = SERVER_MOMENTUM_DEFAULTS.get(self.optimizer, 0.9)
-        if self.lr is None and self.optimizer in MOMENTUM_OPTIMIZERS:  # η = 1 − β: the step η/(1 − β) of averaging
+        if self.lr is None and self.optimizer in SERVER_MOMENTUM_DEFAULTS:  # η = 1 − β: the step η/(1 − β) of averaging
             self.lr = round(1.0 - self.momentum, 12)
         if self.lr is None:
             self.lr = SERVER_LR_DEFAULTS.get(self.optimizer, 1.0)
@@ -284,7 +284,6 @@ class ServerConfig(Section):
 # 0.03: at 0.01 its validation accuracy ended at 0.36 against 0.90, as its ever-growing v shrinks the step)
 # nesterov at μ 0.9: η 0.1 reached 0.948 validation accuracy, 0.03 0.468, 0.3 0.910, DiLoCo's 0.7 (for hundreds of
 # local steps; these rounds have 5) 0.423
-MOMENTUM_OPTIMIZERS = ("fedavgm", "nesterov")
 SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.03}
 # β / μ when server.momentum is not given: fedavgm 0.5 (measured: β 0.9 at η 1, the old default, fell to chance on
 # BBC News Dirichlet(0.1); docs/algorithms.md), nesterov DiLoCo's 0.9
