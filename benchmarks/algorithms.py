@@ -8,7 +8,8 @@ on a validation split of 10% of the clients' own training data (seed 0, the mean
 rounds); the chosen setting then runs on seeds 0, 1, 2 with the test split scored.
 
     PYTHONPATH=src python benchmarks/algorithms.py [--parallel 2 --threads 1] [--only dir0.1]   # runs the sweeps
-    PYTHONPATH=src python benchmarks/algorithms.py --render      # the tables and plot into docs/algorithms.md/.png
+    PYTHONPATH=src python benchmarks/algorithms.py --render      # the tables into docs/algorithms.md, the plots
+                                                                 # into docs/algorithms-<split>.png
 
 The sweeps record every run in benchmarks/results/sweeps/<name>/trials.jsonl and continue where they stopped.
 ``--render`` works on whatever is recorded (arms still tuning say so).
@@ -23,7 +24,6 @@ from _results import write_block
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = {"dir0.1": "Dirichlet(0.1)", "dir1.0": "Dirichlet(1.0)"}
 DOC = ROOT / "docs" / "algorithms.md"
-PLOT = ROOT / "docs" / "algorithms.png"
 
 
 def spec_path(key: str) -> Path:
@@ -54,20 +54,51 @@ def inside_best(summary: dict) -> str:
     return " ".join(out) or "Too few arms have finished to compare."
 
 
-def render() -> None:
+def plot_path(key: str) -> Path:
+    return ROOT / "docs" / f"algorithms-{key}.png"
+
+
+def draw(summary: dict, spec, title: str, path: Path) -> bool:
+    """One panel per arm (its mean test accuracy per round with the 95% band over seeds, clipped to [0, 1]; FedAvg's
+    mean dotted in each global model's panel for reference): thirteen bands in one panel hide each other."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedfm.tuning import draw_curves, load_summary, render as render_table
+    from fedfm.tuning import draw_curves
+
+    arms = [a["arm"] for a in summary["arms"] if a["curve"]]
+    personal = {a["arm"] for a in summary["arms"] if a["personalized"]}  # another model on other test splits
+    if not arms:
+        return False
+    cols = 5
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, (i, arm) in zip(axes.flat, enumerate(arms)):
+        draw_curves(summary, spec, ax, arms=[arm], reference=None if arm in personal else "FedAvg", color=f"C{i % 10}")
+        a = next(x for x in summary["arms"] if x["arm"] == arm)
+        ax.set_title(f"{arm}\nfinal {a['final'][0]:.3f}" + (f" ± {a['final'][1]:.3f}" if a["final"][1] is not None
+                                                              else ""), fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.label_outer()
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in list(axes.flat)[len(arms):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title}: mean test accuracy of seeds 0, 1, 2 per round, 95% band", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def render() -> None:
+    from fedfm.tuning import load_summary, render as render_table
 
     lines = ["Measured with `python benchmarks/algorithms.py` (the sweeps `benchmarks/sweeps/algorithms-dir0.1.yaml` "
              "and `-dir1.0.yaml`, run by `fedfm sweep`), then `--render`; every run's JSON line is in "
              "`benchmarks/results/sweeps/algorithms-*/trials.jsonl`.", ""]
-    fig, axes = plt.subplots(1, len(SWEEPS), figsize=(13, 5), sharey=True)
-    drawn = False
-    for ax, (key, title) in zip(axes, SWEEPS.items()):
+    for key, title in SWEEPS.items():
         spec, summary = load_summary(spec_path(key), out_dir(key))
         if any(a["pending"] for a in summary["arms"]):  # a table of dashes says nothing: say how far it is
             lines += [f"**{title}**: in progress, {progress(key)}.", ""]
@@ -79,17 +110,10 @@ def render() -> None:
                 for a in tuned]
             if tuned and any(a["tuning"] for a in tuned):
                 lines += ["", "(validation accuracy, mean of the last 3 rounds, seed 0)", ""]
-            ax.set_visible(False)
             continue
         lines += [f"**{title}**", "", render_table(summary, spec).rstrip(), "", inside_best(summary), ""]
-        drawn = draw_curves(summary, spec, ax) or drawn
-        ax.set_title(f"{title}: mean of 3 seeds, 95% bands")
-    if drawn:
-        axes[0].legend(fontsize=7, ncol=2, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(PLOT, dpi=110)
-        lines.append("![mean test accuracy per round, 95% bands](algorithms.png)")
-    plt.close(fig)
+        if draw(summary, spec, title, plot_path(key)):
+            lines += [f"![{title}: mean test accuracy per round, 95% bands]({plot_path(key).name})", ""]
     write_block(DOC, "table:algorithms", lines)
 
 

@@ -155,6 +155,35 @@ def test_lower_is_better_for_a_loss():
     assert "| 1 | y |" in render(summary, spec)
 
 
+def test_a_band_is_drawn_within_the_values_the_metric_can_take():
+    """Three seeds far apart give a t-interval wider than [0, 1]; an accuracy band stops at 0 and 1, a loss band at 0
+    only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedfm.tuning import draw_curves, metric_bounds
+
+    assert metric_bounds("accuracy") == (0.0, 1.0) and metric_bounds("loss") == (0.0, None)
+    assert metric_bounds("perplexity") == (1.0, None) and metric_bounds("tokens") == (None, None)
+    for metric, vals, lo, hi in (("accuracy", [0.2, 0.9, 0.95], 0.0, 1.0), ("loss", [0.1, 3.0, 0.2], 0.0, None)):
+        spec = SweepSpec(name="t", metric=metric, arms={"x": {}, "ref": {}})
+        recs = [dict(score_rows(_rows([v, v], key=f"eval_{metric}"), spec, "final", None), arm=arm, phase="final",
+                     seed=s, params={}) for arm in ("x", "ref") for s, v in enumerate(vals)]
+        summary = summarize(spec, recs, {"x": {}, "ref": {}})
+        fig, ax = plt.subplots()
+        assert draw_curves(summary, spec, ax, arms=["x"], reference="ref")
+        band = np.concatenate([c.get_paths()[0].vertices[:, 1] for c in ax.collections])
+        assert band.min() == pytest.approx(lo)
+        if hi is None:
+            assert band.max() > np.mean(vals) + 1  # unbounded above: the whole half-width
+        else:
+            assert band.max() == pytest.approx(hi)
+        assert sorted(line.get_label() for line in ax.get_lines()) == ["ref (mean)", "x"]  # the reference: a mean
+        plt.close(fig)
+
+
 
 def test_a_personalized_arm_is_scored_on_its_clients_own_models_and_ranked_apart():
     from fedfm.tuning import score_key

@@ -591,21 +591,50 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def draw_curves(summary: dict, spec: SweepSpec, ax) -> bool:
-    """Onto ``ax``: the mean eval_<metric> per round of every arm with its 95% band (a personalized arm's
-    client_<metric>_personal_mean, dashed); whether anything was drawn."""
+def metric_bounds(metric: str) -> tuple[Optional[float], Optional[float]]:
+    """The values a metric can take: a fraction (accuracy, F1, ROUGE, exact match) lies in [0, 1], a loss or a
+    perplexity is at least 0 (1) and unbounded above; an interval's band is drawn within them."""
+    if metric.endswith("perplexity"):
+        return 1.0, None
+    if metric.endswith("loss"):
+        return 0.0, None
+    if metric.startswith(("acc", "f1", "macro_f1", "rouge", "exact", "em")):
+        return 0.0, 1.0
+    return None, None
+
+
+def _curve(a: dict) -> Optional[tuple[list[int], np.ndarray, np.ndarray]]:
+    pts = sorted((int(k), v[0], v[1]) for k, v in a["curve"].items() if v[0] is not None)
+    if not pts:
+        return None
+    return ([p[0] for p in pts], np.array([p[1] for p in pts]),
+            np.array([p[2] if p[2] is not None else 0.0 for p in pts]))
+
+
+def draw_curves(summary: dict, spec: SweepSpec, ax, arms: Optional[list[str]] = None,
+                reference: Optional[str] = None, color: Optional[str] = None) -> bool:
+    """Onto ``ax``: the mean eval_<metric> per round of every arm (or of ``arms``) with its 95% band, clipped to the
+    values the metric can take (a personalized arm's client_<metric>_personal_mean, dashed); ``reference``: one
+    more arm's mean, thin and grey, to read the others against. Whether anything was drawn."""
+    lo, hi = metric_bounds(spec.metric)
     drawn = False
     for a in summary["arms"]:
-        pts = [(int(k), v[0], v[1]) for k, v in a["curve"].items() if v[0] is not None]
-        if not pts:
+        if a["arm"] == reference and (arms is None or reference not in arms):
+            c = _curve(a)
+            if c:
+                ax.plot(c[0], c[1], color="grey", lw=0.9, ls=":", label=f"{reference} (mean)")
             continue
-        pts.sort()
-        x = [p[0] for p in pts]
-        y = np.array([p[1] for p in pts])
-        h = np.array([p[2] if p[2] is not None else 0.0 for p in pts])
+        if arms is not None and a["arm"] not in arms:
+            continue
+        c = _curve(a)
+        if c is None:
+            continue
+        x, y, h = c
         personal = a.get("personalized")
-        ax.plot(x, y, label=a["arm"] + (" (personalized)" if personal else ""), lw=1.2, ls="--" if personal else "-")
-        ax.fill_between(x, y - h, y + h, alpha=0.12)
+        line, = ax.plot(x, y, label=a["arm"] + (" (personalized)" if personal else ""), lw=1.2,
+                        ls="--" if personal else "-", color=color)
+        band = (y - h, y + h) if lo is None and hi is None else (np.clip(y - h, lo, hi), np.clip(y + h, lo, hi))
+        ax.fill_between(x, *band, alpha=0.12 if arms is None else 0.25, color=line.get_color())
         drawn = True
     ax.set_xlabel("round")
     ax.set_ylabel(f"test {spec.metric}")
