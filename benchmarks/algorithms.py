@@ -49,8 +49,11 @@ def inside_best(summary: dict) -> str:
         best = done[0]
         inside = [a["arm"] for a in done[1:] if a["overlaps_best"]]
         outside = [a["arm"] for a in done[1:] if a["overlaps_best"] is False]
+        resolved = [a["arm"] for a in done[1:] if a["paired_vs_best"][1] is not None
+                    and abs(a["paired_vs_best"][0]) > a["paired_vs_best"][1]]
         out.append(f"Best {what} by mean final accuracy: {best['arm']}. Inside its 95% interval (the difference is "
-                   f"not resolved by 3 seeds): {', '.join(inside) or 'none'}. Outside it: {', '.join(outside) or 'none'}.")
+                   f"not resolved by 3 seeds): {', '.join(inside) or 'none'}. Outside it: {', '.join(outside) or 'none'}. "
+                   f"Resolved seed by seed (the paired interval excludes 0): {', '.join(resolved) or 'none'}.")
     return " ".join(out) or "Too few arms have finished to compare."
 
 

@@ -155,6 +155,22 @@ def test_lower_is_better_for_a_loss():
     assert "| 1 | y |" in render(summary, spec)
 
 
+def test_a_difference_hidden_by_the_seeds_is_resolved_seed_by_seed():
+    """Seeds that move every arm alike widen each arm's interval; the paired difference removes what they share."""
+    spec = SweepSpec(name="t", arms={"x": {}, "y": {}})
+    vals = {"x": [0.5, 0.7, 0.9], "y": [0.52, 0.725, 0.93]}  # y is better by 0.02, 0.025, 0.03 on every seed
+    recs = [dict(score_rows(_rows([v]), spec, "final", None), arm=arm, phase="final", seed=s, params={})
+            for arm, vs in vals.items() for s, v in enumerate(vs)]
+    summary = summarize(spec, recs, {"x": {}, "y": {}})
+    y, x = summary["arms"]
+    assert y["best"] and x["overlaps_best"] is True  # unpaired: inside the best's interval
+    mean, half = x["paired_vs_best"]
+    assert mean == pytest.approx(-0.025)
+    assert half == pytest.approx(4.302652729 * 0.005 / math.sqrt(3), rel=1e-6) and half < 0.025
+    row = next(line for line in render(summary, spec).splitlines() if line.startswith("| 2 | x |"))
+    assert row.endswith("| yes | -0.025 ± 0.012 (resolved) |")
+
+
 def test_a_band_is_drawn_within_the_values_the_metric_can_take():
     """Three seeds far apart give a t-interval wider than [0, 1]; an accuracy band stops at 0 and 1, a loss band at 0
     only."""

@@ -485,6 +485,7 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
                                            "reason": r.get("reason")} for r in tuning]}
         for col in ("final", "last3", "bytes", "rounds"):
             row[col] = interval([r.get(col) for r in finals])
+        row["by_seed"] = {r["seed"]: r["final"] for r in finals if r.get("final") is not None}
         for name in spec.report:
             vals = [r["report"][name][max(r["report"][name], key=int)] for r in finals
                     if r.get("report", {}).get(name)]
@@ -507,6 +508,10 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
         for a in ranked:
             a["overlaps_best"] = _overlap(a["final"], best["final"]) if best is not None and a is not best else None
             a["best"] = a is best
+            # a seed is one partition, test split and init for every arm: the difference seed by seed removes what the
+            # seeds share, so its interval is the sharper test of whether the arm differs from the best
+            common = sorted(set(a["by_seed"]) & set(best["by_seed"])) if best is not None and a is not best else []
+            a["paired_vs_best"] = interval([a["by_seed"][k] - best["by_seed"][k] for k in common])
     return {"sweep": spec.name, "metric": spec.metric, "higher_is_better": spec.better_high, "target": spec.target,
             "seeds": spec.seeds, "arms": arms}
 
@@ -530,6 +535,16 @@ def _overlap(a: tuple, b: tuple) -> Optional[bool]:
     return a[0] - a[1] <= b[0] + b[1] and b[0] - b[1] <= a[0] + a[1]
 
 
+def _paired(v: tuple) -> str:
+    """The mean difference from the best over the seeds both ran, ± its 95% half-width; "resolved" when the interval
+    excludes 0."""
+    mean, half = v
+    if mean is None:
+        return "—"
+    resolved = half is not None and abs(mean) > half
+    return f"{mean:+.3f}" + (f" ± {half:.3f}" if half is not None else "") + (" (resolved)" if resolved else "")
+
+
 def _pm(v: tuple, scale: float = 1.0, digits: int = 3) -> str:
     mean, half = v
     if mean is None:
@@ -543,7 +558,7 @@ def render(summary: dict, spec: SweepSpec) -> str:
     cols = [f"final {m}", f"last-3 mean {m}"] + [f"final {n}" for n in spec.report]
     if spec.target is not None:
         cols.append(f"rounds to {spec.target:g}")
-    cols += ["rounds", "MB (up + down)", "diverged", "inside the best's interval"]
+    cols += ["rounds", "MB (up + down)", "diverged", "inside the best's interval", "− the best, paired by seed"]
     lines = ["| rank | arm | setting | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     rank = {False: 0, True: 0}
     for a in summary["arms"]:
@@ -558,14 +573,17 @@ def render(summary: dict, spec: SweepSpec) -> str:
             cells.append(f"{_pm(a['rounds_to_target'], digits=1)} ({a['reached']}/{a['seeds']})")
         cells += [_pm(a["rounds"], digits=0), _pm(a["bytes"], 1e-6, 1), f"{a['diverged']}/{a['seeds']}",
                   "best" if a["best"] else
-                  {None: "—", True: "yes", False: "no"}[a["overlaps_best"]]]
+                  {None: "—", True: "yes", False: "no"}[a["overlaps_best"]],
+                  "best" if a["best"] else _paired(a["paired_vs_best"])]
         arm = a["arm"] + (f" ({a['seeds']} of {len(spec.seeds)} seeds so far)" if a["pending"] and a["seeds"] else "")
         lines.append(f"| {'P' if a['personalized'] else ''}{i} | {arm} | {setting} | " + " | ".join(cells) + " |")
     chosen = (f" Settings chosen by the mean validation {m} of the last {LAST} rounds (seed {spec.tune_seed})."
               if any(a.grid for a in spec.arms.values()) else "")
     lines += ["", f"Mean ± half-width of the 95% interval (Student's t) over seeds {spec.seeds}; "
               f"{'higher' if spec.better_high else 'lower'} is better; rounds: the rounds each run took (a byte "
-              f"budget may stop it early).{chosen}", ""]
+              f"budget may stop it early).{chosen} The last column: the arm's final {m} minus the best's, seed by seed "
+              f"(a seed draws the same partition, test split and init for every arm), mean ± 95% interval; "
+              f"resolved: the interval excludes 0.", ""]
     if any(a.get("at_edge") for a in summary["arms"]):
         lines[-1:-1] = ["(grid's edge): the chosen value is the smallest or largest the grid tried; a better one may lie "
                         "beyond it."]
