@@ -37,6 +37,8 @@ def out_dir(key: str) -> Path:
 def inside_best(summary: dict) -> str:
     """Which arms' intervals overlap the best arm's (their difference from it is inside the intervals); the
     personalized arms are compared among themselves (another model, another test split)."""
+    from fedfm.tuning import resolved
+
     out = []
     for group, what in ((False, "global model"), (True, "personalized")):
         done = [a for a in summary["arms"] if a["personalized"] is group and a["final"][0] is not None
@@ -49,11 +51,10 @@ def inside_best(summary: dict) -> str:
         best = done[0]
         inside = [a["arm"] for a in done[1:] if a["overlaps_best"]]
         outside = [a["arm"] for a in done[1:] if a["overlaps_best"] is False]
-        resolved = [a["arm"] for a in done[1:] if a["paired_vs_best"][1] is not None
-                    and abs(a["paired_vs_best"][0]) > a["paired_vs_best"][1]]
+        seed_by_seed = [a["arm"] for a in done[1:] if resolved(a["paired_vs_best"])]
         out.append(f"Best {what} by mean final accuracy: {best['arm']}. Inside its 95% interval (the difference is "
                    f"not resolved by 3 seeds): {', '.join(inside) or 'none'}. Outside it: {', '.join(outside) or 'none'}. "
-                   f"Resolved seed by seed (the paired interval excludes 0): {', '.join(resolved) or 'none'}.")
+                   f"Resolved seed by seed (the paired interval excludes 0): {', '.join(seed_by_seed) or 'none'}.")
     return " ".join(out) or "Too few arms have finished to compare."
 
 
@@ -71,17 +72,17 @@ def draw(summary: dict, spec, title: str, path: Path) -> bool:
 
     from fedfm.tuning import draw_curves
 
-    arms = [a["arm"] for a in summary["arms"] if a["curve"]]
-    personal = {a["arm"] for a in summary["arms"] if a["personalized"]}  # another model on other test splits
+    arms = [a for a in summary["arms"] if a["curve"]]
     if not arms:
         return False
     cols = 5
     rows = -(-len(arms) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows), sharex=True, sharey=True, squeeze=False)
-    for ax, (i, arm) in zip(axes.flat, enumerate(arms)):
-        draw_curves(summary, spec, ax, arms=[arm], reference=None if arm in personal else "FedAvg", color=f"C{i % 10}")
-        a = next(x for x in summary["arms"] if x["arm"] == arm)
-        ax.set_title(f"{arm}\nfinal {a['final'][0]:.3f}" + (f" ± {a['final'][1]:.3f}" if a["final"][1] is not None
+    for ax, (i, a) in zip(axes.flat, enumerate(arms)):
+        # a personalized arm is another model on other test splits: no global reference beside it
+        draw_curves(summary, spec, ax, arms=[a["arm"]], reference=None if a["personalized"] else "FedAvg",
+                    color=f"C{i % 10}")
+        ax.set_title(f"{a['arm']}\nfinal {a['final'][0]:.3f}" + (f" ± {a['final'][1]:.3f}" if a["final"][1] is not None
                                                               else ""), fontsize=8)
         ax.set_ylim(0, 1)
         ax.label_outer()

@@ -535,14 +535,18 @@ def _overlap(a: tuple, b: tuple) -> Optional[bool]:
     return a[0] - a[1] <= b[0] + b[1] and b[0] - b[1] <= a[0] + a[1]
 
 
+def resolved(diff: tuple) -> bool:
+    """Whether a difference (mean, 95% half-width) is resolved: its interval excludes 0."""
+    mean, half = diff
+    return mean is not None and half is not None and abs(mean) > half
+
+
 def _paired(v: tuple) -> str:
-    """The mean difference from the best over the seeds both ran, ± its 95% half-width; "resolved" when the interval
-    excludes 0."""
+    """The mean difference from the best over the seeds both ran, ± its 95% half-width, "resolved" as above."""
     mean, half = v
     if mean is None:
         return "—"
-    resolved = half is not None and abs(mean) > half
-    return f"{mean:+.3f}" + (f" ± {half:.3f}" if half is not None else "") + (" (resolved)" if resolved else "")
+    return f"{mean:+.3f}" + (f" ± {half:.3f}" if half is not None else "") + (" (resolved)" if resolved(v) else "")
 
 
 def _pm(v: tuple, scale: float = 1.0, digits: int = 3) -> str:
@@ -610,13 +614,13 @@ def _short(v) -> str:
 
 
 def metric_bounds(metric: str) -> tuple[Optional[float], Optional[float]]:
-    """The values a metric can take: a fraction (accuracy, F1, ROUGE, exact match) lies in [0, 1], a loss or a
+    """The values a metric can take: a fraction (accuracy, ROUGE-L, exact match) lies in [0, 1], a loss or a
     perplexity is at least 0 (1) and unbounded above; an interval's band is drawn within them."""
     if metric.endswith("perplexity"):
         return 1.0, None
     if metric.endswith("loss"):
         return 0.0, None
-    if metric.startswith(("acc", "f1", "macro_f1", "rouge", "exact", "em")):
+    if metric.startswith(("acc", "rouge", "exact_match")):  # the fractions the tasks report
         return 0.0, 1.0
     return None, None
 
