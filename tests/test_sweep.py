@@ -225,6 +225,11 @@ def test_a_personalized_arm_is_scored_on_its_clients_own_models_and_ranked_apart
     ({"a": {"grid": {"client.lrr": [0.1]}}}, {}, "client.lrr"),
     ({"a": {"overrides": {"server.optimiser": "fedadam"}}}, {}, "server.optimiser"),
     ({"a": {"grid": {"client.lr": []}}}, {}, "arms.a.grid.client.lr: an empty list"),
+    ({"a": {"grid": []}}, {}, "arms.a.grid: an empty grid in the list"),
+    ({"a": {"grid": [{"client.lr": [0.1]}, {}]}}, {}, "arms.a.grid: an empty grid in the list"),
+    ({"a": {"grid": [{"client.lr": [0.1]}, {"client.lrr": [1]}]}}, {}, "client.lrr"),
+    ({"a": {"grid": [{"client.lr": [0.1]}, {"client.lr": [0.2]}]}}, {"search": "random", "budget": 2},
+     "arms.a.grid: a list of grids is joined in search: grid"),
     ({}, {}, "no arms"),
     ({"a": {"grid": {"client.lr": [0.1]}}}, {"validation_fraction": 0}, "validation_fraction"),
     ({"a": {"grid": {"client.lr": [0.1]}}}, {"search": "random"}, "budget"),
@@ -283,6 +288,32 @@ def test_an_arm_without_a_grid_runs_as_given_and_a_tuned_one_waits_for_its_runs(
                                                          ["sgd", "adamw"]}})
     assert grid_edges(arm, {"client.lr": 0.01, "client.optimizer": "sgd"}) == ["client.lr"]  # a choice, no edge
     assert grid_edges(arm, {"client.lr": 0.02, "client.optimizer": "sgd"}) == [] and grid_edges(arm, None) == []
+
+
+def test_a_grid_widened_along_one_key_adds_only_its_new_points_and_keeps_the_recorded_ones(tmp_path):
+    from fedfm.tuning import Sweep, grid_edges
+
+    first = {"server.lr": [0.125, 0.25, 0.5], "server.momentum": [0.5, 0.9]}
+    spec, base = load_spec({"name": "w", "arms": {"m": {"grid": first}}})
+    before = Sweep(spec, base, tmp_path)
+    assert grid_edges(spec.arms["m"], {"server.lr": 0.25, "server.momentum": 0.9}) == ["server.momentum"]
+    widened = [first, {"server.lr": [0.0625, 0.125, 0.25], "server.momentum": [0.9, 0.95]}]
+    spec, base = load_spec({"name": "w", "arms": {"m": {"grid": widened}}})
+    after = Sweep(spec, base, tmp_path)
+    old_ids = [t.id for t in before.tuning_trials()]
+    new = [t for t in after.tuning_trials() if t.id not in old_ids]
+    assert [t.id for t in after.tuning_trials()][:6] == old_ids  # the recorded runs are not run again
+    assert [t.params for t in new] == [{"server.lr": 0.0625, "server.momentum": 0.9},  # shared points run once
+                                       {"server.lr": 0.0625, "server.momentum": 0.95},
+                                       {"server.lr": 0.125, "server.momentum": 0.95},
+                                       {"server.lr": 0.25, "server.momentum": 0.95}]
+    arm = spec.arms["m"]
+    # the edge is read along each key through the chosen setting: beta 0.9 is now inside (0.5 .. 0.95) ...
+    assert grid_edges(arm, {"server.lr": 0.25, "server.momentum": 0.9}) == []
+    # ... but at lr 0.5 the line along beta is the first grid's (0.5, 0.9), and 0.95 is the top wherever it is
+    assert grid_edges(arm, {"server.lr": 0.5, "server.momentum": 0.9}) == ["server.lr", "server.momentum"]
+    assert grid_edges(arm, {"server.lr": 0.125, "server.momentum": 0.95}) == ["server.momentum"]
+    assert grid_edges(arm, {"server.lr": 0.0625, "server.momentum": 0.95}) == ["server.lr", "server.momentum"]
 
 
 def test_random_search_draws_budget_settings_in_range(tmp_path):

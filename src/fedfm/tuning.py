@@ -4,10 +4,11 @@ interval.
 
 A sweep spec (YAML) names a base config, overrides every run shares (the task, the data, the budget of rounds and
 client steps), the metric, and the arms. An arm with a ``grid`` is tuned first: a grid search over the named config
-keys, or ``search: random`` draws ``budget`` settings from it (a list is a choice; ``{log_uniform: [lo, hi]}`` and
-``{uniform: [lo, hi]}`` are ranges). Tuning runs score the global model on a validation split that each client
-carves from its own training data (``partition.validation_fraction``; the rows' ``val_<metric>``) and never read the
-test split (``eval.held_out: false``). An arm's setting is the one with the best mean ``val_<metric>`` over its last
+keys (a list of grids joins their points: a grid widened along one key), or ``search: random`` draws ``budget``
+settings from it (a list is a choice; ``{log_uniform: [lo, hi]}`` and ``{uniform: [lo, hi]}`` are ranges). Tuning
+runs score the global model on a validation split that each client carves from its own training data
+(``partition.validation_fraction``; the rows' ``val_<metric>``) and never read the test split
+(``eval.held_out: false``). An arm's setting is the one with the best mean ``val_<metric>`` over its last
 3 evaluated rounds. That setting then runs on every seed of ``seeds`` with the test split scored (``eval_<metric>``).
 
 Every run is one ``fedfm run`` in its own process and directory, and one JSON line in ``trials.jsonl``; a sweep
@@ -74,12 +75,26 @@ class Arm(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     overrides: dict[str, Any] = {}
-    grid: dict[str, Union[list[Any], Range]] = {}
+    # the tuned keys and their values: one grid (every combination), or a list of grids whose points are joined, so
+    # a grid is widened along one key without rerunning the others' every combination (scikit-learn's ParameterGrid)
+    grid: Union[dict[str, Union[list[Any], Range]], list[dict[str, Union[list[Any], Range]]]] = {}
     # a personalization method (personal parameters: FedSA-LoRA's lora_B, adapter.personal): what it delivers is each
     # client's own model, so it is scored that way: tuned on the clients' own validation splits under their own
     # models, and reported as client_<metric>_personal_mean (each client's model on its own test split, mean over the
     # clients), not as the global model on the server's test split, and ranked apart from the global models
     personalized: bool = False
+
+    @property
+    def grids(self) -> list[dict[str, Union[list[Any], Range]]]:
+        """The grids joined: one for a single grid, none for an arm that runs as given."""
+        if isinstance(self.grid, dict):
+            return [self.grid] if self.grid else []
+        return list(self.grid)
+
+    @property
+    def tuned_keys(self) -> list[str]:
+        """Every tuned key, in the order the grids first name them."""
+        return list(dict.fromkeys(k for g in self.grids for k in g))
 
 
 class SweepSpec(BaseModel):
@@ -144,19 +159,27 @@ class Sweep:
     # ------------------------------------------------------------------ the settings
     def settings(self, arm: str) -> list[dict[str, Any]]:
         """The tuned settings of ``arm``: the grid's every point, or ``budget`` random draws ([{}]: no tuning)."""
-        grid = self.spec.arms[arm].grid
-        if not grid:
+        grids = self.spec.arms[arm].grids
+        if not grids:
             return [{}]
-        keys = list(grid)
         if self.spec.search == "grid":
-            ranges = [k for k in keys if isinstance(grid[k], Range)]
-            if ranges:
-                raise ConfigError(f"arms.{arm}.grid.{ranges[0]}: a range is drawn from in search: random; a grid "
-                                  "search needs a list of values")
-            points = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+            points: list[dict[str, Any]] = []
+            for grid in grids:
+                ranges = [k for k in grid if isinstance(grid[k], Range)]
+                if ranges:
+                    raise ConfigError(f"arms.{arm}.grid.{ranges[0]}: a range is drawn from in search: random; a grid "
+                                      "search needs a list of values")
+                for vals in itertools.product(*grid.values()):
+                    point = dict(zip(grid, vals))
+                    if point not in points:  # grids that overlap run their shared points once
+                        points.append(point)
             if self.spec.budget is not None and len(points) > self.spec.budget:
                 raise ConfigError(f"arms.{arm}.grid: {len(points)} settings, more than budget {self.spec.budget}")
             return points
+        if len(grids) > 1:
+            raise ConfigError(f"arms.{arm}.grid: a list of grids is joined in search: grid; search: random draws "
+                              "from one grid (name each key once, with a list or a range)")
+        grid = grids[0]
         from .randomness import Randomness
 
         rng = Randomness(self.spec.tune_seed).rng("sweep_settings", int(hashlib.sha1(arm.encode()).hexdigest()[:8], 16))
@@ -175,7 +198,7 @@ class Sweep:
         return Trial(arm=arm, phase=phase, seed=seed, params=params, overrides=ov)
 
     def tuning_trials(self) -> list[Trial]:
-        return [self.trial(a, "tune", self.spec.tune_seed, p) for a in self.spec.arms if self.spec.arms[a].grid
+        return [self.trial(a, "tune", self.spec.tune_seed, p) for a in self.spec.arms if self.spec.arms[a].grids
                 for p in self.settings(a)]
 
     def final_trials(self, chosen: dict[str, Optional[dict[str, Any]]]) -> list[Trial]:
@@ -198,19 +221,24 @@ class Sweep:
             api.load_config(self.base, dict(spec.overrides))
         except FedfmError as e:
             raise ConfigError(f"overrides: {e}") from None
-        named = [("overrides", spec.overrides)] + [(f"arms.{arm}.{part}", getattr(a, part))
-                                                    for arm, a in spec.arms.items() for part in ("overrides", "grid")]
+        named = [("overrides", spec.overrides)]
+        named += [(f"arms.{arm}.{part}", keys) for arm, a in spec.arms.items()
+                  for part, keys in (("overrides", a.overrides), ("grid", a.tuned_keys))]
         for where, keys in named:
             owned = sorted(set(keys) & set(SWEEP_KEYS))
             if owned:
                 raise ConfigError(f"{where}.{owned[0]}: the sweep sets it ({SWEEP_KEYS[owned[0]]})")
         for arm, a in spec.arms.items():
-            for key, vals in a.grid.items():
-                if isinstance(vals, list) and not vals:
-                    raise ConfigError(f"arms.{arm}.grid.{key}: an empty list; give the values to try")
-            if a.grid and spec.search == "random" and spec.budget is None:
+            if isinstance(a.grid, list) and (not a.grid or not all(a.grid)):
+                raise ConfigError(f"arms.{arm}.grid: an empty grid in the list; give each one keys and the values to "
+                                  "try (or drop grid to run the arm as given)")
+            for grid in a.grids:
+                for key, vals in grid.items():
+                    if isinstance(vals, list) and not vals:
+                        raise ConfigError(f"arms.{arm}.grid.{key}: an empty list; give the values to try")
+            if a.grids and spec.search == "random" and spec.budget is None:
                 raise ConfigError(f"budget: search: random draws `budget` settings per arm (arms.{arm} has a grid)")
-            if a.grid and not spec.validation_fraction:
+            if a.grids and not spec.validation_fraction:
                 raise ConfigError(f"validation_fraction: arms.{arm} is tuned, and tuning scores on a validation "
                                   "split of the clients' training data; set it above 0")
         trials = self.tuning_trials() + self.final_trials({a: self.settings(a)[0] for a in spec.arms})
@@ -353,7 +381,7 @@ class Sweep:
         for arm in self.spec.arms:
             best, best_score = None, None
             runs = [recorded.get(self.trial(arm, "tune", self.spec.tune_seed, p).id) for p in self.settings(arm)]
-            if not self.spec.arms[arm].grid:
+            if not self.spec.arms[arm].grids:
                 out[arm] = {}
                 continue
             if any(r is None for r in runs):  # still tuning: no choice yet
@@ -517,14 +545,20 @@ def summarize(spec: SweepSpec, records: list[dict], chosen: dict[str, dict], pen
 
 
 def grid_edges(arm: Arm, setting: Optional[dict[str, Any]]) -> list[str]:
-    """The tuned keys whose chosen value is the smallest or largest of a numeric grid of 2 or more values: the best
-    may lie beyond what was tried, so widen that grid."""
+    """The tuned keys whose chosen value is the smallest or largest of 2 or more numeric values tried along that key
+    through the chosen setting (the grids that hold its other keys' values): the best may lie beyond what was tried,
+    so widen that grid."""
     if not setting:
         return []
     out = []
-    for key, vals in arm.grid.items():
-        if isinstance(vals, list) and len(vals) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                            for v in vals) and setting.get(key) in (min(vals), max(vals)):
+    for key in arm.tuned_keys:
+        line: set = set()
+        for grid in arm.grids:
+            holds = all(isinstance(v, Range) or setting.get(k) in v for k, v in grid.items() if k != key)
+            if holds and isinstance(grid.get(key), list):
+                line.update(grid[key])
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in line)
+        if len(line) > 1 and numeric and setting.get(key) in (min(line), max(line)):
             out.append(key)
     return out
 
@@ -582,7 +616,7 @@ def render(summary: dict, spec: SweepSpec) -> str:
         arm = a["arm"] + (f" ({a['seeds']} of {len(spec.seeds)} seeds so far)" if a["pending"] and a["seeds"] else "")
         lines.append(f"| {'P' if a['personalized'] else ''}{i} | {arm} | {setting} | " + " | ".join(cells) + " |")
     chosen = (f" Settings chosen by the mean validation {m} of the last {LAST} rounds (seed {spec.tune_seed})."
-              if any(a.grid for a in spec.arms.values()) else "")
+              if any(a.grids for a in spec.arms.values()) else "")
     lines += ["", f"Mean ± half-width of the 95% interval (Student's t) over seeds {spec.seeds}; "
               f"{'higher' if spec.better_high else 'lower'} is better; rounds: the rounds each run took (a byte "
               f"budget may stop it early).{chosen} The last column: the arm's final {m} minus the best's, seed by seed "
