@@ -316,6 +316,40 @@ def test_a_grid_widened_along_one_key_adds_only_its_new_points_and_keeps_the_rec
     assert grid_edges(arm, {"server.lr": 0.0625, "server.momentum": 0.95}) == ["server.lr", "server.momentum"]
 
 
+def test_an_arms_seeds_start_as_soon_as_its_own_tuning_is_recorded(tmp_path):
+    from fedfm.tuning import Sweep
+
+    spec, base = load_spec({"name": "p", "seeds": [0, 1],
+                            "arms": {"slow": {"grid": {"client.lr": [0.01, 0.02]}},
+                                     "quick": {"grid": {"client.lr": [0.05]}},
+                                     "given": {"overrides": {"client.lr": 0.01}}}})
+    sweep = Sweep(spec, base, tmp_path)
+    slow1, slow2, quick = sweep.tuning_trials()
+    started: set[str] = set()
+
+    def start(running=()):
+        t = sweep.next_trial(started, set(running))
+        if t is not None:
+            started.add(t.id)
+        return t and (t.arm, t.phase, t.seed)
+
+    def record(t, score, status="ok"):
+        sweep.records.append({"trial": t.id, "arm": t.arm, "phase": t.phase, "status": status, "score": score})
+
+    assert [start(), start(), start()] == [("slow", "tune", 0), ("slow", "tune", 0), ("quick", "tune", 0)]
+    # every tuning run started: an arm run as given goes on while the others tune
+    assert start({slow1.id, slow2.id, quick.id}) == ("given", "final", 0)
+    record(quick, 0.9)  # quick's tuning is over: its seeds go before the slow arm's tuning ends
+    assert [start({slow1.id, slow2.id}) for _ in range(3)] == [("quick", "final", 0), ("quick", "final", 1),
+                                                                ("given", "final", 1)]  # in the spec's order
+    assert start({slow1.id, slow2.id}) is None  # slow's seeds wait for its choice
+    record(slow1, 0.5)
+    assert start({slow2.id}) is None
+    record(slow2, None, status="failed")  # a run that failed is tried once a sweep: slow chooses without it
+    assert [start(), start(), start()] == [("slow", "final", 0), ("slow", "final", 1), None]
+    assert sweep.trial("slow", "final", 0, {"client.lr": 0.01}).id in started
+
+
 def test_random_search_draws_budget_settings_in_range(tmp_path):
     from fedfm.tuning import Sweep
 
@@ -365,7 +399,7 @@ def test_a_tiny_sweep_end_to_end(tiny_csv, tmp_path):
     assert "client.lr=1e-05: diverged" in md
     again: list[str] = []
     run_sweep(spec, out=out, parallel=2, threads=1, log=again.append)
-    assert again == ["2 of 2 already recorded; 0 to run", "2 of 2 already recorded; 0 to run"]
+    assert again == ["4 of 4 already recorded; 0 to run"]
     assert len((out / "trials.jsonl").read_text().splitlines()) == len(recs)
 
 

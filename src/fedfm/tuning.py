@@ -285,15 +285,43 @@ class Sweep:
         """The recorded runs by trial id; a run that failed (not diverged: an error of the run itself) is run again."""
         return {r["trial"]: r for r in self.records if r["status"] != "failed"}
 
-    def run_trials(self, trials: list[Trial], parallel: int, threads: Optional[int], log) -> None:
-        """Run the trials not yet recorded, ``parallel`` processes at a time, each recorded as it ends."""
-        todo = [t for t in trials if t.id not in self.done()]
-        log(f"{len(trials) - len(todo)} of {len(trials)} already recorded; {len(todo)} to run")
+    def run_all(self, parallel: int, threads: Optional[int], log) -> None:
+        """Tune every arm and run each chosen setting on every seed. An arm's final runs start as soon as its own
+        tuning runs are recorded, so no process waits for the last arm's tuning (the tuning runs go first)."""
+        chosen = {a: (s if s is not None else self.settings(a)[0]) for a, s in self.chosen().items()}
+        every = self.tuning_trials() + self.final_trials(chosen)  # the count to log; a choice may still change
+        done = self.done()
+        log(f"{sum(t.id in done for t in every)} of {len(every)} already recorded; "
+            f"{sum(t.id not in done for t in every)} to run")
+        self._pool(self.next_trial, parallel, threads, log)
+
+    def next_trial(self, started: set[str], running: set[str]) -> Optional[Trial]:
+        """The next run to start: a tuning run not yet recorded, else a final run of an arm whose tuning is over
+        (every tuning run recorded, or tried in this sweep: a run that failed is tried once a sweep), else none."""
+        done = self.done()
+        open_tuning = [t for t in self.tuning_trials()
+                       if t.id not in done and (t.id not in started or t.id in running)]
+        fresh = [t for t in open_tuning if t.id not in started]
+        if fresh:
+            return fresh[0]
+        tuning = {t.arm for t in open_tuning}
+        return next((t for t in self.final_trials(self.chosen())
+                     if t.arm not in tuning and t.id not in done and t.id not in started), None)
+
+    def _pool(self, next_trial, parallel: int, threads: Optional[int], log) -> None:
+        """Start ``next_trial(started, running)`` while fewer than ``parallel`` run, until it gives none and none
+        runs; each run is recorded as it ends."""
         running: list[tuple[Trial, subprocess.Popen, float, Any]] = []
-        while todo or running:
-            while todo and len(running) < parallel:
-                t = todo.pop(0)
+        started: set[str] = set()
+        while True:
+            while len(running) < parallel:
+                t = next_trial(started, {job[0].id for job in running})
+                if t is None:
+                    break
+                started.add(t.id)
                 running.append((t, *self._start(t, threads, parallel)))
+            if not running:
+                return
             time.sleep(0.5)
             limit = self.spec.timeout_s
             for job in list(running):
@@ -772,10 +800,8 @@ def run_sweep(spec: Union[str, Path, dict], out: Optional[Union[str, Path]] = No
     sweep.out.mkdir(parents=True, exist_ok=True)
     (sweep.out / "spec.yaml").write_text(yaml.safe_dump(parsed.model_dump(mode="json"), sort_keys=False))
     sweep.load_records()
-    sweep.run_trials(sweep.tuning_trials(), parallel, threads, log)
-    chosen = sweep.chosen()
-    sweep.run_trials(sweep.final_trials(chosen), parallel, threads, log)
-    return write_summary(sweep, chosen)
+    sweep.run_all(parallel, threads, log)
+    return write_summary(sweep, sweep.chosen())
 
 
 def write_summary(sweep: Sweep, chosen: dict[str, dict]) -> SweepResult:
