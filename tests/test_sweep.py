@@ -282,6 +282,9 @@ def test_an_arm_without_a_grid_runs_as_given_and_a_tuned_one_waits_for_its_runs(
     assert sweep.chosen()["tuned"] == {"client.lr": 0.02}
     sweep.records[1]["status"] = "diverged"  # never chosen, whatever its score
     assert sweep.chosen()["tuned"] == {"client.lr": 0.01}
+    sweep.records[1]["status"] = "ok"  # a tie (the same accuracies averaged in another order) goes to the first
+    sweep.records[0]["score"], sweep.records[1]["score"] = 0.9408983451536642, 0.9408983451536644
+    assert sweep.chosen()["tuned"] == {"client.lr": 0.01}
     from fedfm.tuning import grid_edges
 
     arm = spec.arms["tuned"].model_copy(update={"grid": {"client.lr": [0.01, 0.02, 0.03], "client.optimizer":

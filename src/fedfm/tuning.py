@@ -53,6 +53,7 @@ SWEEP_KEYS = {  # what the sweep itself sets in every run
 }
 CHANCE_MARGIN = 0.05  # accuracy at most 1/classes + this is "at chance"
 LAST = 3  # the last evaluated rounds averaged for the tuning score and the "last-3" column
+TIE = 1e-9  # tuning scores closer than this are equal (the same accuracies summed in another order differ by ~1e-16)
 
 
 class Range(BaseModel):
@@ -419,7 +420,7 @@ class Sweep:
                 if r["status"] != "ok" or r.get("score") is None:
                     continue
                 s = r["score"] if self.spec.better_high else -r["score"]
-                if best_score is None or s > best_score:
+                if best_score is None or s > best_score + TIE:  # a tie goes to the setting listed first
                     best, best_score = p, s
             out[arm] = best
         return out
