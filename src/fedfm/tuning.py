@@ -314,8 +314,9 @@ class Sweep:
         runs; each run is recorded as it ends."""
         running: list[tuple[Trial, subprocess.Popen, float, Any]] = []
         started: set[str] = set()
+        ended = True  # what may start changes only when a run ends
         while True:
-            while len(running) < parallel:
+            while ended and len(running) < parallel:
                 t = next_trial(started, {job[0].id for job in running})
                 if t is None:
                     break
@@ -324,6 +325,7 @@ class Sweep:
             if not running:
                 return
             time.sleep(0.5)
+            ended = False
             limit = self.spec.timeout_s
             for job in list(running):
                 t, proc, t0, fh = job
@@ -334,6 +336,7 @@ class Sweep:
                 elif proc.poll() is None:
                     continue
                 running.remove(job)
+                ended = True
                 fh.close()
                 rec = self._record(t, proc.returncode, time.perf_counter() - t0, parallel, threads,
                                    timed_out=limit if late else None)
